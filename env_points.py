@@ -1,0 +1,658 @@
+"""GeneralPoints: the arithmetic card game of Chu et al. (2025), for text (GP-L) and images (GP-VL).
+
+Four cards are dealt; the player answers with one JSON object
+    {"cards": ["A", "7", "K", "3"], "number": [1, 7, 10, 3], "formula": "(7-3)*(10-1-3)"}
+whose formula uses every card's number exactly once and evaluates to the target (24).
+
+Rules (ID vs OOD rule):  J, Q, K count as 10 (ID, `face_cards_as_10=True`) or as 11, 12, 13
+(OOD, `face_cards_as_10=False`, and then every hand holds at least one face card).
+Visuals (ID vs OOD visual): black suits (spades, clubs) or red suits (hearts, diamonds).
+
+Reward per attempt, one outcome each, checked in this order:
+    wrong_cards      -1.5  (GP-VL only) the "cards" field is not the dealt ranks as a multiset
+    illegal_formula  -3    formula missing, unparseable, illegal token, division by zero
+    wrong_numbers    -2    the formula's numbers are not exactly the cards' numbers
+    wrong_value      -1    legal formula with the right numbers but another value
+    correct          +5
+After a failed attempt the verifier's message continues the conversation (sequential
+revision); the episode ends when solved or after `verify_iter` attempts.
+
+Simplifications relative to the paper: cards are drawn from an unlimited shoe (each card's
+rank and suit drawn independently, so any multiset of ranks can appear in any suit set), and
+the image is drawn with Pillow shapes rather than photographed card art.
+
+    python env_points.py                       # sample GP-L prompt, sample GP-VL image, expert play
+    python env_points.py --ood-rule --suits red --episodes 5000
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import random
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Optional
+
+RANKS = ("A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K")
+FACE_RANKS = frozenset(("J", "Q", "K"))
+SUIT_SETS = {"black": ("spades", "clubs"), "red": ("hearts", "diamonds"),
+             "mixed": ("spades", "hearts", "clubs", "diamonds")}
+REWARDS = {"correct": 5.0, "wrong_value": -1.0, "wrong_cards": -1.5,
+           "wrong_numbers": -2.0, "illegal_formula": -3.0}
+MAX_FORMULA_CHARS = 512  # longer "formulas" are illegal: no honest answer over four cards needs more
+MAX_NESTING = 64         # parenthesis depth; keeps the recursive parser far from Python's stack limit
+
+
+@dataclass
+class PointsConfig:
+    target: int = 24                        # the value every formula must reach
+    face_cards_as_10: bool = True           # True: J, Q, K = 10 (ID rule); False: 11, 12, 13 (OOD rule)
+    suits: str = "black"                    # "black" (ID visuals), "red" (OOD visuals) or "mixed"
+    vision: bool = False                    # GP-VL: cards in an image, "cards" field verified
+    verify_iter: int = 5                    # attempts per episode (sequential revision)
+    face_card_required: Optional[bool] = None  # every hand holds J/Q/K; None: exactly under the OOD rule
+    image_size: int = 448                   # GP-VL image side in pixels (the paper used 1200)
+
+    def __post_init__(self):
+        if self.suits not in SUIT_SETS:
+            raise ValueError(f"PointsConfig.suits={self.suits!r}: expected one of {sorted(SUIT_SETS)}")
+        if self.verify_iter < 1:
+            raise ValueError(f"PointsConfig.verify_iter={self.verify_iter}: expected an integer >= 1")
+        if self.image_size < 64:
+            raise ValueError(f"PointsConfig.image_size={self.image_size}: expected at least 64 pixels")
+        if self.face_card_required is None:
+            self.face_card_required = not self.face_cards_as_10
+
+
+def card_value(rank: str, face_cards_as_10: bool = True) -> int:
+    """Number a rank counts for: A=1, 2..10 as printed, J/Q/K = 10 or 11/12/13 by rule."""
+    if rank in FACE_RANKS:
+        return 10 if face_cards_as_10 else 11 + "JQK".index(rank)
+    return 1 if rank == "A" else int(rank)
+
+
+# ---- solver ----
+# Expressions are built bottom-up over sub-multisets in a canonical form, so that formulas
+# differing only by commutativity or associativity are generated once:
+#   sums     ("+", positive terms, negative terms)      a-(b-c) -> a+c-b
+#   products ("*", numerator factors, denominator factors)  a/(b/c) -> a*c/b
+#   numbers  ("n", digits)
+# Children are sorted tuples of their rendered strings, so a node is identified by its string.
+
+def _sum_parts(node):
+    return (node[1], node[2]) if node[0] == "+" else ((node,), ())
+
+
+def _prod_parts(node):
+    return (node[1], node[2]) if node[0] == "*" else ((node,), ())
+
+
+def _render(node) -> str:
+    kind, a, b = node
+    if kind == "n":
+        return a
+    if kind == "+":  # sum terms are numbers or products: no parentheses needed
+        return "+".join(map(_render, a)) + "".join("-" + _render(t) for t in b)
+    wrap = lambda f: "(" + _render(f) + ")" if f[0] == "+" else _render(f)
+    return "*".join(map(wrap, a)) + "".join("/" + wrap(f) for f in b)
+
+
+def _node(kind, pos, neg):
+    key = lambda n: _render(n)
+    return (kind, tuple(sorted(pos, key=key)), tuple(sorted(neg, key=key)))
+
+
+def _combine(x, y):
+    """The six binary combinations of two canonical nodes: (op name, node)."""
+    (xp, xn), (yp, yn) = _sum_parts(x), _sum_parts(y)
+    (xu, xd), (yu, yd) = _prod_parts(x), _prod_parts(y)
+    yield "+", _node("+", xp + yp, xn + yn)
+    yield "x-y", _node("+", xp + yn, xn + yp)
+    yield "y-x", _node("+", yp + xn, yn + xp)
+    yield "*", _node("*", xu + yu, xd + yd)
+    yield "x/y", _node("*", xu + yd, xd + yu)
+    yield "y/x", _node("*", yu + xd, yd + xu)
+
+
+def _apply(op: str, a: Fraction, b: Fraction) -> Optional[Fraction]:
+    if op == "+":
+        return a + b
+    if op == "x-y":
+        return a - b
+    if op == "y-x":
+        return b - a
+    if op == "*":
+        return a * b
+    if op == "x/y":
+        return a / b if b else None
+    return b / a if a else None
+
+
+def _splits(values: tuple):
+    """Unordered splits of a sorted multiset into two non-empty sorted sub-multisets."""
+    n, seen = len(values), set()
+    for mask in range(1, 2 ** (n - 1)):  # the last element always lands in `right`: each split once
+        left = tuple(v for i, v in enumerate(values) if mask >> i & 1)
+        right = tuple(v for i, v in enumerate(values) if not mask >> i & 1)
+        if (left, right) not in seen:
+            seen.add((left, right))
+            yield left, right
+
+
+@functools.lru_cache(maxsize=None)
+def _expressions(values: tuple) -> dict:
+    """value -> {rendered formula: node} of every canonical expression over the sorted multiset."""
+    if len(values) == 1:
+        node = ("n", str(values[0]), ())
+        return {Fraction(values[0]): {_render(node): node}}
+    out: dict = {}
+    for left, right in _splits(values):
+        for xv, xs in _expressions(left).items():
+            for yv, ys in _expressions(right).items():
+                for x in xs.values():
+                    for y in ys.values():
+                        for op, node in _combine(x, y):
+                            v = _apply(op, xv, yv)
+                            if v is not None:
+                                out.setdefault(v, {})[_render(node)] = node
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _solutions(values: tuple, target: int) -> tuple:
+    """Sorted formulas over the sorted multiset `values` that equal `target`.
+
+    Only the last combination is restricted to the target: for each split, each left value x
+    asks the right sub-multiset for the six values y with x op y == target."""
+    t = Fraction(target)
+    if len(values) == 1 or t == 0:  # x/y == 0 holds for any y: ask the full enumeration instead
+        return tuple(sorted(_expressions(values).get(t, {}), key=lambda s: (len(s), s)))
+    found = {}
+    for left, right in _splits(values):
+        rexp = _expressions(right)
+        for xv, xs in _expressions(left).items():
+            wanted = {"+": t - xv, "x-y": xv - t, "y-x": t + xv, "*": t / xv if xv else None,
+                      "x/y": xv / t, "y/x": t * xv if xv else None}
+            for op, yv in wanted.items():
+                if yv is None or yv not in rexp or (op == "x/y" and yv == 0):
+                    continue
+                for x in xs.values():
+                    for y in rexp[yv].values():
+                        node = dict(_combine(x, y))[op]
+                        found[_render(node)] = True
+    return tuple(sorted(found, key=lambda s: (len(s), s)))
+
+
+def solve(values, target: int = 24) -> list[str]:
+    """Every distinct formula that uses each of `values` once and equals `target`, exactly.
+
+    Distinct means distinct up to commutativity and associativity (a+b and b+a are one formula,
+    a-(b-c) is written a+c-b). Shortest first. Empty when the hand is unsolvable.
+    >>> solve([3, 3, 8, 8])
+    ['8/(3-8/3)']
+    """
+    return list(_solutions(tuple(sorted(int(v) for v in values)), int(target)))
+
+
+def is_solvable(values, target: int = 24) -> bool:
+    return bool(_solutions(tuple(sorted(int(v) for v in values)), int(target)))
+
+
+# ---- formula parser ----
+
+_TOKEN_RE = re.compile(r"\s*(?:([0-9]+)|(\S))")  # ASCII digits: \d would admit "٣", which int() reads
+
+
+def _tokenize(text: str) -> list:
+    """'(8-3)*4' -> ['(', 8, '-', 3, ')', '*', 4]: ints for numbers, str for operators."""
+    tokens = []
+    for m in _TOKEN_RE.finditer(text):  # every non-space character is matched: nothing is skipped
+        number, char = m.groups()
+        if number is not None:
+            tokens.append(int(number))
+        elif char in "+-*/()":
+            tokens.append(char)
+        else:
+            raise ValueError(f"illegal token {char!r} at position {m.start(2)}; only integers, "
+                             "+ - * / and parentheses are allowed")
+    return tokens
+
+
+class _Parser:
+    """Recursive descent over   expr := term (('+'|'-') term)*
+                                term := factor (('*'|'/') factor)*
+                                factor := INT | '(' expr ')'
+    No unary minus: card numbers are positive and a formula must combine them with operators."""
+
+    def __init__(self, tokens):
+        self.tokens, self.i, self.depth, self.numbers = tokens, 0, 0, []
+
+    def peek(self):
+        return self.tokens[self.i] if self.i < len(self.tokens) else None
+
+    def expr(self) -> Fraction:
+        value = self.term()
+        while self.peek() in ("+", "-"):
+            op = self.tokens[self.i]
+            self.i += 1
+            rhs = self.term()
+            value = value + rhs if op == "+" else value - rhs
+        return value
+
+    def term(self) -> Fraction:
+        value = self.factor()
+        while self.peek() in ("*", "/"):
+            op = self.tokens[self.i]
+            self.i += 1
+            rhs = self.factor()
+            if op == "/" and rhs == 0:
+                raise ValueError("division by zero")
+            value = value * rhs if op == "*" else value / rhs
+        return value
+
+    def factor(self) -> Fraction:
+        tok = self.peek()
+        self.i += 1
+        if isinstance(tok, int):
+            self.numbers.append(tok)
+            return Fraction(tok)
+        if tok == "(":
+            self.depth += 1
+            if self.depth > MAX_NESTING:
+                raise ValueError(f"parentheses nested deeper than {MAX_NESTING}")
+            value = self.expr()
+            if self.peek() != ")":
+                raise ValueError("unbalanced parentheses: a '(' is never closed")
+            self.i += 1
+            self.depth -= 1
+            return value
+        if tok is None:
+            raise ValueError("the formula ends where a number or '(' was expected")
+        raise ValueError(f"{tok!r} where a number or '(' was expected")
+
+
+def parse_formula(text: str) -> tuple[Fraction, list[int]]:
+    """(exact value, the integers it uses in order). ValueError on anything but a formula."""
+    tokens = _tokenize(text)
+    if not tokens:
+        raise ValueError("the formula is empty")
+    parser = _Parser(tokens)
+    value = parser.expr()
+    if parser.i != len(tokens):
+        raise ValueError(f"unexpected {tokens[parser.i]!r} after a complete formula")
+    return value, parser.numbers
+
+
+def evaluate_formula(text: str) -> Fraction:
+    """Exact value of a formula of integers, + - * / and parentheses; ValueError otherwise.
+    >>> evaluate_formula("8/(3-8/3)")
+    Fraction(24, 1)
+    """
+    return parse_formula(text)[0]
+
+
+# ---- answer extraction and verifier ----
+
+_FIELD_RES = {
+    name: re.compile(r"""["']?%s["']?\s*:\s*(?:"((?:[^"\\\n]|\\.)*)"|'([^'\n]*)'|\[([^\]\n]*)\]|([^,}\n]+))""" % name,
+                     re.IGNORECASE)
+    for name in ("cards", "number", "formula")
+}
+_RANK_RE = re.compile(r"\b(10|[1-9]|ace|jack|queen|king|ten|[ajqkt])\b", re.IGNORECASE)
+_RANK_ALIASES = {"1": "A", "ACE": "A", "JACK": "J", "QUEEN": "Q", "KING": "K", "TEN": "10", "T": "10"}
+_MAX_SCAN_CHARS = 50_000  # answers are a few hundred characters; never scan megabytes of noise
+
+
+def _json_object(text: str) -> Optional[dict]:
+    """The first JSON object in the text that has a "formula" key (or, failing that, any object)."""
+    decoder, first = json.JSONDecoder(), None
+    start = text.find("{")
+    for _ in range(16):  # bounded: adversarial text with thousands of '{' costs no more
+        if start < 0:
+            break
+        try:
+            obj, _end = decoder.raw_decode(text, start)
+        except (ValueError, RecursionError):
+            obj = None
+        if isinstance(obj, dict):
+            if "formula" in obj:
+                return obj
+            first = first if first is not None else obj
+        start = text.find("{", start + 1)
+    return first
+
+
+def parse_answer(text) -> dict:
+    """{"cards", "number", "formula"} from a model's answer, each None when absent.
+
+    Strict JSON first (anywhere in the text, e.g. inside a ```json fence), then the field
+    patterns of JSON-like text ('formula': (1+2)*8, "cards": [A, 3, K, 6] ...). Never raises."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    text = str(text)[:_MAX_SCAN_CHARS]
+    obj = _json_object(text) or {}
+    out = {key: obj.get(key) for key in ("cards", "number", "formula")}
+    for key, pattern in _FIELD_RES.items():
+        if out[key] is None:
+            m = pattern.search(text)
+            if m:
+                dq, sq, lst, bare = m.groups()
+                if lst is not None:
+                    out[key] = [item.strip().strip("\"'") for item in lst.split(",") if item.strip()]
+                else:
+                    out[key] = next(g for g in (dq, sq, bare) if g is not None).strip()
+    return out
+
+
+def normalize_rank(item) -> Optional[str]:
+    """'K', 'king', 'K of spades', 'Ten' -> canonical rank ('K', '10'); None if no rank is named."""
+    if isinstance(item, bool) or not isinstance(item, (str, int)):
+        return None
+    m = _RANK_RE.search(str(item))
+    if not m:
+        return None
+    rank = m.group(1).upper()
+    return _RANK_ALIASES.get(rank, rank)
+
+
+@dataclass
+class Verdict:
+    outcome: str                  # a key of REWARDS
+    reward: float
+    feedback: str                 # the verifier's message for the next attempt
+    cards_ok: Optional[bool]      # GP-VL: the "cards" field matched the dealt ranks; GP-L: None
+    formula: Optional[str] = None
+
+
+def _fail(outcome: str, reason: str, cards_ok, formula=None) -> Verdict:
+    return Verdict(outcome, REWARDS[outcome], f"You failed this trial because {reason}.", cards_ok, formula)
+
+
+def _formula_text(raw) -> tuple[Optional[str], Optional[str]]:
+    """(formula ready to parse, or None; the reason it is not)."""
+    if raw is None:
+        return None, 'your answer has no "formula" field'
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        return None, 'the "formula" field is not a string'
+    formula = str(raw).strip()
+    if len(formula) > MAX_FORMULA_CHARS:
+        return None, f"the formula is longer than {MAX_FORMULA_CHARS} characters"
+    return formula, None
+
+
+def verify(text, ranks, config: PointsConfig) -> Verdict:
+    """Score one answer for the dealt `ranks` under `config`: the single source of reward and
+    success for training and evaluation alike. Never raises, whatever `text` holds.
+
+    Outcomes, first that applies: wrong_cards (vision only), illegal_formula, wrong_numbers,
+    wrong_value, correct. A trailing '=<target>' after the formula is accepted."""
+    answer = parse_answer(text)
+    cards_ok = None
+    if config.vision:
+        said = answer["cards"] if isinstance(answer["cards"], list) else []
+        said = [normalize_rank(c) for c in said]
+        cards_ok = None not in said and sorted(said) == sorted(ranks)
+        if not cards_ok:
+            return _fail("wrong_cards", "the cards you recognized are not the cards in the image", False)
+    formula, reason = _formula_text(answer["formula"])
+    if formula is None:
+        return _fail("illegal_formula", reason, cards_ok)
+    lhs, eq, rhs = formula.partition("=")
+    if eq and rhs.strip() != str(config.target):
+        return _fail("illegal_formula", f"only '={config.target}' may follow the formula, "
+                     f"not '={rhs.strip()[:40]}'", cards_ok, formula)
+    try:
+        value, used = parse_formula(lhs)
+    except (ValueError, RecursionError) as e:
+        return _fail("illegal_formula", f"your formula is not legal: {e}", cards_ok, formula)
+    values = [card_value(r, config.face_cards_as_10) for r in ranks]
+    if sorted(used) != sorted(values):
+        extra = sorted((Counter(used) - Counter(values)).elements())
+        missing = sorted((Counter(values) - Counter(used)).elements())
+        parts = ([f"it uses {extra} which are not card numbers or are used too often"] if extra else []) + \
+                ([f"it does not use the card numbers {missing}"] if missing else [])
+        return _fail("wrong_numbers", "your formula must use each card's number exactly once, but "
+                     + " and ".join(parts), cards_ok, formula)
+    if value != config.target:
+        return _fail("wrong_value", f"your formula evaluates to {value}, not {config.target}",
+                     cards_ok, formula)
+    return Verdict("correct", REWARDS["correct"], f"Correct: {lhs.strip()} = {config.target}.",
+                   cards_ok, formula)
+
+
+# ---- prompts ----
+
+def rule_text(config: PointsConfig) -> str:
+    faces = ("J, Q and K each count as 10" if config.face_cards_as_10
+             else "J counts as 11, Q as 12 and K as 13")
+    return f"An A counts as 1, {faces}, and every other card counts as the number printed on it."
+
+
+def prompt_text(ranks, config: PointsConfig) -> str:
+    """The task statement for a new hand: GP-L lists the cards, GP-VL refers to the image."""
+    shown = ("The four cards are shown in the image." if config.vision
+             else "Your cards: " + json.dumps(list(ranks)) + ".")
+    return (
+        f"You are an expert player of the {config.target} points card game. You are dealt four cards. "
+        f"Write one arithmetic formula that uses the number of every card exactly once, combined "
+        f"with +, -, *, / and parentheses, and that evaluates to {config.target}.\n"
+        f"{rule_text(config)}\n"
+        f"{shown}\n"
+        "Answer with one JSON object and nothing else:\n"
+        '{"cards": [x, y, z, w], "number": [a, b, c, d], "formula": "..."}\n'
+        'where "cards" are the ranks of the four cards (A, 2-10, J, Q, K), "number" the numbers '
+        'they count for under the rule above, in the same order, and "formula" your formula, '
+        'for example "(2+4)*(9-5)".'
+    )
+
+
+def retry_text(feedback: str) -> str:
+    return feedback + " Try again, answering with one JSON object in the same format."
+
+
+# ---- rendering (GP-VL) ----
+
+TABLE_GREEN = (31, 102, 56)
+CARD_WHITE = (250, 250, 246)
+SUIT_COLORS = {"spades": (20, 20, 20), "clubs": (20, 20, 20), "hearts": (200, 20, 30), "diamonds": (200, 20, 30)}
+
+
+def _draw_suit(draw, suit: str, cx: float, cy: float, r: float, color) -> None:
+    """A suit symbol of half-height r centred on (cx, cy), drawn from circles and polygons."""
+    def disc(x, y, rad):
+        draw.ellipse((x - rad, y - rad, x + rad, y + rad), fill=color)
+
+    if suit == "diamonds":
+        draw.polygon([(cx, cy - r), (cx + 0.72 * r, cy), (cx, cy + r), (cx - 0.72 * r, cy)], fill=color)
+    elif suit == "hearts":
+        disc(cx - 0.48 * r, cy - 0.35 * r, 0.52 * r)
+        disc(cx + 0.48 * r, cy - 0.35 * r, 0.52 * r)
+        draw.polygon([(cx - r, cy - 0.2 * r), (cx + r, cy - 0.2 * r), (cx, cy + r)], fill=color)
+    elif suit == "spades":
+        disc(cx - 0.48 * r, cy + 0.2 * r, 0.5 * r)
+        disc(cx + 0.48 * r, cy + 0.2 * r, 0.5 * r)
+        draw.polygon([(cx - 0.97 * r, cy + 0.1 * r), (cx + 0.97 * r, cy + 0.1 * r), (cx, cy - r)], fill=color)
+        draw.polygon([(cx, cy + 0.2 * r), (cx - 0.35 * r, cy + r), (cx + 0.35 * r, cy + r)], fill=color)
+    else:  # clubs
+        disc(cx, cy - 0.45 * r, 0.42 * r)
+        disc(cx - 0.48 * r, cy + 0.12 * r, 0.42 * r)
+        disc(cx + 0.48 * r, cy + 0.12 * r, 0.42 * r)
+        draw.polygon([(cx, cy), (cx - 0.35 * r, cy + r), (cx + 0.35 * r, cy + r)], fill=color)
+
+
+@functools.lru_cache(maxsize=8)
+def _font(px: int):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=px)  # Pillow >= 10.1 with FreeType: a scalable font
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _draw_card(img, box, rank: str, suit: str) -> None:
+    from PIL import Image, ImageDraw
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    color = SUIT_COLORS[suit]
+    draw = ImageDraw.Draw(img)
+    draw.rounded_rectangle(box, radius=w * 0.08, fill=CARD_WHITE, outline=(60, 60, 60), width=max(1, w // 60))
+    # corner index: rank above a small suit, top-left upright and bottom-right upside down;
+    # drawn on an opaque patch of card colour so anti-aliasing blends with the card, not black
+    corner = Image.new("RGB", (int(w * 0.3), int(h * 0.32)), CARD_WHITE)
+    cd = ImageDraw.Draw(corner)
+    cd.text((corner.width / 2, 0), rank, font=_font(max(8, int(w * 0.27))), fill=color, anchor="mt")
+    _draw_suit(cd, suit, corner.width / 2, corner.height * 0.78, corner.width * 0.2, color)
+    pad = int(w * 0.05)
+    img.paste(corner, (x0 + pad, y0 + pad))
+    img.paste(corner.rotate(180), (x1 - pad - corner.width, y1 - pad - corner.height))
+    if rank in FACE_RANKS:  # court cards: a framed panel with a large letter
+        fx, fy = w * 0.33, h * 0.25
+        draw.rectangle((x0 + fx, y0 + fy, x1 - fx, y1 - fy), outline=color, width=max(1, w // 40))
+        draw.text(((x0 + x1) / 2, y0 + h * 0.38), rank, font=_font(max(8, int(w * 0.34))), fill=color, anchor="mm")
+        _draw_suit(draw, suit, (x0 + x1) / 2, y0 + h * 0.62, w * 0.13, color)
+    else:
+        _draw_suit(draw, suit, (x0 + x1) / 2, (y0 + y1) / 2, w * 0.22, color)
+
+
+def render_cards(cards, size: int = 448):
+    """A size x size RGB image of the (rank, suit) cards side by side on a green table.
+    A pure function of its arguments: the same hand always gives the same pixels."""
+    from PIL import Image
+    img = Image.new("RGB", (size, size), TABLE_GREEN)
+    n = len(cards)
+    margin, gap = size * 0.04, size * 0.025
+    w = (size - 2 * margin - (n - 1) * gap) / n
+    h = min(w * 1.45, size - 2 * margin)
+    top = (size - h) / 2
+    for i, (rank, suit) in enumerate(cards):
+        left = margin + i * (w + gap)
+        _draw_card(img, (int(left), int(top), int(left + w), int(top + h)), rank, suit)
+    return img
+
+
+# ---- environment ----
+
+@dataclass
+class Observation:
+    text: str                  # the user turn to show the model
+    image: object = None       # PIL.Image for a new GP-VL hand, else None
+    continues: bool = False    # True: append to the conversation; False: start a new one
+
+
+class GeneralPointsEnv:
+    """One GeneralPoints table. reset() deals a solvable hand and returns the task prompt;
+    step(answer) verifies one attempt. After done, call reset() for the next hand.
+
+    >>> env = GeneralPointsEnv(PointsConfig(), seed=0)
+    >>> obs = env.reset()
+    >>> obs, reward, done, info = env.step(env.expert_response())
+    >>> reward, done, info["success"]
+    (5.0, True, True)
+    """
+
+    def __init__(self, config: Optional[PointsConfig] = None, seed: int = 0):
+        self.config = config or PointsConfig()
+        self.rng = random.Random(seed)
+        self.cards: list = []      # [(rank, suit)] as dealt
+        self.attempt = 0
+        self.done = True
+
+    @property
+    def ranks(self) -> list:
+        return [rank for rank, _ in self.cards]
+
+    @property
+    def values(self) -> list:
+        return [card_value(rank, self.config.face_cards_as_10) for rank, _ in self.cards]
+
+    def deal(self) -> list:
+        """Four (rank, suit) cards from an unlimited shoe, redrawn until the hand is solvable
+        under the active rule (and holds a face card when required)."""
+        cfg, suits = self.config, SUIT_SETS[self.config.suits]
+        for _ in range(100_000):
+            ranks = self.rng.choices(RANKS, k=4)
+            if cfg.face_card_required and not FACE_RANKS.intersection(ranks):
+                continue
+            if is_solvable([card_value(r, cfg.face_cards_as_10) for r in ranks], cfg.target):
+                return list(zip(ranks, self.rng.choices(suits, k=4)))
+        raise ValueError(f"no solvable hand found for target={cfg.target}: choose another target")
+
+    def reset(self, seed: Optional[int] = None) -> Observation:
+        if seed is not None:
+            self.rng = random.Random(seed)
+        self.cards, self.attempt, self.done = self.deal(), 0, False
+        image = render_cards(self.cards, self.config.image_size) if self.config.vision else None
+        return Observation(prompt_text(self.ranks, self.config), image, continues=False)
+
+    def step(self, response) -> tuple:
+        if self.done:
+            raise RuntimeError("GeneralPointsEnv.step called on a finished episode: call reset() first")
+        verdict = verify(response, self.ranks, self.config)
+        self.attempt += 1
+        success = verdict.outcome == "correct"
+        self.done = success or self.attempt >= self.config.verify_iter
+        info = {"outcome": verdict.outcome, "feedback": verdict.feedback, "success": success,
+                "attempt": self.attempt, "recognized": verdict.cards_ok, "cards": self.ranks}
+        obs = Observation(verdict.feedback if self.done else retry_text(verdict.feedback), None,
+                          continues=not self.done)
+        return obs, verdict.reward, self.done, info
+
+    def expert_response(self) -> str:
+        """A correct answer for the current hand: the dealt ranks, their numbers, the shortest formula."""
+        formula = solve(self.values, self.config.target)[0]
+        return json.dumps({"cards": self.ranks, "number": self.values, "formula": formula})
+
+
+# ---- demo ----
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="GeneralPoints: sample prompt and image, then expert play.")
+    p.add_argument("--episodes", type=int, default=1000, help="expert episodes to play")
+    p.add_argument("--seed", type=int, default=0, help="dealing seed")
+    p.add_argument("--ood-rule", action="store_true", help="J, Q, K = 11, 12, 13 (and a face card in every hand)")
+    p.add_argument("--suits", default="black", choices=sorted(SUIT_SETS), help="card colours")
+    p.add_argument("--target", type=int, default=24, help="value every formula must reach")
+    p.add_argument("--image", default="gp_vl_sample.png", help="where to write the sample GP-VL image")
+    p.add_argument("--image-size", type=int, default=448, help="GP-VL image side in pixels")
+    args = p.parse_args(argv)
+    try:
+        cfg = PointsConfig(target=args.target, face_cards_as_10=not args.ood_rule, suits=args.suits,
+                           image_size=args.image_size)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    env = GeneralPointsEnv(cfg, seed=args.seed)
+    print("---- GP-L prompt ----")
+    print(env.reset().text)
+    print("---- expert answer ----")
+    print(env.expert_response())
+    vl = GeneralPointsEnv(PointsConfig(**{**cfg.__dict__, "vision": True}), seed=args.seed)
+    obs = vl.reset()
+    try:
+        obs.image.save(args.image)
+        print(f"---- GP-VL image of {vl.cards} written to {args.image} ----")
+    except OSError as e:
+        print(f"error: cannot write {args.image}: {e}", file=sys.stderr)
+        return 2
+
+    start, wins, rewards = time.perf_counter(), 0, 0.0
+    for _ in range(args.episodes):
+        env.reset()
+        _, reward, done, info = env.step(env.expert_response())
+        wins += info["success"]
+        rewards += reward
+    secs = time.perf_counter() - start
+    print(f"expert: {wins}/{args.episodes} episodes solved ({100 * wins / max(1, args.episodes):.1f}%), "
+          f"mean reward {rewards / max(1, args.episodes):.2f}, {secs:.2f} s")
+    return 0 if wins == args.episodes else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

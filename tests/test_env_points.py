@@ -1,0 +1,342 @@
+"""GeneralPoints: solver, parser, verifier, dealing, episodes, rendering, CLI."""
+import doctest
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import env_points as E
+from env_points import GeneralPointsEnv, PointsConfig, evaluate_formula, solve, verify
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ID, OOD = PointsConfig(), PointsConfig(face_cards_as_10=False)
+VL = PointsConfig(vision=True)
+
+
+# ---- solver ----
+
+def naive_solvable(values, target=24):
+    """Reference: repeatedly combine any ordered pair with + - * / until one number is left."""
+    def rec(xs):
+        if len(xs) == 1:
+            return xs[0] == target
+        for i, j in itertools.permutations(range(len(xs)), 2):
+            rest = [x for k, x in enumerate(xs) if k not in (i, j)]
+            a, b = xs[i], xs[j]
+            for v in [a + b, a - b, a * b] + ([a / b] if b else []):
+                if rec(rest + [v]):
+                    return True
+        return False
+    return rec([Fraction(v) for v in values])
+
+
+def test_solvable_counts_match_known_figures():
+    hands13 = list(itertools.combinations_with_replacement(range(1, 14), 4))
+    hands10 = list(itertools.combinations_with_replacement(range(1, 11), 4))
+    assert len(hands13) == 1820 and len(hands10) == 715
+    assert sum(bool(solve(h)) for h in hands13) == 1362
+    assert sum(bool(solve(h)) for h in hands10) == 566
+
+
+def test_solver_agrees_with_naive_search_on_random_hands_and_targets():
+    rng = random.Random(1)
+    for _ in range(150):
+        hand = [rng.randint(1, 13) for _ in range(4)]
+        target = rng.choice([24, 24, 1, 10, 36, 0])
+        assert bool(solve(hand, target)) == naive_solvable(hand, target), (hand, target)
+
+
+def test_every_solution_is_exact_and_uses_each_number_once():
+    rng = random.Random(2)
+    for _ in range(60):
+        hand = [rng.randint(1, 13) for _ in range(4)]
+        formulas = solve(hand)
+        assert len(formulas) == len(set(formulas))
+        for f in formulas:
+            value, used = E.parse_formula(f)
+            assert value == 24 and sorted(used) == sorted(hand), f
+
+
+def test_solver_needs_fractions_and_reports_unsolvable():
+    assert "8/(3-8/3)" in solve([3, 3, 8, 8])
+    assert "5*(5-1/5)" in solve([1, 5, 5, 5])
+    assert solve([1, 1, 1, 1]) == [] and not E.is_solvable([1, 1, 1, 1])
+    # commutative and associative variants are one formula
+    assert solve([1, 2, 3, 4]).count("1*2*3*4") == 1 and "4*3*2*1" not in solve([1, 2, 3, 4])
+
+
+# ---- formula parser ----
+
+@pytest.mark.parametrize("text,value", [
+    ("24", 24), ("1+2+3", 6), ("2*3+4", 10), ("2*(3+4)", 14), ("8/(3-8/3)", 24),
+    ("10-4-3", 3), ("100/10/5", 2), (" ( 7 - 3 ) * ( 10 - 4 ) ", 24), ("1/3", Fraction(1, 3)),
+])
+def test_evaluate_formula_exact(text, value):
+    assert evaluate_formula(text) == value
+
+
+@pytest.mark.parametrize("text", [
+    "", "   ", "()", "(1+2", "1+2)", "1 2", "1+", "*2", "-1+25", "+3", "2**3", "1.5", "2^3",
+    "1/0", "4/(2-2)", "abs(24)", "__import__('os')", "eval('24')", "٣*8", "3x8", "24=24",
+    "(" * 200 + "1" + ")" * 200,
+])
+def test_evaluate_formula_rejects_everything_else(text):
+    with pytest.raises(ValueError):
+        evaluate_formula(text)
+
+
+def test_parse_formula_reports_numbers_in_order():
+    assert E.parse_formula("(10-4)*(3+1)") == (24, [10, 4, 3, 1])
+
+
+# ---- verifier ----
+
+def answer(formula, cards=None, number=None):
+    return json.dumps({"cards": cards or [], "number": number or [], "formula": formula})
+
+
+@pytest.mark.parametrize("ranks,text,outcome", [
+    (["3", "3", "8", "8"], answer("8/(3-8/3)"), "correct"),
+    (["3", "3", "8", "8"], answer("8/(3-8/3) = 24"), "correct"),
+    (["3", "3", "8", "8"], answer("8/(3-8/3)=25"), "illegal_formula"),
+    (["A", "2", "3", "4"], answer("1*2*3*4"), "correct"),
+    (["A", "2", "3", "4"], answer("1+2+3+4"), "wrong_value"),
+    (["A", "2", "3", "4"], answer("2*3*4"), "wrong_numbers"),            # missing the 1
+    (["A", "2", "3", "4"], answer("1*2*3*4*1"), "wrong_numbers"),        # extra 1
+    (["A", "2", "3", "4"], answer("6*4*1*1"), "wrong_numbers"),          # invented 6
+    (["A", "2", "3", "4"], answer("4*4+4+4"), "wrong_numbers"),          # overused 4
+    (["A", "2", "3", "4"], answer("1x2x3x4"), "illegal_formula"),
+    (["A", "2", "3", "4"], answer("(1+2)*(3+4"), "illegal_formula"),
+    (["A", "2", "3", "4"], answer("4/(3-3)*2*1"), "illegal_formula"),    # division by zero
+    (["A", "2", "3", "4"], '{"cards": ["A", "2", "3", "4"]}', "illegal_formula"),
+    (["A", "2", "3", "4"], "", "illegal_formula"),
+    (["A", "2", "3", "4"], answer(["1*2*3*4"]), "illegal_formula"),      # formula not a string
+])
+def test_verifier_outcomes(ranks, text, outcome):
+    v = verify(text, ranks, ID)
+    assert v.outcome == outcome, v.feedback
+    assert v.reward == E.REWARDS[outcome]
+    assert v.cards_ok is None  # GP-L does not verify recognition
+
+
+def test_face_card_rule_flips_a_king_from_10_to_13():
+    ranks = ["K", "2", "2", "A"]
+    assert verify(answer("(10+2)*2*1"), ranks, ID).outcome == "correct"
+    assert verify(answer("(10+2)*2*1"), ranks, OOD).outcome == "wrong_numbers"
+    assert verify(answer("13*2-2*1"), ranks, OOD).outcome == "correct"
+    assert verify(answer("13*2-2*1"), ranks, ID).outcome == "wrong_numbers"
+
+
+def test_feedback_names_what_went_wrong():
+    ranks = ["A", "2", "3", "4"]
+    wrong = verify(answer("6*4*1*1"), ranks, ID).feedback
+    assert "uses [1, 6] which are not card numbers or are used too often" in wrong  # invented 6, second 1
+    assert "does not use the card numbers [2, 3]" in wrong
+    assert "10, not 24" in verify(answer("1+2+3+4"), ranks, ID).feedback
+    assert "'x'" in verify(answer("1x2x3x4"), ranks, ID).feedback
+    assert "division by zero" in verify(answer("4/(3-3)*2*1"), ranks, ID).feedback
+    assert "1/2" in verify(answer("1/2+3-4"), ranks, ID).feedback           # exact fraction shown
+
+
+def test_vision_checks_the_cards_first():
+    ranks = ["K", "2", "2", "A"]
+    good = answer("(10+2)*2*1", cards=["K", "2", "2", "A"])
+    assert verify(good, ranks, VL).outcome == "correct" and verify(good, ranks, VL).cards_ok
+    # right formula, wrong recognition: wrong_cards wins
+    v = verify(answer("(10+2)*2*1", cards=["Q", "2", "2", "A"]), ranks, VL)
+    assert (v.outcome, v.reward, v.cards_ok) == ("wrong_cards", -1.5, False)
+    assert verify(answer("(10+2)*2*1"), ranks, VL).outcome == "wrong_cards"  # no cards given
+    # a multiset: order free, aliases and suits tolerated, counts must match
+    alias = answer("(10+2)*2*1", cards=["ace", "2 of hearts", "King", "2"])
+    assert verify(alias, ranks, VL).outcome == "correct"
+    assert verify(answer("(10+2)*2*1", cards=["K", "2", "A"]), ranks, VL).outcome == "wrong_cards"
+    # recognition right, formula wrong: the formula's outcome, with cards_ok recorded
+    v = verify(answer("10+2+2+1", cards=ranks), ranks, VL)
+    assert (v.outcome, v.cards_ok) == ("wrong_value", True)
+
+
+@pytest.mark.parametrize("text", [
+    '```json\n{"cards": ["A","2","3","4"], "number": [1,2,3,4], "formula": "1*2*3*4"}\n```',
+    'Sure! Here is my answer: {"cards": ["A","2","3","4"], "number": [1,2,3,4], "formula": "1*2*3*4"} Hope it helps.',
+    "{'cards': ['A', '2', '3', '4'], 'number': [1, 2, 3, 4], 'formula': '1*2*3*4'}",
+    '{"cards": [A, 2, 3, 4], "number": [1, 2, 3, 4], "formula": 1*2*3*4}',
+    '{"thoughts": "easy", "formula": "1*2*3*4",}',
+    'formula: 1*2*3*4',
+])
+def test_tolerant_answer_parsing(text):
+    assert verify(text, ["A", "2", "3", "4"], ID).outcome == "correct"
+
+
+def test_tolerant_parsing_reads_cards_from_json_like_text():
+    text = "{'cards': ['A', '2', '3', '4'], 'formula': '1*2*3*4'}"
+    assert verify(text, ["4", "3", "2", "A"], VL).outcome == "correct"
+
+
+ADVERSARIAL = [
+    "", " ", "{", "}", "{" * 10_000, "[" * 10_000 + "]" * 10_000, '{"formula": ' * 3000,
+    '{"formula": "' + "(" * 100_000 + '"}', '{"formula": "' + "9" * 10_000 + '"}',
+    '{"formula": "' + "1+" * 5000 + '1"}', '{"formula": null}', '{"formula": 24}', '{"formula": true}',
+    '{"formula": {"a": 1}}', '{"cards": "A23", "formula": "1*2*3*4"}', '{"cards": [[1]], "formula": "1"}',
+    '{"cards": [null, true, 1.5, {}], "formula": "1*2*3*4"}', "\x00\xff\ufffd\ud800"[:3], "NaN",
+    '{"formula": NaN}', '{"formula": Infinity}', "1e999999", '"formula": "' + "\\" * 999 + '"',
+    "formula:", "formula: =", "formula: 1*2*3*4=", "formula: 24=24=24", "💣" * 1000, "\n" * 10_000,
+    '{"formula": "1/(1-1)"}', '{"formula": "(((((((((1)))))))))"}', "a" * 1_000_000,
+]
+
+
+@pytest.mark.parametrize("cfg", [ID, OOD, VL])
+def test_adversarial_answers_never_raise(cfg):
+    for text in ADVERSARIAL + [t.encode("utf-8", "surrogatepass") for t in ADVERSARIAL[:5]]:
+        v = verify(text, ["A", "2", "3", "4"], cfg)
+        assert v.outcome in E.REWARDS and v.reward == E.REWARDS[v.outcome]
+        assert isinstance(v.feedback, str) and v.feedback
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(
+    st.text(),
+    st.text(alphabet="0123456789+-*/() =.{}[]\"':,formulacards"),
+    st.builds(lambda f, c: json.dumps({"cards": c, "formula": f}),
+              st.text(alphabet="0123456789+-*/() ="), st.lists(st.sampled_from(E.RANKS + ("x", "", "11")))),
+))
+def test_any_string_yields_one_outcome(text):
+    for cfg in (ID, VL):
+        v = verify(text, ["K", "2", "2", "A"], cfg)
+        assert v.outcome in E.REWARDS and v.reward == E.REWARDS[v.outcome]
+
+
+# ---- dealing and episodes ----
+
+CONFIGS = [PointsConfig(face_cards_as_10=rule, suits=suits, vision=vision, image_size=64)
+           for rule in (True, False) for suits in ("black", "red", "mixed") for vision in (False, True)]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"id{c.face_cards_as_10}-{c.suits}-vl{c.vision}")
+def test_expert_always_scores_five(cfg):
+    env = GeneralPointsEnv(cfg, seed=7)
+    for _ in range(300 if cfg.vision else 3000):
+        obs = env.reset()
+        assert (obs.image is not None) == cfg.vision and not obs.continues
+        assert all(s in E.SUIT_SETS[cfg.suits] for _, s in env.cards)
+        if cfg.face_card_required:
+            assert E.FACE_RANKS.intersection(env.ranks)
+        _, reward, done, info = env.step(env.expert_response())
+        assert (reward, done, info["success"], info["outcome"]) == (5.0, True, True, "correct")
+
+
+def test_dealt_hands_are_solvable_and_rules_differ():
+    id_env, ood_env = GeneralPointsEnv(ID, seed=3), GeneralPointsEnv(OOD, seed=3)
+    saw_face_in_id = False
+    for _ in range(2000):
+        id_env.reset(), ood_env.reset()
+        assert solve(id_env.values) and solve(ood_env.values)
+        assert max(ood_env.values) >= 11  # OOD: a face card in every hand, worth 11-13
+        assert max(id_env.values) <= 10
+        saw_face_in_id |= bool(E.FACE_RANKS.intersection(id_env.ranks))
+    assert saw_face_in_id
+    no_face = GeneralPointsEnv(PointsConfig(face_cards_as_10=False, face_card_required=False), seed=3)
+    assert any(not E.FACE_RANKS.intersection(no_face.reset() and no_face.ranks) for _ in range(200))
+
+
+def test_same_seed_same_hands_and_reset_seed_restarts():
+    a, b, c = GeneralPointsEnv(ID, seed=11), GeneralPointsEnv(ID, seed=11), GeneralPointsEnv(ID, seed=12)
+    hands_a = [(a.reset(), a.cards)[1] for _ in range(50)]
+    assert hands_a == [(b.reset(), b.cards)[1] for _ in range(50)]
+    assert hands_a != [(c.reset(), c.cards)[1] for _ in range(50)]
+    c.reset(seed=11)
+    assert c.cards == hands_a[0]
+
+
+def test_hands_do_not_depend_on_hash_seed():
+    code = ("import env_points as E; e = E.GeneralPointsEnv(E.PointsConfig(face_cards_as_10=False), seed=5); "
+            "print([(e.reset(), e.cards, e.expert_response())[1:] for _ in range(30)])")
+    outs = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": h}).stdout for h in ("1", "2")}
+    assert len(outs) == 1 and "[(" in outs.pop()
+
+
+def test_sequential_revision_until_verify_iter():
+    env = GeneralPointsEnv(PointsConfig(verify_iter=3), seed=0)
+    first = env.reset()
+    for attempt in (1, 2):
+        obs, reward, done, info = env.step('{"formula": "1+"}')
+        assert (reward, done, info["outcome"], info["attempt"]) == (-3.0, False, "illegal_formula", attempt)
+        assert obs.continues and obs.image is None and obs.text.startswith("You failed this trial because")
+    obs, reward, done, info = env.step("no idea")
+    assert done and not info["success"] and not obs.continues
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(env.expert_response())
+    assert env.reset().text != first.text and env.attempt == 0 and not env.done
+
+
+def test_success_after_a_failed_attempt_ends_the_episode():
+    env = GeneralPointsEnv(ID, seed=4)
+    env.reset()
+    _, r1, d1, _ = env.step(answer("1+1"))
+    _, r2, d2, info = env.step(env.expert_response())
+    assert (r1, d1, r2, d2, info["attempt"], info["success"]) == (-2.0, False, 5.0, True, 2, True)
+
+
+# ---- prompts and rendering ----
+
+def test_prompts_state_rule_and_cards():
+    env = GeneralPointsEnv(OOD, seed=0)
+    text = env.reset().text
+    assert json.dumps(env.ranks) in text and "Q as 12 and K as 13" in text and '"formula"' in text
+    vl = GeneralPointsEnv(PointsConfig(vision=True, image_size=64), seed=0)
+    vtext = vl.reset().text
+    assert "image" in vtext and json.dumps(vl.ranks) not in vtext and "each count as 10" in vtext
+
+
+def test_rendering_is_deterministic_and_colours_follow_suits():
+    black = [("K", "spades"), ("10", "clubs"), ("A", "spades"), ("7", "clubs")]
+    red = [("K", "hearts"), ("10", "diamonds"), ("A", "hearts"), ("7", "diamonds")]
+    img_b, img_b2, img_r = E.render_cards(black), E.render_cards(black), E.render_cards(red)
+    assert img_b.size == (448, 448) and img_b.tobytes() == img_b2.tobytes()
+    red_pixels = lambda img: int(((lambda a: (a[..., 0] > 150) & (a[..., 1] < 80) & (a[..., 2] < 80))(
+        np.asarray(img, dtype=np.int32))).sum())
+    assert red_pixels(img_b) == 0 and red_pixels(img_r) > 1000
+    assert E.render_cards(black, 200).size == (200, 200)
+    assert E.render_cards([("K", "spades")] * 4).tobytes() != E.render_cards([("Q", "spades")] * 4).tobytes()
+
+
+def test_vision_env_images_follow_the_seed():
+    cfg = PointsConfig(vision=True, suits="red", image_size=96)
+    a, b = GeneralPointsEnv(cfg, seed=9), GeneralPointsEnv(cfg, seed=9)
+    assert a.reset().image.tobytes() == b.reset().image.tobytes()
+
+
+# ---- config, CLI, doctests ----
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"suits": "blue"}, "suits='blue'"), ({"verify_iter": 0}, "verify_iter=0"), ({"image_size": 10}, "image_size=10"),
+])
+def test_bad_config_is_one_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PointsConfig(**kwargs)
+
+
+def test_cli_prints_prompt_writes_image_and_plays_expert(tmp_path):
+    img = tmp_path / "hand.png"
+    out = subprocess.run([sys.executable, "env_points.py", "--episodes", "300", "--image", str(img), "--ood-rule"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "Your cards:" in out.stdout and "300/300 episodes solved (100.0%)" in out.stdout
+    from PIL import Image
+    assert Image.open(img).size == (448, 448)
+
+
+def test_cli_bad_value_is_one_line():
+    out = subprocess.run([sys.executable, "env_points.py", "--image-size", "8"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "image_size=8" in out.stderr
+
+
+def test_doctests():
+    assert doctest.testmod(E).failed == 0
