@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import json
 import random
 import re
@@ -299,18 +298,23 @@ def evaluate_formula(text: str) -> Fraction:
 
 # ---- answer extraction and verifier ----
 
-_FIELD_RES = {
-    name: re.compile(r"""["']?%s["']?\s*:\s*(?:"((?:[^"\\\n]|\\.)*)"|'([^'\n]*)'|\[([^\]\n]*)\]|([^,}\n]+))""" % name,
-                     re.IGNORECASE)
-    for name in ("cards", "number", "formula")
-}
+ANSWER_FIELDS = ("cards", "number", "formula")
+
+
+@functools.lru_cache(maxsize=None)
+def _field_re(name: str):
+    """`"name": <value>` in JSON-like text: a double- or single-quoted string, a [list] or a bare value."""
+    return re.compile(r"""["']?%s["']?\s*:\s*(?:"((?:[^"\\\n]|\\.)*)"|'([^'\n]*)'|\[([^\]\n]*)\]|([^,}\n]+))"""
+                      % re.escape(name), re.IGNORECASE)
+
+
 _RANK_RE = re.compile(r"\b(10|[1-9]|ace|jack|queen|king|ten|[ajqkt])\b", re.IGNORECASE)
 _RANK_ALIASES = {"1": "A", "ACE": "A", "JACK": "J", "QUEEN": "Q", "KING": "K", "TEN": "10", "T": "10"}
 _MAX_SCAN_CHARS = 50_000  # answers are a few hundred characters; never scan megabytes of noise
 
 
-def _json_object(text: str) -> Optional[dict]:
-    """The first JSON object in the text that has a "formula" key (or, failing that, any object)."""
+def _json_object(text: str, key: str) -> Optional[dict]:
+    """The first JSON object in the text that has `key` (or, failing that, the first object)."""
     decoder, first = json.JSONDecoder(), None
     start = text.find("{")
     for _ in range(16):  # bounded: adversarial text with thousands of '{' costs no more
@@ -321,26 +325,27 @@ def _json_object(text: str) -> Optional[dict]:
         except (ValueError, RecursionError):
             obj = None
         if isinstance(obj, dict):
-            if "formula" in obj:
+            if key in obj:
                 return obj
             first = first if first is not None else obj
         start = text.find("{", start + 1)
     return first
 
 
-def parse_answer(text) -> dict:
-    """{"cards", "number", "formula"} from a model's answer, each None when absent.
+def parse_answer(text, fields=ANSWER_FIELDS) -> dict:
+    """{field: value or None} from a model's answer; the last field is the one that matters most.
 
     Strict JSON first (anywhere in the text, e.g. inside a ```json fence), then the field
-    patterns of JSON-like text ('formula': (1+2)*8, "cards": [A, 3, K, 6] ...). Never raises."""
+    patterns of JSON-like text ('formula': (1+2)*8, "cards": [A, 3, K, 6] ...). Never raises.
+    Shared with env_virl, whose answers have the fields of V-IRL."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", errors="replace")
     text = str(text)[:_MAX_SCAN_CHARS]
-    obj = _json_object(text) or {}
-    out = {key: obj.get(key) for key in ("cards", "number", "formula")}
-    for key, pattern in _FIELD_RES.items():
+    obj = _json_object(text, fields[-1]) or {}
+    out = {key: obj.get(key) for key in fields}
+    for key in fields:
         if out[key] is None:
-            m = pattern.search(text)
+            m = _field_re(key).search(text)
             if m:
                 dq, sq, lst, bare = m.groups()
                 if lst is not None:
@@ -611,6 +616,19 @@ class GeneralPointsEnv:
 
 # ---- demo ----
 
+def play_expert(env, episodes: int) -> tuple:
+    """(episodes solved, answers given, seconds) with the expert playing: a self-check of any env."""
+    start, wins, answers = time.perf_counter(), 0, 0
+    for _ in range(episodes):
+        env.reset()
+        done = False
+        while not done:
+            _, _, done, info = env.step(env.expert_response())
+            answers += 1
+        wins += info["success"]
+    return wins, answers, time.perf_counter() - start
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="GeneralPoints: sample prompt and image, then expert play.")
     p.add_argument("--episodes", type=int, default=1000, help="expert episodes to play")
@@ -642,15 +660,9 @@ def main(argv=None) -> int:
         print(f"error: cannot write {args.image}: {e}", file=sys.stderr)
         return 2
 
-    start, wins, rewards = time.perf_counter(), 0, 0.0
-    for _ in range(args.episodes):
-        env.reset()
-        _, reward, done, info = env.step(env.expert_response())
-        wins += info["success"]
-        rewards += reward
-    secs = time.perf_counter() - start
+    wins, answers, secs = play_expert(env, args.episodes)
     print(f"expert: {wins}/{args.episodes} episodes solved ({100 * wins / max(1, args.episodes):.1f}%), "
-          f"mean reward {rewards / max(1, args.episodes):.2f}, {secs:.2f} s")
+          f"{answers} answers, {secs:.2f} s")
     return 0 if wins == args.episodes else 1
 
 
