@@ -1,0 +1,1041 @@
+"""V-IRL: follow written route instructions through a city, one position at a time (Chu et al., 2025).
+
+At every position of a route the model sees the numbered instructions of the whole route, the
+history of observations and actions so far, and the current observation (V-IRL-L: text such as
+"Maple Bakery is on your left; You observe an intersection"; V-IRL-VL: a 2x2 grid of street
+views [front, right / back, left]). It answers
+    {"current observation": "...", "current instruction": "...", "action": "forward()"}
+with an action from forward(), turn_direction(x), stop().
+
+Rules:  ID (`absolute_actions=True`): x is a compass direction (north, northeast, ...).
+        OOD: x is left, right, slightly left or slightly right (beyond 45 degrees: left/right).
+Visuals: ID routes are drawn in one synthetic city ("nyc"); the OOD visual benchmark is
+`mini_benchmark()`: 18 fixed routes, two in each of nine other synthetic cities.
+
+Reward per attempt, first that applies:
+    invalid_action     -1    no action from the action space can be read (the paper's wrong action)
+    wrong_observation  -1.5  claims an intersection where there is none, or misses one
+    wrong_action       -1    a valid action, but not the right one
+    correct            +1    the agent moves on; stop() at the destination ends the route
+Each position allows `verify_iter` attempts (default 2) with the verifier's feedback continuing
+the conversation; when they run out, the route is failed and the agent moves on regardless.
+
+The real V-IRL data (Google Street View) cannot be shipped: synthetic cities stand in for it and
+are written in the V-IRL route-file format, so `VirlConfig(routes=PATH)` reads the paper's own
+route files the same way (and their panoramas for vision, given `streetview_dir`).
+
+    python env_virl.py                         # sample prompt, sample ID and OOD view grids, expert play
+    python env_virl.py --export routes.json --routes synthetic:nyc --n-routes 1000
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import json
+import math
+import os
+import pickle
+import random
+import re
+import sys
+import zlib
+from dataclasses import dataclass, field
+from typing import Optional
+
+from PIL import Image, ImageDraw, ImageFont
+
+from env_points import Observation, parse_answer, play_expert  # the shared env contract, parser, self-check
+
+DIRECTIONS = ("north", "northeast", "east", "southeast", "south", "southwest", "west", "northwest")
+RELATIONS = ("front", "right front", "right", "right behind", "behind", "left behind", "left", "left front")
+TURNS = ("left", "right", "slightly left", "slightly right")
+REWARDS = {"correct": 1.0, "wrong_observation": -1.5, "wrong_action": -1.0, "invalid_action": -1.0}
+ANSWER_FIELDS = ("current observation", "current instruction", "action")
+EARTH_RADIUS_M = 6_371_000.0
+METERS_PER_DEG_LAT = 111_320.0
+
+
+@dataclass
+class VirlConfig:
+    routes: str = "synthetic:nyc"       # "synthetic:<city>", "mini" (OOD visual benchmark) or a route-file path
+    absolute_actions: bool = True       # True: turn_direction(compass) (ID rule); False: left/right/slightly (OOD)
+    vision: bool = False                # V-IRL-VL: a 2x2 street-view grid per position
+    verify_iter: int = 2                # attempts per position (sequential revision)
+    n_routes: int = 1000                # routes drawn for "synthetic:<city>" (the paper trained on 1000 NYC routes)
+    route_seed: int = 0                 # seed of the synthetic routes (the city map itself is fixed per city)
+    forward_steps: int = 2              # interpolated forward() positions per street leg
+    drop_rate: float = 0.25             # chance each interpolated position is skipped, so forwards can't be counted
+    view_size: int = 224                # side of one street view; the grid is twice that
+    streetview_dir: Optional[str] = None  # real routes + vision: folder of {pano_id}.jpg and .metadata.json
+    streetview_map: Optional[str] = None  # real routes + vision: pickle {(lat, lng): pano_id}
+
+    def __post_init__(self):
+        if self.verify_iter < 1:
+            raise ValueError(f"VirlConfig.verify_iter={self.verify_iter}: expected an integer >= 1")
+        if self.forward_steps < 0:
+            raise ValueError(f"VirlConfig.forward_steps={self.forward_steps}: expected an integer >= 0")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"VirlConfig.drop_rate={self.drop_rate}: expected 0 <= drop_rate < 1")
+        if self.n_routes < 1:
+            raise ValueError(f"VirlConfig.n_routes={self.n_routes}: expected an integer >= 1")
+        if self.view_size < 32:
+            raise ValueError(f"VirlConfig.view_size={self.view_size}: expected at least 32 pixels")
+
+
+# ---- geometry ----
+# Points are (lat, lng) in degrees; headings are compass bearings in degrees (0 = north, clockwise).
+
+def haversine(a, b) -> float:
+    """Great-circle distance in meters."""
+    lat1, lng1, lat2, lng2 = map(math.radians, (a[0], a[1], b[0], b[1]))
+    h = math.sin((lat2 - lat1) / 2) ** 2 + math.cos(lat1) * math.cos(lat2) * math.sin((lng2 - lng1) / 2) ** 2
+    return 2 * EARTH_RADIUS_M * math.asin(math.sqrt(min(1.0, h)))
+
+
+def bearing(a, b) -> float:
+    """Initial compass bearing from a to b, in [0, 360)."""
+    lat1, lng1, lat2, lng2 = map(math.radians, (a[0], a[1], b[0], b[1]))
+    y = math.sin(lng2 - lng1) * math.cos(lat2)
+    x = math.cos(lat1) * math.sin(lat2) - math.sin(lat1) * math.cos(lat2) * math.cos(lng2 - lng1)
+    return math.degrees(math.atan2(y, x)) % 360
+
+
+def wrap180(deg: float) -> float:
+    """An angle in [-180, 180): 350 -> -10."""
+    return (deg + 180) % 360 - 180
+
+
+def direction_name(heading: float) -> str:
+    """Nearest of the 8 compass points: 22 -> north, 23 -> northeast."""
+    return DIRECTIONS[int((heading % 360 + 22.5) // 45) % 8]
+
+
+def relation_name(relative: float) -> str:
+    """Where something at `relative` degrees clockwise from your heading is: 90 -> 'right'."""
+    return RELATIONS[int((relative % 360 + 22.5) // 45) % 8]
+
+
+RELATION_ANGLE = {name: 45 * i for i, name in enumerate(RELATIONS)}
+
+
+def turn_name(from_heading: float, to_heading: float) -> str:
+    """The relative turn word: beyond 45 degrees left/right, within it (45 included) slightly.
+
+    The turn angle is the wrapped difference, so 350 -> 10 is a 20-degree right turn
+    ('slightly right'). The paper's code used the unwrapped difference (-340: 'left'): fixed here.
+    A zero turn counts as 'slightly right'; a 180-degree turn as 'left'.
+    """
+    d = wrap180(to_heading - from_heading)
+    if d > 45:
+        return "right"
+    if d >= 0:
+        return "slightly right"
+    return "slightly left" if d >= -45 else "left"
+
+
+def offset(point, heading: float, meters: float):
+    """The point `meters` away along `heading` (flat-earth approximation: fine within a city)."""
+    north = meters * math.cos(math.radians(heading))
+    east = meters * math.sin(math.radians(heading))
+    return (point[0] + north / METERS_PER_DEG_LAT,
+            point[1] + east / (METERS_PER_DEG_LAT * math.cos(math.radians(point[0]))))
+
+
+def lerp(a, b, t: float):
+    return (a[0] + (b[0] - a[0]) * t, a[1] + (b[1] - a[1]) * t)
+
+
+# ---- synthetic cities ----
+# Each city: a centre, the compass angle of its street grid, its block lengths, and its look.
+# "nyc" is the in-distribution city; the other nine make the visual OOD benchmark.
+
+def _style(sky, road, sidewalk, lane, facades, window, pattern, sign_bg, sign_fg, sign_shape):
+    return dict(sky=sky, road=road, sidewalk=sidewalk, lane=lane, facades=facades, window=window,
+                pattern=pattern, sign_bg=sign_bg, sign_fg=sign_fg, sign_shape=sign_shape)
+
+
+CITIES = {
+    "nyc": dict(center=(40.7549, -73.9840), angle=29, blocks=(80, 260), style=_style(
+        (170, 200, 230), (70, 70, 75), (165, 160, 150), (240, 200, 60),
+        [(150, 80, 60), (120, 110, 100), (180, 170, 150), (90, 90, 100)], (40, 50, 70), "grid",
+        (20, 60, 140), (255, 255, 255), "rect")),
+    "london": dict(center=(51.5098, -0.1342), angle=12, blocks=(60, 180), style=_style(
+        (190, 195, 200), (85, 85, 85), (150, 150, 145), (250, 250, 250),
+        [(160, 60, 50), (200, 190, 170), (110, 70, 50), (220, 215, 200)], (30, 30, 40), "brick",
+        (0, 70, 40), (240, 220, 150), "banner")),
+    "tokyo": dict(center=(35.6595, 139.7005), angle=-8, blocks=(40, 120), style=_style(
+        (200, 220, 240), (100, 100, 105), (190, 190, 185), (250, 250, 250),
+        [(230, 230, 225), (200, 205, 210), (170, 180, 190), (240, 235, 220)], (90, 130, 170), "bands",
+        (230, 40, 40), (255, 255, 255), "banner")),
+    "paris": dict(center=(48.8698, 2.3077), angle=-30, blocks=(70, 200), style=_style(
+        (180, 205, 235), (95, 90, 85), (200, 190, 170), (245, 245, 245),
+        [(225, 210, 180), (215, 200, 170), (235, 225, 200)], (60, 70, 90), "arches",
+        (30, 30, 30), (230, 200, 120), "rounded")),
+    "hong_kong": dict(center=(22.2819, 114.1582), angle=20, blocks=(40, 110), style=_style(
+        (160, 175, 185), (60, 60, 65), (130, 135, 130), (250, 220, 0),
+        [(120, 140, 150), (200, 200, 190), (90, 110, 120), (170, 160, 140)], (150, 200, 210), "glass",
+        (250, 220, 0), (200, 0, 0), "banner")),
+    "melbourne": dict(center=(-37.8136, 144.9631), angle=-20, blocks=(90, 220), style=_style(
+        (120, 170, 230), (80, 80, 80), (175, 170, 160), (255, 255, 255),
+        [(200, 120, 70), (140, 150, 140), (230, 220, 200), (100, 110, 130)], (30, 40, 60), "grid",
+        (250, 250, 250), (20, 90, 60), "rounded")),
+    "lagos": dict(center=(6.4541, 3.3947), angle=40, blocks=(60, 170), style=_style(
+        (220, 225, 200), (110, 100, 90), (190, 170, 140), (250, 250, 250),
+        [(220, 190, 100), (180, 210, 200), (230, 150, 120), (240, 240, 230)], (60, 60, 50), "bands",
+        (0, 120, 60), (255, 255, 255), "rect")),
+    "mumbai": dict(center=(18.9322, 72.8264), angle=-15, blocks=(50, 150), style=_style(
+        (210, 205, 180), (90, 85, 80), (170, 160, 140), (240, 240, 240),
+        [(220, 200, 150), (200, 120, 90), (170, 190, 170), (230, 220, 190)], (70, 50, 40), "arches",
+        (120, 20, 90), (255, 230, 120), "rect")),
+    "buenos_aires": dict(center=(-34.6037, -58.3816), angle=5, blocks=(100, 130), style=_style(
+        (150, 190, 240), (75, 75, 80), (160, 150, 140), (255, 255, 255),
+        [(210, 200, 190), (160, 140, 120), (190, 170, 160)], (50, 50, 60), "brick",
+        (110, 170, 220), (255, 255, 255), "rounded")),
+    "san_francisco": dict(center=(37.7879, -122.4075), angle=45, blocks=(90, 200), style=_style(
+        (205, 215, 225), (65, 65, 70), (180, 175, 170), (255, 255, 255),
+        [(240, 230, 210), (170, 200, 210), (230, 190, 170), (200, 210, 190)], (60, 80, 100), "glass",
+        (200, 80, 30), (255, 250, 235), "rect")),
+}
+ID_CITY = "nyc"
+OOD_CITIES = tuple(c for c in CITIES if c != ID_CITY)
+
+_NAME_STEMS = ("Maple", "Harbor", "Blue Door", "Golden Gate", "Riverside", "Union", "Cedar", "Lantern", "Northstar",
+               "Old Mill", "Silver Oak", "Copper Kettle", "Green Leaf", "Redwood", "Sunrise", "Twin Pines",
+               "Bluebird", "Stonebridge", "Parkview", "Iron Horse", "Lighthouse", "Willow", "Crescent", "Summit",
+               "Juniper", "Foxglove", "Meridian", "Orchard", "Beacon", "Chestnut")
+_NAME_KINDS = ("Cafe", "Bakery", "Bank", "Hotel", "Museum", "Pharmacy", "Bookstore", "Deli", "Pizza", "Fitness",
+               "Florist", "Library", "Theater", "Market", "Diner")
+LANDMARK_NAMES = tuple(f"{stem} {kind}" for stem in _NAME_STEMS for kind in _NAME_KINDS)  # 450 names
+
+
+def _seed(*parts) -> int:
+    """A platform-independent integer seed (crc32, never Python's salted hash())."""
+    return zlib.crc32(":".join(map(str, parts)).encode())
+
+
+@dataclass
+class CityMap:
+    """A street grid: intersection (i, j) lies at i blocks along the grid angle and j across it."""
+    name: str
+    nodes: dict = field(default_factory=dict)        # (i, j) -> (lat, lng)
+    corners: dict = field(default_factory=dict)      # (i, j) -> [(landmark name, (lat, lng))]
+    midblock: dict = field(default_factory=dict)     # ((i, j), (i2, j2)) -> (name, (lat, lng), street point)
+    size: int = 12
+
+
+@functools.lru_cache(maxsize=None)
+def city_map(name: str) -> CityMap:
+    """The fixed map of a synthetic city: irregular block lengths, landmarks at corners and mid-block."""
+    if name not in CITIES:
+        raise ValueError(f"unknown city {name!r}: expected one of {', '.join(CITIES)}")
+    spec, rng = CITIES[name], random.Random(_seed("city", name))
+    m = CityMap(name)
+    lo, hi = spec["blocks"]
+    along = [0.0]
+    across = [0.0]
+    for _ in range(m.size - 1):
+        along.append(along[-1] + rng.uniform(lo, hi))
+        across.append(across[-1] + rng.uniform(lo, hi))
+    u, v = spec["angle"], spec["angle"] + 90  # compass bearings of the two street directions
+    origin = offset(offset(spec["center"], u, -along[-1] / 2), v, -across[-1] / 2)
+    for i in range(m.size):
+        for j in range(m.size):
+            m.nodes[(i, j)] = offset(offset(origin, u, along[i]), v, across[j])
+    names = iter(rng.sample(LANDMARK_NAMES, len(LANDMARK_NAMES)))
+    for key, node in m.nodes.items():
+        quadrants = rng.sample([(1, 1), (1, -1), (-1, 1), (-1, -1)], rng.choice((0, 0, 1, 1, 1, 2)))
+        m.corners[key] = [(next(names), offset(offset(node, u, su * rng.uniform(8, 30)), v, sv * rng.uniform(8, 30)))
+                          for su, sv in quadrants]
+    for (i, j) in sorted(m.nodes):
+        for nb in ((i + 1, j), (i, j + 1)):
+            if nb in m.nodes and rng.random() < 0.3:
+                a, b = m.nodes[(i, j)], m.nodes[nb]
+                street = lerp(a, b, rng.uniform(0.35, 0.65))
+                side = bearing(a, b) + rng.choice((90, -90))
+                m.midblock[((i, j), nb)] = (next(names), offset(street, side, 12), street)
+    return m
+
+
+_STEPS = ((1, 0), (0, 1), (-1, 0), (0, -1))  # grid moves for headings angle, angle+90, angle+180, angle+270
+
+
+def _point(p) -> list:
+    return [round(p[0], 6), round(p[1], 6)]  # ~0.1 m: keeps files identical across platforms' libm
+
+
+def _landmark_text(items, heading: float) -> str:
+    """'A is on your left, B is on your right front' for [(name, point)] seen from a heading."""
+    return ", ".join(f"{name} is on your {relation_name(bearing_ - heading)}" for name, bearing_ in items)
+
+
+def _milestone(idx: int, landmarks: str, distance: float, heading: int) -> str:
+    """One milestone_info block in the V-IRL file's own (not-quite-JSON) text shape."""
+    return ('{\n    "intersection_idx": "%d",\n    "landmarks": "%s",\n    "distance": "%d meters",\n'
+            '    "human_heading": "%d",\n    "to_next_intersection_heading": "%d (%s)",\n}'
+            % (idx, landmarks, round(distance), heading, heading, direction_name(heading)))
+
+
+def _draw_route(m: CityMap, rng: random.Random, route_id: str) -> Optional[dict]:
+    """One random route on the map, or None when the draw leads off the grid (the caller redraws)."""
+    i, j = rng.randrange(1, m.size - 1), rng.randrange(1, m.size - 1)
+    d = rng.randrange(4)
+    prev = (i - _STEPS[d][0], j - _STEPS[d][1])
+    start = lerp(m.nodes[prev], m.nodes[(i, j)], rng.uniform(0.2, 0.6))
+    path, n_turns = [(i, j)], rng.randint(2, 5)
+    for k in range(n_turns):
+        d = (d + rng.choice((1, 3))) % 4  # a left or right turn at every intersection
+        nxt = (path[-1][0] + _STEPS[d][0], path[-1][1] + _STEPS[d][1])
+        if nxt not in m.nodes or nxt in path:
+            return None
+        if k < n_turns - 1:
+            path.append(nxt)
+    seg = (path[-1], nxt) if (path[-1], nxt) in m.midblock else (nxt, path[-1])
+    if seg not in m.midblock:
+        return None
+    dest_name, dest_point, dest_street = m.midblock[seg]
+
+    points = [m.nodes[p] for p in path] + [dest_street]
+    geocodes = [_point(p) for p in points]
+    milestones, landmark_list, here = [], [], _point(start)
+    for k, p in enumerate(geocodes):
+        heading = round(bearing(here, p)) % 360
+        if k < len(path):
+            seen = [(name, bearing(p, q)) for name, q in m.corners[path[k]]]
+            text = _landmark_text(seen, heading) or "No landmark nearby"
+            landmark_list += [name for name, _ in seen]
+        else:
+            text = "The destination " + _landmark_text([(dest_name, bearing(p, dest_point))], heading)
+        milestones.append(_milestone(k + 1, text, haversine(here, p), heading))
+        here = p
+    return {
+        "route_id": route_id, "city": m.name,
+        "start_place": {"name": f"{m.name} start {route_id}", "relocated_geocode": _point(start)},
+        "init_heading": rng.randrange(1, 360),
+        "dest_place": {"name": dest_name, "relocated_geocode": _point(dest_point)},
+        "route_results": {"geocode_list": geocodes, "landmark_list": landmark_list + [dest_name]},
+        "milestone_info": milestones,
+    }
+
+
+def generate_routes(city: str, n: int, seed: int = 0) -> list:
+    """n routes in a synthetic city, in the V-IRL route format: reproducible from (city, n, seed).
+
+    Each route starts mid-block, passes 2 to 5 intersections with a turn at each, and ends at a
+    destination landmark mid-block. The city map is the same for every seed."""
+    m, rng, routes = city_map(city), random.Random(_seed("routes", city, seed)), []
+    while len(routes) < n:
+        route = _draw_route(m, rng, f"{city}-{seed}-{len(routes)}")
+        if route is not None:
+            routes.append(route)
+    return routes
+
+
+@functools.lru_cache(maxsize=1)
+def _mini_benchmark_json() -> str:
+    return json.dumps([r for city in OOD_CITIES for r in generate_routes(city, 2, seed=2025)])
+
+
+def mini_benchmark() -> list:
+    """The OOD-visual benchmark: 18 fixed routes, two in each of the nine non-ID cities."""
+    return json.loads(_mini_benchmark_json())
+
+
+def write_routes(path: str, routes: list) -> None:
+    """Write routes as a V-IRL route file: the JSON array [routes, count]."""
+    with open(path, "w") as f:
+        json.dump([routes, len(routes)], f, indent=1)
+
+
+# ---- route files (synthetic and real alike) ----
+
+_BLOCK_RE = re.compile(r"\{[^{}]*\}")
+_MILESTONE_FIELD_RE = re.compile(r'"(\w+)"\s*:\s*"([^"]*)"')
+_LANDMARK_RE = re.compile(r"(?:The destination\s+)?([^,;]+?) is on your (%s)\b" % "|".join(
+    sorted(RELATIONS, key=len, reverse=True)))
+
+
+@dataclass
+class Route:
+    """What the environment needs from a V-IRL route; legs end at each intersection, then the destination."""
+    route_id: str
+    city: Optional[str]           # synthetic city (its look for rendering); None for real routes
+    start: tuple                  # (lat, lng)
+    init_heading: int             # 0: draw a random start heading at reset, as V-IRL does
+    points: list                  # leg end points: intersections, destination last
+    headings: list                # compass heading of each leg
+    landmarks: list               # per leg end: [(name, compass bearing from the point)]
+    dest_name: str
+
+
+def _milestone_fields(block: str) -> dict:
+    return dict(_MILESTONE_FIELD_RE.findall(block))
+
+
+def _landmarks(text: str, heading: int) -> list:
+    """'A is on your left, B is on your front' seen at `heading` -> [(name, compass bearing)]."""
+    return [(name.strip(), (heading + RELATION_ANGLE[rel]) % 360) for name, rel in _LANDMARK_RE.findall(text)]
+
+
+def parse_route(raw: dict, where: str = "route") -> Route:
+    """A Route from one entry of a V-IRL route file; ValueError naming the missing or bad field."""
+    def need(obj, *keys):
+        for k in keys:
+            if not isinstance(obj, dict) or k not in obj:
+                raise ValueError(f"{where}: missing field {'.'.join(keys)}")
+            obj = obj[k]
+        return obj
+
+    try:
+        start = tuple(float(x) for x in need(raw, "start_place", "relocated_geocode"))[:2]
+        points = [tuple(float(x) for x in p)[:2] for p in need(raw, "route_results", "geocode_list")]
+        blocks = need(raw, "milestone_info")
+        init_heading = int(float(raw.get("init_heading", 0) or 0)) % 360
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: malformed geocode or heading ({e})") from None
+    blocks = _BLOCK_RE.findall("\n".join(blocks) if isinstance(blocks, list) else str(blocks))
+    if not points or len(blocks) != len(points):
+        raise ValueError(f"{where}: {len(points)} geocodes but {len(blocks)} milestone_info blocks: expected one each")
+    headings, landmarks, here = [], [], start
+    for point, block in zip(points, blocks):
+        fields = _milestone_fields(block)
+        m = re.match(r"\s*(-?\d+)", fields.get("to_next_intersection_heading", ""))
+        heading = int(m.group(1)) % 360 if m else round(bearing(here, point)) % 360
+        headings.append(heading)
+        landmarks.append(_landmarks(fields.get("landmarks", ""), heading))
+        here = point
+    dest = raw.get("dest_place", {}).get("name") if isinstance(raw.get("dest_place"), dict) else None
+    dest = dest or (landmarks[-1][0][0] if landmarks[-1] else "the destination")
+    return Route(str(raw.get("route_id", where)), raw.get("city") if raw.get("city") in CITIES else None,
+                 start, init_heading, points, headings, landmarks, dest)
+
+
+def load_routes(path: str) -> list:
+    """Routes (raw dicts) from a V-IRL route file: the JSON array [routes, count] (a bare list works too)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"route file {path!r} not found") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"route file {path!r} is not readable JSON: {e}") from None
+    routes = data[0] if isinstance(data, list) and data and isinstance(data[0], list) else data
+    if not isinstance(routes, list) or not routes or not all(isinstance(r, dict) for r in routes):
+        raise ValueError(f"route file {path!r}: expected a JSON array [routes, count] of route objects")
+    return routes
+
+
+def routes_for(config: VirlConfig) -> list:
+    """The parsed routes a config names."""
+    spec = config.routes
+    if spec == "mini":
+        raw, where = mini_benchmark(), "mini"
+    elif spec.startswith("synthetic:"):
+        raw, where = generate_routes(spec.split(":", 1)[1], config.n_routes, config.route_seed), spec
+    else:
+        raw, where = load_routes(spec), spec
+    return [parse_route(r, f"{where}: route {i}") for i, r in enumerate(raw)]
+
+
+# ---- the rail: one expected action per position ----
+
+@dataclass
+class Position:
+    point: tuple                 # (lat, lng)
+    heading: float               # where the agent faces
+    action: str                  # "forward", "stop" or "turn"
+    instruction: int             # 1-based index of the instruction being carried out
+    turn_to: Optional[int] = None  # for "turn": the heading to face
+    at_intersection: bool = False
+    landmarks: list = field(default_factory=list)  # [(name, compass bearing)] in sight
+    destination: Optional[str] = None
+
+
+def build_rail(route: Route, forward_steps: int, drop_rate: float, rng: random.Random, init_heading: int) -> list:
+    """Positions in order: at the start turn, then forward; along each leg `forward_steps` evenly
+    spaced positions (each dropped with `drop_rate`); at each intersection turn (instruction 2k+1),
+    then forward from the same spot facing the new way; at the destination stop.
+
+    Instructions are numbered 1: turn at the start, 2k: walk leg k, 2k+1: turn at its end."""
+    rail = [Position(route.start, init_heading, "turn", 1, turn_to=route.headings[0]),
+            Position(route.start, route.headings[0], "forward", 2)]
+    here = route.start
+    for k, (point, heading) in enumerate(zip(route.points, route.headings)):
+        for s in range(1, forward_steps + 1):
+            if rng.random() >= drop_rate:
+                rail.append(Position(lerp(here, point, s / (forward_steps + 1)), heading, "forward", 2 * k + 2))
+        if k + 1 < len(route.points):
+            nxt = route.headings[k + 1]
+            rail.append(Position(point, heading, "turn", 2 * k + 3, nxt, True, route.landmarks[k]))
+            rail.append(Position(point, nxt, "forward", 2 * k + 4, None, True, route.landmarks[k]))
+        else:
+            rail.append(Position(point, heading, "stop", 2 * k + 2, None, False, route.landmarks[k], route.dest_name))
+        here = point
+    return rail
+
+
+def instructions(route: Route, init_heading: int) -> list:
+    """The numbered instruction sentences of the whole route, relative turn word and compass heading both."""
+    out, facing = [], init_heading
+    for k, heading in enumerate(route.headings):
+        turn = f"turn {turn_name(facing, heading)} to face {direction_name(heading)}."
+        out.append("First, " + turn if k == 0 else turn[0].upper() + turn[1:])
+        seen = _landmark_text(route.landmarks[k], heading)
+        if k + 1 < len(route.points):
+            out.append("Move forward until you reach next intersection" + (f" where {seen}." if seen else "."))
+        else:
+            out.append(f"Move forward until you reach destination where {seen}.")
+        facing = heading
+    return out
+
+
+def observation_text(pos: Position) -> str:
+    """What is in sight at a position: 'Maple Cafe is on your left; You observe an intersection'."""
+    parts = [("The destination " if name == pos.destination else "") + f"{name} is on your "
+             f"{relation_name(b - pos.heading)}" for name, b in pos.landmarks] or ["No landmarks nearby"]
+    return "; ".join(parts + (["You observe an intersection"] if pos.at_intersection else []))
+
+
+def expected_action(pos: Position, absolute: bool) -> str:
+    if pos.action != "turn":
+        return pos.action + "()"
+    x = direction_name(pos.turn_to) if absolute else turn_name(pos.heading, pos.turn_to)
+    return f"turn_direction({x})"
+
+
+# ---- verifier ----
+
+_ACTION_RE = re.compile(r"\b(forward|stop)\b\s*(?:\(\s*\))?|\bturn_direction\s*\(\s*[\"']?\s*([a-z_ ]{1,40}?)\s*[\"']?\s*\)",
+                        re.IGNORECASE)
+_NEGATED_INTERSECTION_RE = re.compile(r"\b(no|not|without|nor)\b[^.;,]*\bintersection", re.IGNORECASE)
+
+
+def parse_action(text, absolute: bool) -> Optional[str]:
+    """The first action of the action space in `text`, canonical ('turn_direction(slightly left)'), else None.
+
+    Tolerates case, quotes and underscores ('turn_direction("slightly_left")'), a missing '()' after
+    forward/stop, and 'north east' for 'northeast'; a direction outside the active rule's set is invalid."""
+    if not isinstance(text, str):
+        return None
+    m = _ACTION_RE.search(text[:2000])
+    if not m:
+        return None
+    if m.group(1):
+        return m.group(1).lower() + "()"
+    x = " ".join(m.group(2).lower().replace("_", " ").split())
+    if absolute:
+        x = x.replace(" ", "")
+    return f"turn_direction({x})" if x in (DIRECTIONS if absolute else TURNS) else None
+
+
+def claims_intersection(text) -> bool:
+    """Whether an observation says the agent is at an intersection ('no intersection' says it is not)."""
+    return isinstance(text, str) and "intersection" in text.lower() and not _NEGATED_INTERSECTION_RE.search(text)
+
+
+@dataclass
+class Verdict:
+    outcome: str                  # a key of REWARDS
+    reward: float
+    feedback: str
+    observation_ok: bool          # the answer's intersection claim was right
+
+
+def _choices(absolute: bool) -> str:
+    return ", ".join(DIRECTIONS if absolute else TURNS)
+
+
+def verify(text, pos: Position, absolute: bool) -> Verdict:
+    """Score one answer at a position: the single source of reward and success. Never raises.
+
+    Outcomes, first that applies: invalid_action (no action of the action space), wrong_observation
+    (an intersection claimed where there is none, or a missed one), wrong_action, correct."""
+    answer = parse_answer(text, ANSWER_FIELDS)
+    observation_ok = claims_intersection(answer["current observation"]) == pos.at_intersection
+    action = parse_action(answer["action"], absolute)
+
+    def fail(outcome, reason):
+        return Verdict(outcome, REWARDS[outcome], f"You failed this trial because {reason}.", observation_ok)
+
+    if action is None:
+        return fail("invalid_action", 'your "action" is not one of forward(), turn_direction(x) with x one of '
+                    f"{_choices(absolute)}, or stop()")
+    if not observation_ok:
+        return fail("wrong_observation", "you observed an intersection where there is none" if not pos.at_intersection
+                    else "you did not notice the intersection you are at")
+    if action != expected_action(pos, absolute):
+        return fail("wrong_action", f"{action} is not the right action for the current instruction")
+    return Verdict("correct", REWARDS["correct"], f"Correct: {action}.", observation_ok)
+
+
+# ---- street-view rendering (synthetic cities) ----
+# The street is modelled in 3D (X right, Y up, Z forward, camera at X=0 looking along +Z) and projected
+# by a pinhole camera, so road, sidewalks and facades converge to one vanishing point. What the task
+# needs (signs and their side, the cross street) comes from the arguments; `seed` only drives
+# cosmetics (facade colours, heights, window shading), deterministically.
+
+CAM_Y, ROAD_W, WALK_W = 0.45, 0.8, 1.2  # eye height; half-width of the road; |X| of the facade line
+HORIZON = 0.62                         # vanishing point height as a fraction of the view: facades dominate
+NEAR, FAR, BLOCK_D = 0.5, 80.0, 40.0   # street drawn from NEAR to FAR; buildings are BLOCK_D deep
+CROSS = (2.2, 5.2)                     # Z span of the cross street (only when at an intersection)
+LOD_Z = 12.0                           # beyond this single windows are sub-pixel wide: one band per floor
+ZEBRA, BLACK, WHITE = (236, 236, 230), (0, 0, 0), (255, 255, 255)
+
+
+@functools.lru_cache(maxsize=None)
+def _font(n):
+    return ImageFont.load_default(size=n)
+
+
+def _mix(a, b, t):
+    return tuple(round(u + (v - u) * t) for u, v in zip(a, b))
+
+
+def _frange(a, b, step):
+    while a < b:
+        yield a
+        a += step
+
+
+def _camera(S):
+    """Pinhole projection with a 90-degree field of view; the vanishing point sits a bit above centre."""
+    f, cx, cy = S / 2, S / 2, HORIZON * S
+    return lambda X, Y, Z: (cx + f * X / Z, cy - f * (Y - CAM_Y) / Z)
+
+
+def _ground(d, P, S, style, cross):
+    quad = lambda x0, x1, z0, z1: [P(x0, 0, z0), P(x1, 0, z0), P(x1, 0, z1), P(x0, 0, z1)]
+    d.rectangle([0, HORIZON * S, S, S], fill=style["sidewalk"])
+    if cross:  # the cross street runs left-right through the whole view, its own sidewalks at the edges
+        d.polygon(quad(-100, 100, CROSS[0] + 0.4, CROSS[1] - 0.4), fill=style["road"])
+    d.polygon(quad(-ROAD_W, ROAD_W, NEAR, FAR), fill=style["road"])
+    for z in _frange(NEAR, 30, 2.0):  # dashed centre line, interrupted by the crossing
+        if not (cross and CROSS[0] - 0.8 < z + 1 and z < CROSS[1]):
+            d.polygon(quad(-0.04, 0.04, z, z + 1), fill=style["lane"])
+    if cross:  # zebra crossings: one over the main road, one over the cross street on each sidewalk
+        for x in _frange(0.1 - ROAD_W, ROAD_W - 0.2, 0.3):
+            d.polygon(quad(x, x + 0.15, CROSS[0] - 0.8, CROSS[0] - 0.15), fill=ZEBRA)
+        for z in _frange(CROSS[0] + 0.5, CROSS[1] - 0.6, 0.5):
+            for s in (-1, 1):
+                d.polygon(quad(s * (ROAD_W + 0.1), s * (WALK_W - 0.1), z, z + 0.25), fill=ZEBRA)
+
+
+def _blocks(rng, style, cross):
+    """Building segments (z0, z1, height, colour) along one side, far-to-near for painter's order."""
+    out, z = [], NEAR
+    while z < FAR:
+        z1 = nxt = z + rng.uniform(2.5, 6.0) * (1 + z / 15)  # far buildings longer: their detail is lost anyway
+        if cross and z1 > CROSS[0] and z < CROSS[1]:
+            z1, nxt = CROSS[0], CROSS[1]  # the block stops at the cross street and resumes beyond it
+        out.append((z, z1, rng.uniform(2.5, 9.0), rng.choice(style["facades"])))
+        z = nxt
+    return out[::-1]
+
+
+def _rect(y0, y1, za, zb):
+    return [(y0, za), (y1, za), (y1, zb), (y0, zb)]
+
+
+def _arch(y0, y1, za, zb):
+    """Window with a semicircular top, approximated by 6 segments."""
+    r, zc = (zb - za) / 2, (za + zb) / 2
+    return [(y0, za), (y0, zb)] + [(y1 - r + r * math.sin(t), zc + r * math.cos(t))
+                                   for t in (math.pi * i / 6 for i in range(7))]
+
+
+def _marks(pattern, z0, z1, h):
+    """Facade details in (y, z) wall coordinates, each tagged 'win', 'far' (a blurred window row) or 'line'."""
+    if pattern == "glass":  # curtain wall: all glass, thin mullions and floor lines
+        yield _rect(0.1, h - 0.1, z0 + 0.05, z1 - 0.05), "win"
+        if z0 < 2 * LOD_Z:
+            for z in _frange(z0 + 0.6, z1 - 0.3, 0.6):
+                yield [(0.1, z), (h - 0.1, z)], "line"
+        for y in _frange(1.0, h - 0.3, 1.0):
+            yield [(y, z0), (y, z1)], "line"
+        return
+    floors = list(_frange(1.0, h - 0.9, 1.0))
+    if pattern == "brick" and z0 < LOD_Z:  # mortar courses, only where they can be resolved
+        for y in _frange(0.3, h, 0.3):
+            yield [(y, z0), (y, z1)], "line"
+    if pattern == "bands" or z0 > LOD_Z:
+        for y in floors:
+            yield _rect(y + 0.15, y + 0.65, z0 + 0.2, z1 - 0.2), "win" if pattern == "bands" else "far"
+        return
+    step, w, wh = {"grid": (0.9, 0.45, 0.6), "brick": (1.3, 0.35, 0.45), "arches": (1.1, 0.45, 0.7)}[pattern]
+    shape = _arch if pattern == "arches" else _rect
+    for y in floors:
+        for z in _frange(z0 + 0.3, z1 - w - 0.2, step):
+            yield shape(y + 0.15, y + 0.15 + wh, z, z + w), "win"
+
+
+def _building(d, P, s, seg, style, rng):
+    z0, z1, h, col = seg
+    fog = min(0.6, z0 / FAR)  # atmospheric haze: conveys depth and calms the clutter at the vanishing point
+    col, win = _mix(col, style["sky"], fog), _mix(style["window"], style["sky"], fog)
+    X, far_x = s * WALK_W, s * (WALK_W + BLOCK_D)
+    # end wall facing the camera: seen above shorter buildings in front and across the cross street
+    d.polygon([P(X, 0, z0), P(far_x, 0, z0), P(far_x, h, z0), P(X, h, z0)], fill=_mix(col, BLACK, 0.25))
+    d.polygon([P(X, y, z) for y, z in _rect(0, h, z0, z1)], fill=col)
+    dark = _mix(col, BLACK, 0.35)
+    for pts, kind in _marks(style["pattern"], z0, z1, h):
+        xy = [P(X, y, z) for y, z in pts]
+        if kind == "line":
+            d.line(xy, fill=dark)
+        else:  # window jitter: some panes catch more light than others
+            d.polygon(xy, fill=_mix(win, col, 0.5) if kind == "far" else _mix(win, WHITE, 0.3 * rng.random()))
+    d.line([P(X, 0, z0), P(X, h, z0)], fill=dark)  # corner edge separates same-coloured neighbours
+
+
+def _wrap(text, font, maxw, banner):
+    """Banners stack one word per line; other boards use 1 line, or 2 balanced lines if too wide."""
+    words = text.split()
+    if banner:
+        return words
+    if len(words) == 1 or font.getlength(text) <= maxw:
+        return [text]
+    cuts = [(" ".join(words[:i]), " ".join(words[i:])) for i in range(1, len(words))]
+    return list(min(cuts, key=lambda c: max(map(font.getlength, c))))
+
+
+def _sign_layout(S, style, name, x, placed):
+    """A projecting shop sign sticks out from the facade, so it faces the camera as a flat board. Its depth
+    is where the facade line projects to x; its size shrinks with depth, but never below a readable font."""
+    ax = min(max(abs(x), 0.12), 1.0)
+    z = WALK_W / ax  # the facade line X=WALK_W projects to |x| at this depth (focal length S/2)
+    fs = round(max(S / 16, min(S / 10, S * 0.35 / z)))
+    font = _font(fs)
+    lines = _wrap(name, font, 0.42 * S, style["sign_shape"] == "banner")
+    pad, lh = fs * 0.35, fs * 1.2
+    w, h = max(map(font.getlength, lines)) + 2 * pad, len(lines) * lh + 2 * pad
+    cx = S / 2 + (ax if x >= 0 else -ax) * S / 2
+    cy = HORIZON * S - (S / 2) * (2.4 - CAM_Y) / z  # board centre ~2.4 units above the pavement
+    l, t = min(max(cx - w / 2, 2), S - 2 - w), min(max(cy - h / 2, 2), S - 2 - h)
+    for _ in placed:  # slide below (or else above) any nearer board it overlaps, so every name stays readable
+        hit = next((p for p in placed if l < p[2] and p[0] < l + w and t < p[3] and p[1] < t + h), None)
+        if hit is None:
+            break
+        t = hit[3] + 3 if hit[3] + 3 + h <= S - 2 else max(2, hit[1] - 3 - h)
+    return [l, t, l + w, t + h], font, lines, pad, lh
+
+
+def _draw_sign(d, S, style, box, font, lines, pad, lh):
+    l, t, r, b = box
+    edge, lw = _mix(style["sign_bg"], BLACK, 0.5), max(1, S // 112)
+    if style["sign_shape"] == "rounded":
+        d.rounded_rectangle(box, radius=(b - t) / 3, fill=style["sign_bg"], outline=edge, width=lw)
+    else:
+        if style["sign_shape"] == "banner":  # hanging rods make the vertical board read as a banner
+            for bx in ((3 * l + r) / 4, (l + 3 * r) / 4):
+                d.line([bx, t - font.size / 2, bx, t], fill=edge, width=lw)
+        d.rectangle(box, fill=style["sign_bg"], outline=edge, width=lw)
+    for i, line in enumerate(lines):
+        d.text(((l + r) / 2, t + pad + (i + 0.5) * lh), line, font=font, fill=style["sign_fg"], anchor="mm")
+
+
+def render_view(style: dict, signs: list, at_intersection: bool, size: int, seed: int):
+    """One size x size street view; signs are (name, x) with x in [-1, 1], x < 0 on the left facade."""
+    rng = random.Random(seed)
+    img = Image.new("RGB", (size, size), style["sky"])
+    d, P = ImageDraw.Draw(img), _camera(size)
+    _ground(d, P, size, style, at_intersection)
+    for s in (-1, 1):
+        for seg in _blocks(rng, style, at_intersection):
+            _building(d, P, s, seg, style, rng)
+    boards = []
+    for name, x in sorted(signs, key=lambda nx: -abs(nx[1])):  # nearer signs claim their spot first
+        boards.append(_sign_layout(size, style, name, x, [b[0] for b in boards]))
+    for board in reversed(boards):  # painter's order: far boards first
+        _draw_sign(d, size, style, *board)
+    return img
+
+
+def render_grid(views: list, size: int):
+    """Compose 4 views as [front, right / back, left] with separators and a label in each tile."""
+    grid = Image.new("RGB", (2 * size, 2 * size), WHITE)
+    for i, v in enumerate(views):
+        grid.paste(v, ((i % 2) * size, (i // 2) * size))
+    d, lw, font = ImageDraw.Draw(grid), max(1, size // 112), _font(max(9, size // 20))
+    d.rectangle([size - lw, 0, size + lw - 1, 2 * size], fill=WHITE)
+    d.rectangle([0, size - lw, 2 * size, size + lw - 1], fill=WHITE)
+    for i, label in enumerate(("front", "right", "back", "left")):  # bottom-left: ground, signs rarely reach it
+        x, y = (i % 2) * size + lw + 2, (i // 2 + 1) * size - lw - 2
+        tb = d.textbbox((x, y), label, font=font, anchor="ld")
+        d.rectangle([tb[0] - 2, tb[1] - 2, tb[2] + 2, tb[3] + 2], fill=BLACK)
+        d.text((x, y), label, font=font, fill=WHITE, anchor="ld")
+    return grid
+
+
+# ---- vision: the 2x2 grid [front, right / back, left] ----
+# The views face the headings the prompt names: front, right (+90), back (+180), left (+270).
+# (The paper's code cut diagonal views at -135, -45, +45, +135 while promising these four: fixed here.)
+
+VIEW_OFFSETS = (0, 90, 180, 270)  # front, right, back, left: the grid's reading order
+
+
+def signs_in_view(landmarks, view_heading: float) -> list:
+    """[(name, x)] of landmarks inside a 90-degree view; x in [-1, 1) from left edge to right edge.
+    Each bearing falls in exactly one view: [-45, 45) around the view's heading."""
+    out = []
+    for name, b in landmarks:
+        r = wrap180(b - view_heading)
+        if -45 <= r < 45:
+            out.append((name, math.tan(math.radians(r))))
+    return out
+
+
+def synthetic_views(route: Route, pos: Position, size: int) -> list:
+    """Four rendered street views of a synthetic city, in VIEW_OFFSETS order."""
+    style = CITIES[route.city]["style"]
+    spot = f"{route.route_id}:{pos.point[0]:.6f}:{pos.point[1]:.6f}"
+    return [render_view(style, signs_in_view(pos.landmarks, pos.heading + o), pos.at_intersection, size,
+                        _seed(spot, round(pos.heading + o) % 360)) for o in VIEW_OFFSETS]
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain data only (dicts, tuples, lists, numbers, strings): a pickle that names any
+    class or function, the way malicious pickles run code, is refused."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed: the street-view map must hold plain "
+                                     "dicts, tuples, floats and strings only")
+
+
+def load_pano_map(path: str) -> dict:
+    """{(lat, lng): pano_id} from the V-IRL street-view mapping pickle, loaded without running code."""
+    try:
+        with open(path, "rb") as f:
+            data = _DataOnlyUnpickler(io.BytesIO(f.read())).load()
+    except FileNotFoundError:
+        raise ValueError(f"street-view map {path!r} not found") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise ValueError(f"street-view map {path!r} refused: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"street-view map {path!r}: expected a dict {{(lat, lng): pano_id}}, got {type(data).__name__}")
+    try:
+        return {(float(k[0]), float(k[1])): str(v) for k, v in data.items()}
+    except (TypeError, ValueError, IndexError):
+        raise ValueError(f"street-view map {path!r}: keys must be (lat, lng) pairs") from None
+
+
+def perspective_view(pano, rotation: float, heading: float, size: int, fov: float = 90.0):
+    """A size x size pinhole view at `heading` cut from an equirectangular panorama (H, W, 3) array,
+    where compass heading h sits at column fraction ((h + rotation) mod 360) / 360."""
+    import numpy as np
+    h, w = pano.shape[:2]
+    f = (size / 2) / math.tan(math.radians(fov) / 2)
+    u = np.arange(size) - (size - 1) / 2                                   # (S,) pixel offsets from the centre
+    yaw = heading + np.degrees(np.arctan2(u, f))                           # (S,) compass heading per column
+    pitch = np.degrees(np.arctan2(-u[:, None], np.hypot(u[None, :], f)))   # (S, S) rows use the same offsets
+    cols = ((((yaw + rotation) % 360) / 360 * w).astype(int) % w)[None, :]  # (1, S)
+    rows = np.clip(((90 - pitch) / 180 * h).astype(int), 0, h - 1)        # (S, S)
+    return pano[rows, cols]                                                # (S, S, 3)
+
+
+class StreetViews:
+    """Real V-IRL street views: the panorama nearest a point (within 20 m), cut at four headings."""
+
+    def __init__(self, folder: str, map_path: str, max_meters: float = 20.0):
+        if not os.path.isdir(folder):
+            raise ValueError(f"street-view folder {folder!r} not found")
+        self.folder, self.max_meters = folder, max_meters
+        self.map = load_pano_map(map_path)
+        self.keys = list(self.map)
+        self._last = (None, None)
+
+    def pano_at(self, point) -> str:
+        best = min(self.keys, key=lambda k: haversine(k, point), default=None)
+        if best is None or haversine(best, point) > self.max_meters:
+            raise ValueError(f"no street view within {self.max_meters:.0f} m of {point[0]:.6f}, {point[1]:.6f}")
+        return self.map[best]
+
+    def pano(self, pano_id: str):
+        """(H, W, 3) panorama and its rotation; the last one is kept, as consecutive positions often share it."""
+        import numpy as np
+        if self._last[0] != pano_id:
+            image, meta = os.path.join(self.folder, pano_id + ".jpg"), os.path.join(self.folder, pano_id + ".metadata.json")
+            try:
+                with open(meta) as f:
+                    rotation = float(json.load(f)["rotation"])
+                self._last = (pano_id, (np.asarray(Image.open(image).convert("RGB")), rotation))
+            except (OSError, KeyError, ValueError, TypeError) as e:
+                raise ValueError(f"street view {pano_id}: cannot read {image} or its rotation in {meta}: {e}") from None
+        return self._last[1]
+
+    def views(self, pos: Position, size: int) -> list:
+        pano, rotation = self.pano(self.pano_at(pos.point))
+        return [Image.fromarray(perspective_view(pano, rotation, pos.heading + o, size)) for o in VIEW_OFFSETS]
+
+
+# ---- environment ----
+
+ACTION_SPACE = {True: "north, northeast, east, southeast, south, southwest, west, northwest",
+                False: "left, right, slightly left, slightly right"}
+
+
+def prompt_text(steps: list, history: list, current: str, absolute: bool, vision: bool) -> str:
+    """The full prompt at one position: task, numbered instructions, action space, O/A history."""
+    lines = [f"O_{i + 1}: {o}\nA_{i + 1}: {a}" for i, (o, a) in enumerate(history)]
+    lines.append(f"O_{len(history) + 1}: {current}")
+    view = ("[Observation format]\nYou observe a 2x2 grid of street views with these headings:\n"
+            "[front, right\n back, left]\nCheck whether a landmark named in the instructions is in sight.\n\n"
+            if vision else "")
+    return (
+        "[Task]\nYou are an expert navigator. Follow the route instructions below, one position at a time. "
+        "At each position, say what you observe, which instruction you are carrying out, and the action "
+        "to take next.\n\n"
+        "[Instructions]\n" + "\n".join(f"{i + 1}. {s}" for i, s in enumerate(steps)) + "\n\n" + view +
+        "[Action space]\n"
+        '"forward()": move forward to the next position;\n'
+        f'"turn_direction(x)": turn to face x, one of {ACTION_SPACE[absolute]};\n'
+        '"stop()": stop, you have reached the destination.\n\n'
+        "[Observations and actions so far]\n" + "\n".join(lines) + "\n\n"
+        "[Output]\nAnswer with one JSON object and nothing else:\n"
+        '{"current observation": "what you observe now", "current instruction": "the instruction you are '
+        'carrying out", "action": "one action from the action space"}'
+    )
+
+
+def retry_text(feedback: str) -> str:
+    return feedback + " Try again, answering with one JSON object in the same format."
+
+
+class NavigationEnv:
+    """One walker on V-IRL routes. reset() picks a route and returns the prompt at its first
+    position; step(answer) verifies one attempt. A correct answer (or running out of attempts)
+    moves to the next position: a new prompt (continues=False). After done, call reset().
+
+    >>> env = NavigationEnv(VirlConfig(n_routes=5), seed=0)
+    >>> obs = env.reset()
+    >>> done = False
+    >>> while not done:
+    ...     obs, reward, done, info = env.step(env.expert_response())
+    >>> info["success"]
+    True
+    """
+
+    def __init__(self, config: Optional[VirlConfig] = None, seed: int = 0):
+        self.config = config or VirlConfig()
+        self.routes = routes_for(self.config)
+        self.rng = random.Random(seed)
+        self.streetviews = None
+        if self.config.vision and any(r.city is None for r in self.routes):
+            if not (self.config.streetview_dir and self.config.streetview_map):
+                raise ValueError("vision on real V-IRL routes needs their street views: set streetview_dir "
+                                 "(the {pano_id}.jpg folder) and streetview_map (the (lat, lng) -> pano_id pickle)")
+            self.streetviews = StreetViews(self.config.streetview_dir, self.config.streetview_map)
+        self.route, self.rail, self.steps, self.history = None, [], [], []
+        self.index = self.attempt = 0
+        self.route_ok, self.done = True, True
+
+    @property
+    def position(self) -> Position:
+        return self.rail[self.index]
+
+    def reset(self, seed: Optional[int] = None, route: Optional[int] = None) -> Observation:
+        """Start a route: `route` picks one by index (evaluation), else one is drawn from the seeded RNG."""
+        if seed is not None:
+            self.rng = random.Random(seed)
+        if route is not None and not 0 <= route < len(self.routes):
+            raise ValueError(f"route index {route} out of range: {len(self.routes)} routes loaded")
+        self.route = self.routes[self.rng.randrange(len(self.routes)) if route is None else route]
+        start_heading = self.route.init_heading or self.rng.randrange(360)
+        self.steps = instructions(self.route, start_heading)
+        self.rail = build_rail(self.route, self.config.forward_steps, self.config.drop_rate, self.rng, start_heading)
+        self.history, self.index, self.attempt, self.route_ok, self.done = [], 0, 0, True, False
+        return self._observation()
+
+    def _observed(self, pos: Position) -> str:
+        return "You observe an image of 4 views" if self.config.vision else observation_text(pos)
+
+    def views(self, pos: Position) -> list:
+        """The four street views (front, right, back, left) at a position."""
+        if self.streetviews is not None:
+            return self.streetviews.views(pos, self.config.view_size)
+        return synthetic_views(self.route, pos, self.config.view_size)
+
+    def _observation(self) -> Observation:
+        pos = self.position
+        text = prompt_text(self.steps, self.history, self._observed(pos), self.config.absolute_actions, self.config.vision)
+        image = render_grid(self.views(pos), self.config.view_size) if self.config.vision else None
+        return Observation(text, image, continues=False)
+
+    def step(self, response) -> tuple:
+        if self.done:
+            raise RuntimeError("NavigationEnv.step called on a finished route: call reset() first")
+        pos, absolute = self.position, self.config.absolute_actions
+        verdict = verify(response, pos, absolute)
+        self.attempt += 1
+        correct = verdict.outcome == "correct"
+        info = {"outcome": verdict.outcome, "feedback": verdict.feedback, "attempt": self.attempt,
+                "position": self.index, "positions": len(self.rail), "route_id": self.route.route_id,
+                "recognized": verdict.observation_ok if self.config.vision else None}
+        if correct or self.attempt >= self.config.verify_iter:  # move on along the rail either way
+            self.route_ok = self.route_ok and correct
+            self.history.append((self._observed(pos), expected_action(pos, absolute)))
+            self.index, self.attempt = self.index + 1, 0
+            self.done = self.index >= len(self.rail)
+            obs = Observation(verdict.feedback, None, False) if self.done else self._observation()
+        else:
+            obs = Observation(retry_text(verdict.feedback), None, continues=True)
+        info["success"] = self.done and self.route_ok
+        return obs, verdict.reward, self.done, info
+
+    def expert_response(self) -> str:
+        """The correct answer at the current position."""
+        pos = self.position
+        return json.dumps({"current observation": observation_text(pos),
+                           "current instruction": self.steps[pos.instruction - 1],
+                           "action": expected_action(pos, self.config.absolute_actions)})
+
+
+# ---- demo ----
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="V-IRL: sample prompt, sample street-view grids, expert play.")
+    p.add_argument("--routes", default="synthetic:nyc", help='"synthetic:<city>", "mini" or a V-IRL route file')
+    p.add_argument("--n-routes", type=int, default=1000, help="routes to draw for synthetic:<city>")
+    p.add_argument("--relative", action="store_true", help="OOD rule: left/right/slightly actions")
+    p.add_argument("--episodes", type=int, default=500, help="expert routes to play")
+    p.add_argument("--seed", type=int, default=0, help="route-drawing seed")
+    p.add_argument("--out-dir", default=".", help="where to write the sample grids")
+    p.add_argument("--ood-city", default="tokyo", choices=OOD_CITIES, help="the OOD city of the second sample grid")
+    p.add_argument("--export", metavar="PATH", help="write the routes to a V-IRL route file and exit")
+    args = p.parse_args(argv)
+    try:
+        cfg = VirlConfig(routes=args.routes, n_routes=args.n_routes, absolute_actions=not args.relative)
+        if args.export:
+            spec = cfg.routes
+            raw = (mini_benchmark() if spec == "mini" else
+                   generate_routes(spec.split(":", 1)[1], cfg.n_routes, cfg.route_seed) if spec.startswith("synthetic:")
+                   else load_routes(spec))
+            write_routes(args.export, raw)
+            print(f"wrote {len(raw)} routes to {args.export}")
+            return 0
+        env = NavigationEnv(cfg, seed=args.seed)
+        print("---- V-IRL-L prompt ----")
+        print(env.reset().text)
+        print("---- expert answer ----")
+        print(env.expert_response())
+        os.makedirs(args.out_dir, exist_ok=True)
+        for city in (ID_CITY, args.ood_city):
+            vl = NavigationEnv(VirlConfig(routes=f"synthetic:{city}", n_routes=1, vision=True), seed=args.seed)
+            vl.reset()
+            while vl.position.action != "turn" or not vl.position.at_intersection or not vl.position.landmarks:
+                if vl.step(vl.expert_response())[2]:  # no landmark intersection on this route: show the start
+                    vl.reset()
+                    break
+            path = os.path.join(args.out_dir, f"virl_vl_{city}.png")
+            render_grid(vl.views(vl.position), vl.config.view_size).save(path)
+            print(f"---- V-IRL-VL grid in {city} ({observation_text(vl.position)}) written to {path} ----")
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    wins, steps, secs = play_expert(env, args.episodes)
+    print(f"expert: {wins}/{args.episodes} routes completed ({100 * wins / max(1, args.episodes):.1f}%), "
+          f"{steps} positions, {secs:.2f} s")
+    return 0 if wins == args.episodes else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

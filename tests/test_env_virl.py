@@ -1,0 +1,451 @@
+"""V-IRL: geometry, synthetic world, route files, rail, verifier, episodes, rendering, real street views."""
+import doctest
+import hashlib
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import env_virl as V
+from env_virl import NavigationEnv, VirlConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def play_expert(env, route=None):
+    env.reset(route=route)
+    done, steps = False, 0
+    while not done:
+        _, reward, done, info = env.step(env.expert_response())
+        assert reward == 1.0 and info["outcome"] == "correct"
+        steps += 1
+    return info, steps
+
+
+# ---- geometry ----
+
+def test_haversine_and_bearing_hand_cases():
+    assert V.haversine((0, 0), (1, 0)) == pytest.approx(111_195, rel=1e-4)  # one degree of latitude
+    assert V.haversine((0, 0), (0, 1)) == pytest.approx(111_195, rel=1e-4)  # one degree of longitude at the equator
+    assert V.haversine((60, 0), (60, 1)) == pytest.approx(55_597, rel=2e-3)  # cos 60 = 1/2
+    for b, target in [(0, (1, 0)), (90, (0, 1)), (180, (-1, 0)), (270, (0, -1)), (45, (0.001, 0.001))]:
+        assert V.bearing((0, 0), target) == pytest.approx(b, abs=1e-3)
+    p = V.offset((40.75, -73.98), 29, 150.0)
+    assert V.haversine((40.75, -73.98), p) == pytest.approx(150, rel=2e-3)
+    assert V.bearing((40.75, -73.98), p) == pytest.approx(29, abs=0.2)
+
+
+@pytest.mark.parametrize("heading,name", [(0, "north"), (22.4, "north"), (22.5, "northeast"), (67.4, "northeast"),
+                                          (90, "east"), (180, "south"), (270, "west"), (337.5, "north"),
+                                          (337.4, "northwest"), (359.9, "north"), (-45, "northwest")])
+def test_direction_names(heading, name):
+    assert V.direction_name(heading) == name
+
+
+@pytest.mark.parametrize("frm,to,turn", [
+    (0, 90, "right"), (0, 46, "right"), (0, 45, "slightly right"), (0, 1, "slightly right"), (0, 0, "slightly right"),
+    (0, -1, "slightly left"), (0, 315, "slightly left"), (0, 314, "left"), (0, 270, "left"), (0, 180, "left"),
+    (350, 10, "slightly right"),   # wrapped: +20 (the paper's unwrapped -340 said "left")
+    (10, 350, "slightly left"), (350, 80, "right"), (80, 350, "left"), (300, 29, "right"), (29, 299, "left"),
+])
+def test_turn_names_at_the_45_degree_boundaries_and_across_north(frm, to, turn):
+    assert V.turn_name(frm, to) == turn
+
+
+@pytest.mark.parametrize("rel,name", [(0, "front"), (44, "right front"), (90, "right"), (135, "right behind"),
+                                      (180, "behind"), (-135, "left behind"), (270, "left"), (-40, "left front"),
+                                      (22.4, "front"), (22.5, "right front")])
+def test_relation_names(rel, name):
+    assert V.relation_name(rel) == name
+
+
+# ---- synthetic world and route files ----
+
+def test_generated_routes_are_valid_and_reproducible():
+    a, b = V.generate_routes("nyc", 60, seed=3), V.generate_routes("nyc", 60, seed=3)
+    assert json.dumps(a) == json.dumps(b) and json.dumps(a) != json.dumps(V.generate_routes("nyc", 60, seed=4))
+    for raw in a:
+        geocodes = raw["route_results"]["geocode_list"]
+        assert 3 <= len(geocodes) <= 6 and len(raw["milestone_info"]) == len(geocodes)  # 2-5 intersections + dest
+        assert 1 <= raw["init_heading"] < 360
+        route = V.parse_route(raw)
+        here = route.start
+        for point, heading in zip(route.points, route.headings):
+            assert abs(V.wrap180(V.bearing(here, point) - heading)) <= 1.0  # file headings match the geocodes
+            assert 10 < V.haversine(here, point) < 400
+            here = point
+        for k in range(1, len(route.headings)):
+            assert abs(V.wrap180(route.headings[k] - route.headings[k - 1])) == pytest.approx(90, abs=2)
+        assert route.dest_name == raw["dest_place"]["name"] and route.landmarks[-1][0][0] == route.dest_name
+        assert "The destination" in raw["milestone_info"][-1]
+
+
+def test_cities_have_fixed_maps_and_many_names():
+    assert len(V.LANDMARK_NAMES) == len(set(V.LANDMARK_NAMES)) >= 300
+    assert len(V.OOD_CITIES) == 9 and V.ID_CITY not in V.OOD_CITIES
+    m = V.city_map("tokyo")
+    assert m is V.city_map("tokyo") and len(m.nodes) == 144
+    with pytest.raises(ValueError, match="unknown city 'atlantis'"):
+        V.generate_routes("atlantis", 1)
+
+
+def test_mini_benchmark_is_stable():
+    routes = V.mini_benchmark()
+    assert len(routes) == 18
+    assert sorted({r["city"] for r in routes}) == sorted(V.OOD_CITIES)
+    assert all(sum(r["city"] == c for r in routes) == 2 for c in V.OOD_CITIES)
+    digest = hashlib.sha256(json.dumps(routes, sort_keys=True).encode()).hexdigest()
+    assert digest == MINI_SHA256, digest  # changing the generator changes the benchmark: bump this on purpose
+    code = ("import env_virl, hashlib, json; print(hashlib.sha256(json.dumps(env_virl.mini_benchmark(), "
+            "sort_keys=True).encode()).hexdigest())")
+    for hash_seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        assert out.stdout.strip() == MINI_SHA256
+
+
+MINI_SHA256 = "470a246c11af06e85abd49aa4241d599947c94164ba98530a67319716db5527e"
+
+
+def test_route_file_round_trip_and_real_format(tmp_path):
+    path = tmp_path / "routes.json"
+    raws = V.generate_routes("london", 5, seed=1)
+    V.write_routes(str(path), raws)
+    assert json.loads(path.read_text())[1] == 5
+    env_file = NavigationEnv(VirlConfig(routes=str(path)), seed=0)
+    assert [r.headings for r in env_file.routes] == [V.parse_route(r).headings for r in raws]
+    # a real-format route: no city, init_heading 0 (drawn at reset), block text with a trailing comma
+    real = {"start_place": {"relocated_geocode": [40.7, -74.0]}, "init_heading": 0,
+            "dest_place": {"name": "Joe's Pizza"},
+            "route_results": {"geocode_list": [[40.701, -74.0], [40.701, -73.999]]},
+            "milestone_info": "{ \"intersection_idx\": \"1\", \"landmarks\": \"Prince St is on your front\", "
+                              "\"distance\": \"111 meters\", \"human_heading\": \"0\", "
+                              "\"to_next_intersection_heading\": \"0 (north)\", }\n"
+                              "{ \"intersection_idx\": \"2\", \"landmarks\": \"The destination Joe's Pizza is on "
+                              "your right front\", \"distance\": \"84 meters\", \"human_heading\": \"0\", "
+                              "\"to_next_intersection_heading\": \"90 (east)\", }"}
+    route = V.parse_route(real)
+    assert route.city is None and route.init_heading == 0 and route.headings == [0, 90]
+    assert route.landmarks == [[("Prince St", 0)], [("Joe's Pizza", 135)]]
+    V.write_routes(str(path), [real])
+    env = NavigationEnv(VirlConfig(routes=str(path)), seed=0)
+    info, _ = play_expert(env)
+    assert info["success"]
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"route_results": {"geocode_list": [[1, 2]]}, "milestone_info": []}, "start_place.relocated_geocode"),
+    ({"start_place": {"relocated_geocode": [1, 2]}, "milestone_info": []}, "route_results.geocode_list"),
+    ({"start_place": {"relocated_geocode": [1, 2]}, "route_results": {"geocode_list": [[1, 2]]}}, "milestone_info"),
+    ({"start_place": {"relocated_geocode": [1, 2]}, "route_results": {"geocode_list": [[1, 2]]},
+      "milestone_info": []}, "1 geocodes but 0 milestone_info blocks"),
+    ({"start_place": {"relocated_geocode": ["x", 2]}, "route_results": {"geocode_list": [[1, 2]]},
+      "milestone_info": []}, "malformed"),
+])
+def test_bad_routes_name_the_field(bad, match):
+    with pytest.raises(ValueError, match=match):
+        V.parse_route(bad, "f.json: route 7")
+
+
+def test_missing_or_broken_route_file_is_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        NavigationEnv(VirlConfig(routes=str(tmp_path / "nope.json")))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not readable JSON"):
+        NavigationEnv(VirlConfig(routes=str(tmp_path / "bad.json")))
+
+
+# ---- rail, prompts, episodes ----
+
+def test_rail_shape_and_instruction_numbering():
+    env = NavigationEnv(VirlConfig(n_routes=20, drop_rate=0.0, forward_steps=2), seed=0)
+    for i in range(20):
+        env.reset(route=i)
+        route, rail = env.route, env.rail
+        n = len(route.points)
+        assert len(rail) == 2 + 2 * n + 2 * (n - 1) + 1  # start turn+forward, 2 per leg, 2 per intersection, stop
+        assert [p.action for p in rail[:2]] == ["turn", "forward"] and rail[-1].action == "stop"
+        assert len(env.steps) == 2 * n and env.steps[0].startswith("First, turn")
+        assert sum(p.at_intersection for p in rail) == 2 * (n - 1)
+        assert all(rail[k].instruction <= rail[k + 1].instruction for k in range(len(rail) - 1))
+
+
+def test_drop_rate_skips_forward_positions_reproducibly():
+    full = NavigationEnv(VirlConfig(n_routes=5, drop_rate=0.0, forward_steps=3), seed=1)
+    dropped = NavigationEnv(VirlConfig(n_routes=5, drop_rate=0.5, forward_steps=3), seed=1)
+    again = NavigationEnv(VirlConfig(n_routes=5, drop_rate=0.5, forward_steps=3), seed=1)
+    lens = [(full.reset(route=i) and len(full.rail), dropped.reset(route=i) and len(dropped.rail),
+             again.reset(route=i) and len(again.rail)) for i in range(5)]
+    assert all(d <= f for f, d, _ in lens) and sum(f - d for f, d, _ in lens) > 0
+    assert [d for _, d, _ in lens] == [a for _, _, a in lens]
+
+
+@pytest.mark.parametrize("absolute", [True, False])
+def test_expert_completes_500_text_routes(absolute):
+    env = NavigationEnv(VirlConfig(absolute_actions=absolute, n_routes=500), seed=0)
+    for i in range(500):
+        info, steps = play_expert(env, route=i)
+        assert info["success"] and steps == len(env.rail)
+
+
+@pytest.mark.parametrize("absolute", [True, False])
+def test_expert_completes_500_vision_routes(absolute):
+    routes = "synthetic:nyc" if absolute else "mini"
+    env = NavigationEnv(VirlConfig(routes=routes, absolute_actions=absolute, vision=True, n_routes=500,
+                                   view_size=32, forward_steps=1), seed=0)
+    for i in range(500):
+        obs = env.reset(route=i % len(env.routes))
+        assert obs.image.size == (64, 64) and "You observe an image of 4 views" in obs.text
+        done = False
+        while not done:
+            obs, _, done, info = env.step(env.expert_response())
+            assert info["recognized"] is True
+            assert done or obs.image is not None
+        assert info["success"]
+
+
+def test_prompt_holds_instructions_history_and_rule():
+    env = NavigationEnv(VirlConfig(n_routes=3, absolute_actions=False), seed=0)
+    text = env.reset(route=0).text
+    assert "1. First, turn" in text and "O_1: No landmarks nearby" in text and "A_1" not in text
+    assert "left, right, slightly left, slightly right" in text and "northeast" not in text.split("[Action space]")[1]
+    env.step(env.expert_response())
+    text = env._observation().text
+    assert "A_1: turn_direction(" in text and "O_2:" in text
+    abs_env = NavigationEnv(VirlConfig(n_routes=3), seed=0)
+    assert "north, northeast, east" in abs_env.reset(route=0).text
+
+
+def test_sequential_revision_and_route_failure():
+    env = NavigationEnv(VirlConfig(n_routes=3, verify_iter=2), seed=0)
+    env.reset(route=0)
+    obs, reward, done, info = env.step('{"action": "stop()"}')  # the first position needs a turn
+    assert (reward, done, info["outcome"], info["attempt"]) == (-1.0, False, "wrong_action", 1)
+    assert obs.continues and obs.text.startswith("You failed this trial because stop() is not the right action")
+    obs, reward, done, info = env.step("gibberish")
+    assert (reward, info["outcome"], info["position"]) == (-1.0, "invalid_action", 0)
+    assert not obs.continues and env.index == 1  # attempts used up: moved on, the route is failed
+    while not done:
+        _, _, done, info = env.step(env.expert_response())
+    assert done and not info["success"]
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step("forward()")
+
+
+def test_correct_on_second_attempt_still_succeeds():
+    env = NavigationEnv(VirlConfig(n_routes=3, verify_iter=2), seed=0)
+    env.reset(route=1)
+    env.step('{"action": "forward()"}')
+    done = False
+    while not done:
+        _, _, done, info = env.step(env.expert_response())
+    assert info["success"]
+
+
+# ---- verifier ----
+
+def position(at_intersection=False, action="forward", heading=0, turn_to=None):
+    return V.Position((0.0, 0.0), heading, action, 1, turn_to=turn_to, at_intersection=at_intersection)
+
+
+def answer(obs="No landmarks nearby", action="forward()"):
+    return json.dumps({"current observation": obs, "current instruction": "x", "action": action})
+
+
+@pytest.mark.parametrize("pos,text,absolute,outcome", [
+    (position(), answer(), True, "correct"),
+    (position(), answer(action="stop()"), True, "wrong_action"),
+    (position(), answer(obs="You observe an intersection"), True, "wrong_observation"),   # claimed, none there
+    (position(True), answer(), True, "wrong_observation"),                                # missed
+    (position(True), answer(obs="Cafe on your left; You observe an intersection"), True, "correct"),
+    (position(), answer(obs="There is no intersection here"), True, "correct"),
+    (position(action="turn", heading=350, turn_to=10), answer(action="turn_direction(north)"), True, "correct"),
+    (position(action="turn", heading=350, turn_to=10), answer(action="turn_direction(slightly right)"), False, "correct"),
+    (position(action="turn", heading=350, turn_to=10), answer(action="turn_direction(left)"), False, "wrong_action"),
+    (position(action="turn", heading=350, turn_to=10), answer(action="turn_direction(north)"), False, "invalid_action"),
+    (position(action="turn", heading=0, turn_to=90), answer(action="turn_direction(right)"), True, "invalid_action"),
+    (position(action="turn", heading=0, turn_to=90), answer(action="Turn_Direction('East')"), True, "correct"),
+    (position(action="turn", heading=0, turn_to=315), answer(action='turn_direction("slightly_left")'), False, "correct"),
+    (position(action="turn", heading=0, turn_to=45), answer(action="turn_direction(north east)"), True, "correct"),
+    (position(action="stop"), answer(action="stop"), True, "correct"),
+    (position(), answer(action="walk ahead"), True, "invalid_action"),
+    (position(), '{"current observation": "No landmarks nearby"}', True, "invalid_action"),
+    (position(), "", True, "invalid_action"),
+    (position(), "current observation: No landmarks nearby, action: forward()", True, "correct"),
+    (position(), "```json\n" + answer() + "\n```", True, "correct"),
+])
+def test_verifier_outcomes(pos, text, absolute, outcome):
+    v = V.verify(text, pos, absolute)
+    assert v.outcome == outcome, v.feedback
+    assert v.reward == V.REWARDS[outcome]
+
+
+ADVERSARIAL = ["", "{", "{" * 10_000, '{"action": ' * 2000, '{"action": null}', '{"action": ["forward()"]}',
+               '{"action": {"x": 1}}', '{"action": 7}', "turn_direction(" * 5000, "\x00\ufffd" * 100,
+               "a" * 1_000_000, '{"current observation": "' + "intersection " * 10_000 + '"}',
+               "turn_direction(" + "x" * 100_000 + ")", "forward" * 1000]
+
+
+@pytest.mark.parametrize("absolute", [True, False])
+def test_bad_strings_never_raise(absolute):
+    for pos in (position(), position(True, "turn", 0, 90)):
+        for text in ADVERSARIAL + [t.encode() for t in ADVERSARIAL[:4]]:
+            v = V.verify(text, pos, absolute)
+            assert v.outcome in V.REWARDS and v.feedback
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(), st.text(alphabet="forwadstopun_ict()\"'{}:, intersection"),
+                 st.builds(answer, st.text(), st.text())))
+def test_any_string_yields_one_outcome(text):
+    for absolute in (True, False):
+        v = V.verify(text, position(True, "turn", 10, 350), absolute)
+        assert v.outcome in V.REWARDS and v.reward == V.REWARDS[v.outcome]
+
+
+# ---- rendering ----
+
+def test_signs_fall_in_exactly_one_view():
+    for b in range(0, 360, 5):
+        hits = [V.signs_in_view([("A", b)], 0 + o) for o in V.VIEW_OFFSETS]
+        assert sum(len(h) for h in hits) == 1
+    assert V.signs_in_view([("A", 90)], 90) == [("A", 0.0)]
+    (name, x), = V.signs_in_view([("A", 30)], 0)
+    assert x == pytest.approx(math.tan(math.radians(30)))
+
+
+def test_rendering_is_deterministic_and_cities_differ():
+    def grid(city, n=3):
+        env = NavigationEnv(VirlConfig(routes=f"synthetic:{city}", n_routes=n, vision=True, view_size=96), seed=0)
+        return env.reset(route=1).image
+    a, b, c = grid("nyc"), grid("nyc"), grid("tokyo")
+    assert a.size == (192, 192) and a.tobytes() == b.tobytes()
+    assert np.abs(np.asarray(a, dtype=int) - np.asarray(c, dtype=int)).mean() > 10
+    style = V.CITIES["paris"]["style"]
+    plain = V.render_view(style, [], False, 96, 1)
+    cross = V.render_view(style, [], True, 96, 1)
+    signed = V.render_view(style, [("Maple Cafe", 0.5)], False, 96, 1)
+    assert plain.tobytes() != cross.tobytes() and plain.tobytes() != signed.tobytes()
+    # the sign lands on the right half of the view
+    diff = np.abs(np.asarray(signed, dtype=int) - np.asarray(plain, dtype=int)).sum(axis=(0, 2))
+    assert diff[48:].sum() > 5 * diff[:48].sum()
+
+
+# ---- real street views ----
+
+def compass_panorama(width=720, height=360):
+    """A panorama whose column c shows compass heading (c / width * 360 - rotation) as its red channel."""
+    pano = np.zeros((height, width, 3), dtype=np.uint8)
+    pano[..., 0] = (np.arange(width) * 256 // width)[None, :]
+    pano[..., 1] = (np.arange(height) * 256 // height)[:, None]
+    return pano
+
+
+@pytest.mark.parametrize("heading,rotation", [(0, 0), (90, 0), (200, 30), (350, 45)])
+def test_perspective_view_faces_the_asked_heading(heading, rotation):
+    pano = compass_panorama()
+    view = V.perspective_view(pano, rotation, heading, 65)
+    centre = view[32, 32]
+    expected_col = int(((heading + rotation) % 360) / 360 * 720)
+    assert abs(int(centre[0]) - int(expected_col * 256 // 720)) <= 1
+    assert abs(int(centre[1]) - 128) <= 2  # horizon row in the middle
+    assert view[0, 32, 1] < centre[1] < view[64, 32, 1]  # up is up
+    left, right = int(view[32, 0, 0]), int(view[32, 64, 0])
+    assert (right - left) % 256 == pytest.approx(64, abs=3)  # 90 degrees of 360 across the view
+
+
+def make_streetview_folder(tmp_path, route):
+    from PIL import Image
+    folder = tmp_path / "views"
+    folder.mkdir()
+    mapping = {}
+    env = NavigationEnv(VirlConfig(routes=str(route)), seed=0)
+    env.reset(route=0)
+    for k, pos in enumerate(env.rail):
+        pano_id = f"pano{k}"
+        key = (round(pos.point[0], 6) + 0.00005, round(pos.point[1], 6))  # ~5.6 m away
+        mapping[key] = pano_id
+        Image.fromarray(compass_panorama()).save(folder / f"{pano_id}.jpg")
+        (folder / f"{pano_id}.metadata.json").write_text(json.dumps({"rotation": 10.0}))
+    with open(tmp_path / "map.pkl", "wb") as f:
+        pickle.dump(mapping, f)
+    return folder
+
+
+def test_real_routes_with_street_views(tmp_path):
+    route = tmp_path / "routes.json"
+    raw = V.generate_routes("nyc", 1, seed=0)
+    for r in raw:
+        r.pop("city")  # a real route: nothing to render, panoramas needed
+    V.write_routes(str(route), raw)
+    with pytest.raises(ValueError, match="streetview_dir"):
+        NavigationEnv(VirlConfig(routes=str(route), vision=True))
+    folder = make_streetview_folder(tmp_path, route)
+    env = NavigationEnv(VirlConfig(routes=str(route), vision=True, view_size=48, streetview_dir=str(folder),
+                                   streetview_map=str(tmp_path / "map.pkl")), seed=0)
+    obs = env.reset(route=0)
+    assert obs.image.size == (96, 96)
+    front = np.asarray(obs.image)[24, 24]  # the front view's centre pixel
+    expected = int(((env.position.heading + 10) % 360) / 360 * 256)
+    assert abs(int(front[0]) - expected) <= 4  # jpeg-tolerant
+    env.streetviews.max_meters = 1.0
+    with pytest.raises(ValueError, match="no street view within 1 m"):
+        env.streetviews.pano_at(env.position.point)
+
+
+def test_pano_map_refuses_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({(1.0, 2.0): Evil()}))
+    with pytest.raises(ValueError, match="not allowed"):
+        V.load_pano_map(str(path))
+    assert not (tmp_path / "pwned").exists()
+    path.write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(ValueError, match="expected a dict"):
+        V.load_pano_map(str(path))
+    path.write_bytes(pickle.dumps({(40.0, -73.0): "abc"}))
+    assert V.load_pano_map(str(path)) == {(40.0, -73.0): "abc"}
+
+
+# ---- config, CLI, doctests ----
+
+@pytest.mark.parametrize("kwargs,match", [({"verify_iter": 0}, "verify_iter=0"), ({"drop_rate": 1.0}, "drop_rate=1.0"),
+                                          ({"forward_steps": -1}, "forward_steps=-1"), ({"view_size": 8}, "view_size=8")])
+def test_bad_config_is_one_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        VirlConfig(**kwargs)
+
+
+def test_reset_route_index_checked():
+    env = NavigationEnv(VirlConfig(n_routes=3))
+    with pytest.raises(ValueError, match="route index 3 out of range: 3 routes"):
+        env.reset(route=3)
+
+
+def test_cli_prints_prompt_writes_grids_and_plays_expert(tmp_path):
+    out = subprocess.run([sys.executable, "env_virl.py", "--episodes", "50", "--out-dir", str(tmp_path), "--relative"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "[Instructions]" in out.stdout and "50/50 routes completed (100.0%)" in out.stdout
+    from PIL import Image
+    assert Image.open(tmp_path / "virl_vl_nyc.png").size == (448, 448)
+    assert (tmp_path / "virl_vl_tokyo.png").exists()
+    export = tmp_path / "mini.json"
+    out = subprocess.run([sys.executable, "env_virl.py", "--routes", "mini", "--export", str(export)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and json.loads(export.read_text())[1] == 18
+    bad = subprocess.run([sys.executable, "env_virl.py", "--routes", "synthetic:atlantis"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "atlantis" in bad.stderr
+
+
+def test_doctests():
+    assert doctest.testmod(V).failed == 0
