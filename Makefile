@@ -24,7 +24,8 @@ test: install
 
 demo: install
 	$(BIN)/python env_points.py --episodes 1000
-	@echo "make demo: SFT -> PPO -> evaluation is not yet built (issues 4-7); shown above: the GeneralPoints environment."
+	$(BIN)/python env_virl.py --episodes 500
+	@echo "make demo: SFT -> PPO -> evaluation is not yet built (issues 4-7); shown above: the two environments."
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
