@@ -913,9 +913,10 @@ class NavigationEnv:
     True
     """
 
-    def __init__(self, config: Optional[VirlConfig] = None, seed: int = 0):
+    def __init__(self, config: Optional[VirlConfig] = None, seed: int = 0, routes: Optional[list] = None):
+        """`routes`: the parsed routes of `config`, when another env already has them (saves re-parsing)."""
         self.config = config or VirlConfig()
-        self.routes = routes_for(self.config)
+        self.routes = routes if routes is not None else routes_for(self.config)
         self.rng = random.Random(seed)
         self.streetviews = None
         if self.config.vision and any(r.city is None for r in self.routes):

@@ -1,0 +1,304 @@
+"""The paper's evaluation: checkpoints x {ID, OOD rule, OOD visual} -> metrics, GFLOPs, JSON, table, plots.
+
+For each checkpoint and setting of a task, a fixed, seeded set of episodes is played with sequential
+revision (GP: 234 hands per setting, as in the paper; V-IRL: a fixed set of held-out routes of the
+training city, and the 18-route mini benchmark for OOD visuals). The same seed gives the same
+episodes to every checkpoint, so curves compare like with like.
+
+    python evaluate.py --model smollm2-135m --task gp-l                  # a model name
+    python evaluate.py --model runs/sft-gp-l,runs/ppo-gp-l --task gp-l   # every checkpoint of two runs
+    torchrun --nproc_per_node 8 evaluate.py --model runs/ppo-gp-vl --task gp-vl   # episodes split over ranks
+
+Writes, per run, <run>/eval_<task>.json (every metric of every checkpoint and setting) and
+<run>/eval_<task>_answers.jsonl (every answer with its verifier outcome); and into --out the
+markdown table and the plots: fig5_<task>.png (success vs training GFLOPs, ID and OOD, one line per
+run: the paper's Figure 5) and fig6_<task>.png (OOD change from each run's first checkpoint: Figure 6).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+import model as M
+from cli import fail, parse_config
+from rollout import SETTINGS, TASKS, VIRL_EVAL_SEED, check_task, make_envs, rollout
+
+SETTING_NAMES = {"id": "ID", "ood_rule": "OOD rule", "ood_visual": "OOD visual"}
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate checkpoints on a task's ID and OOD settings."""
+    model: str = field(default="smollm2-135m", metadata={"doc": "model name, checkpoint folder or run folder; several separated by commas"})
+    task: str = field(default="gp-l", metadata={"doc": "gp-l, gp-vl, virl-l or virl-vl"})
+    settings: str = field(default="all", metadata={"doc": "comma-separated subset of id, ood_rule, ood_visual, or all"})
+    episodes: int = field(default=234, metadata={"doc": "GeneralPoints hands per setting (the paper: 234)"})
+    virl_routes: int = field(default=48, metadata={"doc": "V-IRL held-out routes for id and ood_rule (ood_visual: the 18-route mini benchmark)"})
+    batch_size: int = field(default=64, metadata={"doc": "episodes played at once (per rank)"})
+    max_new_tokens: int = field(default=128, metadata={"doc": "longest answer"})
+    temperature: float = field(default=0.2, metadata={"doc": "sampling temperature (the paper's 0.2)"})
+    top_p: float = field(default=1.0, metadata={"doc": "nucleus sampling mass"})
+    verify_iter: int = field(default=0, metadata={"doc": "attempts per episode / position; 0: the task's (GP 5, V-IRL 2)"})
+    seed: int = field(default=0, metadata={"doc": "episode seed: the same for every checkpoint"})
+    out: str = field(default="runs/eval", metadata={"doc": "folder for the table and plots"})
+    plots: bool = field(default=True, metadata={"doc": "draw the PNG plots (needs matplotlib)"})
+    device: str = field(default="", metadata={"doc": "cuda, cpu, ...; empty: the GPU when there is one"})
+
+    def __post_init__(self):
+        check_task(self.task)
+        wanted = SETTINGS[self.task] if self.settings == "all" else tuple(s.strip() for s in self.settings.split(","))
+        for s in wanted:
+            check_task(self.task, s)
+        self.settings = ",".join(wanted)
+        for name in ("episodes", "virl_routes", "batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: expected a positive integer")
+
+
+# ---- checkpoints ----
+
+def read_trainer_state(folder: str) -> dict:
+    path = os.path.join(folder, "trainer_state.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def find_runs(spec: str) -> list:
+    """[(run name, run folder, [checkpoint paths by training compute])] from the --model list."""
+    runs = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        if item in M.BUILTIN_NAMES:
+            runs.append((item, os.path.join("runs", item), [item]))
+        elif os.path.exists(os.path.join(item, "config.json")):
+            runs.append((os.path.basename(os.path.dirname(os.path.abspath(item))), os.path.dirname(os.path.abspath(item)), [item]))
+        elif os.path.isdir(item):
+            ckpts = [os.path.join(item, d) for d in os.listdir(item) if os.path.exists(os.path.join(item, d, "config.json"))]
+            if not ckpts:
+                raise ValueError(f"run folder {item!r} holds no checkpoints (subfolders with a config.json)")
+            ckpts.sort(key=lambda c: (read_trainer_state(c).get("gflops", 0.0), read_trainer_state(c).get("step", 0), c))
+            runs.append((os.path.basename(os.path.abspath(item)), item, ckpts))
+        else:
+            M.resolve(item)  # raises the one-line error that lists what is accepted
+    return runs
+
+
+# ---- metrics ----
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple:
+    """95% Wilson score interval of a binomial proportion (sensible at 0% and 100%, unlike p +- 1.96 se)."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def summarize(episodes: list, task: str) -> dict:
+    """Metrics of one checkpoint in one setting. Success: the episode was solved (GP) or the route
+    completed (V-IRL) within its attempts; per-step accuracy (V-IRL, the paper's headline): correct
+    attempts over all attempts; recognition (VL): attempts whose cards / intersection were right."""
+    n = len(episodes)
+    wins = sum(e.success for e in episodes)
+    p = wins / n if n else 0.0
+    outcomes = Counter(o for e in episodes for o in e.outcomes)
+    attempts = sum(outcomes.values())
+    recognized = [r for e in episodes for r in e.recognized if r is not None]
+    out = {"episodes": n, "success": p, "success_se": math.sqrt(p * (1 - p) / n) if n else 0.0,
+           "success_ci95": list(wilson(wins, n)), "mean_attempts": attempts / n if n else 0.0,
+           "mean_reward": sum(e.total_reward for e in episodes) / n if n else 0.0,
+           "outcomes": dict(sorted(outcomes.items()))}
+    if task.startswith("virl"):
+        out["per_step_accuracy"] = outcomes.get("correct", 0) / attempts if attempts else 0.0
+    if task.endswith("-vl"):
+        out["recognition_accuracy"] = sum(recognized) / len(recognized) if recognized else 0.0
+    return out
+
+
+# ---- playing one setting ----
+
+def episode_reset(task: str, seed: int, setting: str, ranks_episodes: list):
+    """reset(env, j) for rollout: local episode j is global episode ranks_episodes[j], whose hand or
+    route and RNG depend only on (seed, setting, global index)."""
+    salt = {"id": 0, "ood_rule": 1, "ood_visual": 2}[setting]
+
+    def reset(env, j):
+        k = ranks_episodes[j]
+        episode_seed = seed * 1_000_003 + salt * 100_003 + k
+        if task.startswith("virl"):
+            return env.reset(seed=episode_seed, route=k % len(env.routes))
+        return env.reset(seed=episode_seed)
+    return reset
+
+
+def n_episodes(cfg: EvalConfig, setting: str) -> int:
+    if cfg.task.startswith("gp"):
+        return cfg.episodes
+    return 18 if setting == "ood_visual" else cfg.virl_routes
+
+
+def play_setting(policy, cfg: EvalConfig, setting: str, rank: int, world: int) -> list:
+    """This rank's share of a setting's episodes, as (global index, Episode) pairs."""
+    total = n_episodes(cfg, setting)
+    mine = list(range(rank, total, world))
+    if not mine:
+        return []
+    overrides = {"verify_iter": cfg.verify_iter} if cfg.verify_iter else {}
+    if cfg.task.startswith("virl") and setting != "ood_visual":
+        overrides.update(n_routes=cfg.virl_routes, route_seed=VIRL_EVAL_SEED)
+    envs = make_envs(cfg.task, setting, min(cfg.batch_size, len(mine)), seed=cfg.seed, **overrides)
+    torch.manual_seed(cfg.seed)  # the same sampling noise for every checkpoint
+    result = rollout(policy, envs, n_episodes=len(mine), reset=episode_reset(cfg.task, cfg.seed, setting, mine),
+                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                     progress=rank == 0, desc=f"{cfg.task} {setting}")
+    return [(mine[e.id], e) for e in result.episodes]
+
+
+# ---- outputs ----
+
+def markdown_table(results: list, settings: list) -> str:
+    head = "| run | checkpoint | GFLOPs | " + " | ".join(SETTING_NAMES[s] for s in settings) + " |"
+    rows = [head, "|" + "---|" * (3 + len(settings))]
+    for run in results:
+        for ck in run["checkpoints"]:
+            cells = []
+            for s in settings:
+                m = ck["settings"][s]
+                lo, hi = m["success_ci95"]
+                cells.append(f"{100 * m['success']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]")
+            rows.append(f"| {run['run']} | {os.path.basename(ck['path'].rstrip('/'))} | {ck['gflops']:.3g} | "
+                        + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def draw_plots(results: list, settings: list, task: str, out: str) -> list:
+    """fig5: success vs GFLOPs per setting, one line per run; fig6: OOD change from each run's first checkpoint."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: pip install matplotlib to draw them")
+        return []
+    os.makedirs(out, exist_ok=True)
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.5 * len(settings), 3.6), squeeze=False)
+    for ax, s in zip(axes[0], settings):
+        for run in results:
+            xs = [ck["gflops"] for ck in run["checkpoints"]]
+            ys = [100 * ck["settings"][s]["success"] for ck in run["checkpoints"]]
+            es = [100 * ck["settings"][s]["success_se"] for ck in run["checkpoints"]]
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=run["run"])
+        ax.set_title(f"{task} {SETTING_NAMES[s]}")
+        ax.set_xlabel("training GFLOPs")
+        ax.set_ylabel("success (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig5 = os.path.join(out, f"fig5_{task}.png")
+    fig.savefig(fig5, dpi=110)
+    plt.close(fig)
+
+    ood = [s for s in settings if s != "id"] or settings
+    fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(results) * len(ood), 3.6))
+    labels, deltas = [], []
+    for run in results:
+        first, last = run["checkpoints"][0], run["checkpoints"][-1]
+        for s in ood:
+            labels.append(f"{run['run']}\n{SETTING_NAMES[s]}")
+            deltas.append(100 * (last["settings"][s]["success"] - first["settings"][s]["success"]))
+    ax.bar(range(len(deltas)), deltas, color=["tab:green" if d >= 0 else "tab:red" for d in deltas])
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(deltas)), labels, fontsize=8)
+    ax.set_ylabel("OOD success change (points)")
+    ax.set_title(f"{task}: last vs first checkpoint")
+    fig.tight_layout()
+    fig6 = os.path.join(out, f"fig6_{task}.png")
+    fig.savefig(fig6, dpi=110)
+    plt.close(fig)
+    return [fig5, fig6]
+
+
+# ---- main ----
+
+def init_distributed():
+    """torchrun sets WORLD_SIZE: join the group (NCCL on GPUs, gloo on CPU); plain python: one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, None
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = f"cuda:{local}" if backend == "nccl" else "cpu"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def evaluate(cfg: EvalConfig) -> list:
+    rank, world, dist_device = init_distributed()
+    settings = cfg.settings.split(",")
+    runs = find_runs(cfg.model)
+    results = []
+    for run_name, run_dir, ckpts in runs:
+        run = {"run": run_name, "task": cfg.task, "config": asdict(cfg), "checkpoints": []}
+        answers = []
+        for ckpt in ckpts:
+            state = read_trainer_state(ckpt) if os.path.isdir(ckpt) else {}
+            policy = M.load_policy(ckpt, device=cfg.device or dist_device, temperature=cfg.temperature)
+            entry = {"path": ckpt, "step": state.get("step", 0), "gflops": float(state.get("gflops", 0.0)),
+                     "settings": {}}
+            for s in settings:
+                start = time.perf_counter()
+                played = play_setting(policy, cfg, s, rank, world)
+                if world > 1:
+                    gathered = [None] * world
+                    torch.distributed.all_gather_object(gathered, played)
+                    played = [x for part in gathered for x in part]
+                played.sort(key=lambda kv: kv[0])
+                episodes = [e for _, e in played]
+                entry["settings"][s] = summarize(episodes, cfg.task)
+                entry["settings"][s]["seconds"] = round(time.perf_counter() - start, 2)
+                for k, e in played:
+                    for a, ans in enumerate(e.answers):
+                        answers.append({"checkpoint": ckpt, "setting": s, "episode": k, "attempt": a + 1, **ans})
+            run["checkpoints"].append(entry)
+            del policy
+        results.append(run)
+        if rank == 0:
+            os.makedirs(run_dir, exist_ok=True)
+            with open(os.path.join(run_dir, f"eval_{cfg.task}.json"), "w") as f:
+                json.dump(run, f, indent=1)
+            with open(os.path.join(run_dir, f"eval_{cfg.task}_answers.jsonl"), "w") as f:
+                for a in answers:
+                    f.write(json.dumps(a) + "\n")
+    if rank == 0:
+        table = markdown_table(results, settings)
+        print(table)
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, f"table_{cfg.task}.md"), "w") as f:
+            f.write(table + "\n")
+        if cfg.plots:
+            for path in draw_plots(results, settings, cfg.task, cfg.out):
+                print(f"wrote {path}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return results
+
+
+def main(argv=None):
+    cfg = parse_config(EvalConfig, argv)
+    try:
+        evaluate(cfg)
+    except ValueError as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Batched multi-turn episodes with sequential revision, shared by PPO and evaluation.
+
+Every live environment contributes its current conversation; one batched `policy.generate` per
+round answers all of them; each environment steps on its answer. A feedback observation
+(`continues=True`) is appended to the conversation after the assistant's answer; a fresh one
+(`continues=False`) starts a new conversation. Finished episodes are replaced by new ones until the
+requested number of turns or episodes is reached.
+
+Also the task table: which environment and config each task (gp-l, gp-vl, virl-l, virl-vl) and
+setting (id, ood_rule, ood_visual) plays, so training and evaluation cannot disagree about it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
+
+import torch
+from tqdm import tqdm
+
+from env_points import GeneralPointsEnv, PointsConfig
+from env_virl import NavigationEnv, VirlConfig
+
+# ---- tasks ----
+
+TASKS = ("gp-l", "gp-vl", "virl-l", "virl-vl")
+SETTINGS = {"gp-l": ("id", "ood_rule"), "gp-vl": ("id", "ood_rule", "ood_visual"),
+            "virl-l": ("id", "ood_rule"), "virl-vl": ("id", "ood_rule", "ood_visual")}
+VIRL_TRAIN_SEED, VIRL_EVAL_SEED = 0, 1  # training routes and held-out evaluation routes of the ID city
+
+
+def check_task(task: str, setting: str = "id") -> None:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
+    if setting not in SETTINGS[task]:
+        raise ValueError(f"task {task} has no setting {setting!r}: expected one of {', '.join(SETTINGS[task])}")
+
+
+def env_config(task: str, setting: str = "id", **overrides):
+    """The environment class and config of a task in a setting.
+
+    GP:    id = J/Q/K are 10, black suits; ood_rule = J/Q/K are 11/12/13 (a face card in every
+           hand); ood_visual = red suits.
+    V-IRL: id = compass actions, routes in "nyc"; ood_rule = relative actions; ood_visual = the
+           18-route mini benchmark in nine other cities.
+    `overrides` set config fields (verify_iter, n_routes, route_seed, ...)."""
+    check_task(task, setting)
+    vision = task.endswith("-vl")
+    if task.startswith("gp"):
+        cfg = PointsConfig(vision=vision, face_cards_as_10=setting != "ood_rule",
+                           suits="red" if setting == "ood_visual" else "black")
+        return GeneralPointsEnv, replace(cfg, face_card_required=None, **overrides)
+    cfg = VirlConfig(vision=vision, absolute_actions=setting != "ood_rule",
+                     routes="mini" if setting == "ood_visual" else "synthetic:nyc", route_seed=VIRL_TRAIN_SEED)
+    return NavigationEnv, replace(cfg, **overrides)
+
+
+def make_envs(task: str, setting: str, n: int, seed: int, **overrides) -> list:
+    """n environments of a task, seeded seed, seed + 1, ...; V-IRL ones share one parsed route list."""
+    env_cls, cfg = env_config(task, setting, **overrides)
+    first = env_cls(cfg, seed=seed)
+    share = {"routes": first.routes} if env_cls is NavigationEnv else {}
+    return [first] + [env_cls(cfg, seed=seed + i, **share) for i in range(1, n)]
+
+
+# ---- records ----
+
+CONTEXT_OUTCOME = "context_exceeded"  # the conversation no longer fits the model: the episode fails
+
+
+@dataclass
+class Turn:
+    """One answer: what PPO trains on."""
+    prompt: dict                # encoded prompt, batch dim 1
+    response_ids: torch.Tensor  # (R,)
+    logprobs: torch.Tensor      # (R,) at sampling time
+    value: float                # V(prompt) at sampling time
+    reward: float
+    done: bool                  # the episode ended with this answer
+    episode: int                # episode id, unique within one rollout call
+
+
+@dataclass
+class Episode:
+    id: int
+    success: bool = False
+    total_reward: float = 0.0
+    outcomes: list = field(default_factory=list)    # verifier outcome of every attempt
+    recognized: list = field(default_factory=list)  # VL: per attempt, were the cards / intersection right
+    answers: list = field(default_factory=list)     # per attempt: {"observation", "response", "outcome", "reward"}
+    finished: bool = False                          # False: cut off by the turn budget
+
+    @property
+    def attempts(self) -> int:
+        return len(self.outcomes)
+
+
+@dataclass
+class Rollout:
+    turns: list
+    episodes: list                                  # in episode-id order
+    bootstrap: dict = field(default_factory=dict)   # episode id -> encoded next prompt of an unfinished episode
+    tokens: int = 0                                 # prompt + generated tokens read or written by the policy
+
+
+# ---- the loop ----
+
+def rollout(policy, envs: list, *, n_turns: Optional[int] = None, n_episodes: Optional[int] = None,
+            reset: Optional[Callable] = None, max_new_tokens: int = 256, temperature: Optional[float] = None,
+            top_p: float = 1.0, greedy: bool = False, max_context: Optional[int] = None,
+            progress: bool = False, desc: str = "rollout") -> Rollout:
+    """Play episodes on `envs` in lockstep, one batched generate per round.
+
+    Stops after `n_turns` answers (unfinished episodes keep their next prompt in `bootstrap`) or
+    after `n_episodes` episodes have finished. `reset(env, k)` starts episode k on an env (default
+    `env.reset()`): evaluation passes one that fixes episode k's deal or route. A conversation whose
+    prompt plus `max_new_tokens` exceeds `max_context` (default: the model's limit) ends its episode
+    as a failure with outcome "context_exceeded" and no turn."""
+    if (n_turns is None) == (n_episodes is None):
+        raise ValueError("rollout needs exactly one of n_turns or n_episodes")
+    reset = reset or (lambda env, k: env.reset())
+    max_context = max_context or policy.max_length
+    out = Rollout([], [])
+    episodes = {}
+    live = {}  # env index -> (episode id, conversation)
+    started = 0
+
+    def start(i):
+        nonlocal started
+        if n_episodes is not None and started >= n_episodes:
+            return
+        obs = reset(envs[i], started)
+        live[i] = (started, [{"role": "user", "content": obs.text, "image": obs.image}])
+        episodes[started] = Episode(started)
+        started += 1
+
+    for i in range(len(envs)):
+        start(i)
+    total = n_turns if n_turns is not None else n_episodes
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
+    while live and (n_turns is None or len(out.turns) < n_turns):
+        order = sorted(live)
+        if n_turns is not None:
+            order = order[:n_turns - len(out.turns)]
+        prompts = [policy.encode(live[i][1]) for i in order]
+        fits = [p["input_ids"].shape[1] + max_new_tokens <= max_context for p in prompts]
+        for i, ok in zip(order, fits):
+            if not ok:
+                ep = episodes[live.pop(i)[0]]
+                if not ep.outcomes:
+                    raise ValueError(f"a first prompt of {prompts[order.index(i)]['input_ids'].shape[1]} tokens plus "
+                                     f"max_new_tokens={max_new_tokens} exceeds the context of {max_context} tokens: "
+                                     "lower max_new_tokens or use a model with a longer context")
+                ep.outcomes.append(CONTEXT_OUTCOME)
+                ep.finished = True
+                bar.update(n_episodes is not None)
+                start(i)
+        order = [i for i, ok in zip(order, fits) if ok]
+        prompts = [p for p, ok in zip(prompts, fits) if ok]
+        if not order:
+            continue
+        samples = policy.generate(None, prompts=prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_p=top_p, greedy=greedy)
+        for i, sample in zip(order, samples):
+            ep_id, conversation = live[i]
+            ep = episodes[ep_id]
+            obs, reward, done, info = envs[i].step(sample.text)
+            out.tokens += sample.prompt["input_ids"].shape[1] + len(sample.response_ids)
+            out.turns.append(Turn(sample.prompt, sample.response_ids, sample.logprobs, sample.value, reward, done, ep_id))
+            ep.total_reward += reward
+            ep.outcomes.append(info["outcome"])
+            ep.recognized.append(info.get("recognized"))
+            ep.answers.append({"observation": conversation[-1]["content"], "response": sample.text,
+                               "outcome": info["outcome"], "reward": reward})
+            bar.update(n_turns is not None)
+            if done:
+                ep.success, ep.finished = bool(info["success"]), True
+                del live[i]
+                bar.update(n_episodes is not None)
+                start(i)
+            elif obs.continues:
+                conversation += [{"role": "assistant", "content": sample.text},
+                                 {"role": "user", "content": obs.text, "image": obs.image}]
+            else:
+                live[i] = (ep_id, [{"role": "user", "content": obs.text, "image": obs.image}])
+    bar.close()
+    out.bootstrap = {ep_id: policy.encode(conv) for ep_id, conv in live.values()}
+    out.episodes = [episodes[k] for k in sorted(episodes)]
+    return out

@@ -1,0 +1,100 @@
+"""evaluate.py: results JSON, answers, plots, like-for-like episodes, metrics, CLI, torchrun."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import evaluate as EV
+import model as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    """A run with two checkpoints of the same tiny weights at 0 and 2.5 GFLOPs."""
+    run = tmp_path_factory.mktemp("runs") / "sft-tiny"
+    src = M.resolve("tiny-text")
+    for step, gflops in ((0, 0.0), (10, 2.5)):
+        dst = run / f"step-{step:06d}"
+        shutil.copytree(src, dst)
+        (dst / "trainer_state.json").write_text(json.dumps({"step": step, "gflops": gflops}))
+    return run
+
+
+def test_evaluate_writes_results_answers_table_and_plots(run_folder, tmp_path, capsys):
+    cfg = EV.EvalConfig(model=str(run_folder), task="gp-l", episodes=6, batch_size=3, max_new_tokens=12,
+                        out=str(tmp_path / "out"))
+    EV.evaluate(cfg)
+    result = json.loads((run_folder / "eval_gp-l.json").read_text())
+    assert result["run"] == "sft-tiny" and [c["gflops"] for c in result["checkpoints"]] == [0.0, 2.5]
+    for ck in result["checkpoints"]:
+        assert set(ck["settings"]) == {"id", "ood_rule"}
+        for m in ck["settings"].values():
+            assert {"episodes", "success", "success_se", "success_ci95", "mean_attempts", "mean_reward",
+                    "outcomes", "seconds"} <= set(m)
+            assert m["episodes"] == 6 and sum(m["outcomes"].values()) == m["mean_attempts"] * 6
+            assert 1 <= m["mean_attempts"] <= 5 and 0 <= m["success_ci95"][0] <= m["success"] <= m["success_ci95"][1]
+    answers = [json.loads(line) for line in (run_folder / "eval_gp-l_answers.jsonl").read_text().splitlines()]
+    assert {a["outcome"] for a in answers} <= set(["correct", "wrong_value", "wrong_numbers", "illegal_formula"])
+    # the same seed deals the same hands to both checkpoints, and identical weights answer identically
+    by_ck = {}
+    for a in answers:
+        by_ck.setdefault(a["checkpoint"], []).append((a["setting"], a["episode"], a["attempt"], a["observation"], a["response"]))
+    first, second = by_ck.values()
+    assert first == second and len(first) >= 12  # 6 episodes x 2 settings, at least one attempt each
+    ood_obs = {a["observation"] for a in answers if a["setting"] == "ood_rule" and a["attempt"] == 1}
+    assert all("K as 13" in o for o in ood_obs)
+    assert (tmp_path / "out" / "fig5_gp-l.png").stat().st_size > 5000
+    assert (tmp_path / "out" / "fig6_gp-l.png").stat().st_size > 5000
+    assert "| sft-tiny | step-000010 | 2.5 |" in capsys.readouterr().out
+
+
+def test_vl_and_virl_metrics(tmp_path):
+    vl = EV.evaluate(EV.EvalConfig(model="tiny-vlm", task="gp-vl", episodes=2, batch_size=2, max_new_tokens=8,
+                                   out=str(tmp_path), plots=False))
+    assert set(vl[0]["checkpoints"][0]["settings"]) == {"id", "ood_rule", "ood_visual"}
+    assert all("recognition_accuracy" in m for m in vl[0]["checkpoints"][0]["settings"].values())
+    virl = EV.evaluate(EV.EvalConfig(model="tiny-text", task="virl-l", virl_routes=2, batch_size=2, max_new_tokens=8,
+                                     out=str(tmp_path), plots=False))
+    ck = virl[0]["checkpoints"][0]
+    m = ck["settings"]["id"]
+    assert ck["gflops"] == 0.0 and m["episodes"] == 2 and 0 <= m["per_step_accuracy"] <= 1
+    assert "recognition_accuracy" not in m
+
+
+def test_wilson_interval():
+    lo, hi = EV.wilson(0, 10)
+    assert lo == 0 and hi == pytest.approx(0.2775, abs=1e-3)
+    lo, hi = EV.wilson(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
+
+
+@pytest.mark.parametrize("args,match", [(["--task", "chess"], "unknown task 'chess'"),
+                                        (["--task", "gp-l", "--settings", "ood_visual"], "no setting 'ood_visual'"),
+                                        (["--model", "/no/such/model"], "neither a known name"),
+                                        (["--episodes", "0"], "episodes=0")])
+def test_cli_errors_are_one_line(args, match):
+    out = subprocess.run([sys.executable, "evaluate.py", *args], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and match in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr
+
+
+def test_torchrun_splits_episodes_and_gathers(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "base"
+    shutil.copytree(M.resolve("tiny-text"), run / "step-0")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "evaluate.py", "--model", str(run), "--task", "gp-l", "--episodes", "5",
+           "--batch-size", "2", "--max-new-tokens", "8", "--out", str(tmp_path / "out"), "--no-plots"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((run / "eval_gp-l.json").read_text())
+    assert result["checkpoints"][0]["settings"]["id"]["episodes"] == 5
+    episodes = {json.loads(line)["episode"] for line in (run / "eval_gp-l_answers.jsonl").read_text().splitlines()}
+    assert episodes == set(range(5))
