@@ -21,7 +21,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt Makefile
 	touch $@
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 demo: install
 	$(BIN)/python env_points.py --episodes 1000

@@ -27,7 +27,7 @@ import torch
 
 import model as M
 from cli import fail, parse_config
-from rollout import SETTINGS, TASKS, VIRL_EVAL_SEED, check_task, make_envs, rollout
+from rollout import SETTINGS, VIRL_EVAL_SEED, check_task, make_envs, rollout
 
 SETTING_NAMES = {"id": "ID", "ood_rule": "OOD rule", "ood_visual": "OOD visual"}
 

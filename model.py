@@ -243,6 +243,12 @@ class _RecordingSampler:
         return torch.stack(self.logprobs, dim=1)                                           # (B, R)
 
 
+def _zero_pad(t: torch.Tensor, shape: list) -> torch.Tensor:
+    """t with each dimension after the first zero-padded at its end to the size in `shape`."""
+    pad = [p for have, want in zip(reversed(t.shape[1:]), reversed(shape)) for p in (0, want - have)]
+    return F.pad(t, pad) if any(pad) else t
+
+
 class Policy(nn.Module):
     """A Hugging Face LM or VLM with a value head. `forward` scores given responses (differentiable);
     `generate` samples new ones."""
@@ -302,9 +308,9 @@ class Policy(nn.Module):
         """Batch encoded prompts (each batch dim 1), each followed by its response ids when given.
 
         Per-token tensors are padded (right for scoring, left for generation); image tensors are
-        concatenated. With responses the batch also holds `prompt_lens` (B,) and `response_ids`
-        (B, R) padded with pad ids, `response_mask` (B, R). Example, pad id 0, prompts [5 6 7] and
-        [8], responses [1 2] and [3 4 9]:
+        zero-padded to one shape and concatenated. With responses the batch also holds `prompt_lens`
+        (B,) and `response_ids` (B, R) padded with pad ids, `response_mask` (B, R). Example, pad id 0,
+        prompts [5 6 7] and [8], responses [1 2] and [3 4 9]:
             input_ids     [[5 6 7 1 2]    prompt_lens [3 1]   response_ids  [[1 2 0]
                            [8 3 4 9 0]]                                      [3 4 9]]
         """
@@ -331,8 +337,9 @@ class Policy(nn.Module):
                     pad = t.new_full((1, width - t.shape[1], *t.shape[2:]), fill)
                     padded.append(torch.cat([t, pad] if side == "right" else [pad, t], 1))
                 batch[key] = torch.cat(padded, 0)
-            else:
-                batch[key] = torch.cat([r[key] for r in rows], 0)
+            else:  # per image: zero-padded as processors pad a batch (Idefics3's tile count varies per image)
+                shape = [max(sizes) for sizes in zip(*(r[key].shape[1:] for r in rows))]
+                batch[key] = torch.cat([_zero_pad(r[key], shape) for r in rows], 0)
         if responses[0] is not None:
             batch["prompt_lens"] = torch.tensor([p["input_ids"].shape[1] for p in prompts])
             lens = [len(r) for r in responses]
