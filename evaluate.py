@@ -63,14 +63,6 @@ class EvalConfig:
 
 # ---- checkpoints ----
 
-def read_trainer_state(folder: str) -> dict:
-    path = os.path.join(folder, "trainer_state.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
 def find_runs(spec: str) -> list:
     """[(run name, run folder, [checkpoint paths by training compute])] from the --model list."""
     runs = []
@@ -83,7 +75,7 @@ def find_runs(spec: str) -> list:
             ckpts = [os.path.join(item, d) for d in os.listdir(item) if os.path.exists(os.path.join(item, d, "config.json"))]
             if not ckpts:
                 raise ValueError(f"run folder {item!r} holds no checkpoints (subfolders with a config.json)")
-            ckpts.sort(key=lambda c: (read_trainer_state(c).get("gflops", 0.0), read_trainer_state(c).get("step", 0), c))
+            ckpts.sort(key=lambda c: (M.read_trainer_state(c).get("gflops", 0.0), M.read_trainer_state(c).get("step", 0), c))
             runs.append((os.path.basename(os.path.abspath(item)), item, ckpts))
         else:
             M.resolve(item)  # raises the one-line error that lists what is accepted
@@ -228,21 +220,8 @@ def draw_plots(results: list, settings: list, task: str, out: str) -> list:
 
 # ---- main ----
 
-def init_distributed():
-    """torchrun sets WORLD_SIZE: join the group (NCCL on GPUs, gloo on CPU); plain python: one process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1, None
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    torch.distributed.init_process_group(backend)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = f"cuda:{local}" if backend == "nccl" else "cpu"
-    if backend == "nccl":
-        torch.cuda.set_device(local)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
-
-
 def evaluate(cfg: EvalConfig) -> list:
-    rank, world, dist_device = init_distributed()
+    rank, world, dist_device = M.init_distributed(cfg.device)
     settings = cfg.settings.split(",")
     runs = find_runs(cfg.model)
     results = []
@@ -250,7 +229,7 @@ def evaluate(cfg: EvalConfig) -> list:
         run = {"run": run_name, "task": cfg.task, "config": asdict(cfg), "checkpoints": []}
         answers = []
         for ckpt in ckpts:
-            state = read_trainer_state(ckpt) if os.path.isdir(ckpt) else {}
+            state = M.read_trainer_state(ckpt)
             policy = M.load_policy(ckpt, device=cfg.device or dist_device, temperature=cfg.temperature)
             entry = {"path": ckpt, "step": state.get("step", 0), "gflops": float(state.get("gflops", 0.0)),
                      "settings": {}}

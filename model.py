@@ -304,6 +304,25 @@ class Policy(nn.Module):
         out = self.processor(text=text, images=images or None, return_tensors="pt", add_special_tokens=False)
         return {k: v for k, v in out.items() if torch.is_tensor(v)}
 
+    def response_ids(self, text: str) -> torch.Tensor:
+        """An assistant answer as the model should produce it: its tokens, then the chat template's
+        end-of-turn token (so that training on it teaches the model to stop). (R,)"""
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return torch.tensor(ids + [self.end_of_turn_id], dtype=torch.long)
+
+    @property
+    def end_of_turn_id(self) -> int:
+        """The token the chat template closes an assistant turn with (e.g. <|im_end|>, <|eot_id|>)."""
+        template = self.processor if self.is_vlm else self.tokenizer
+        probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "REPLY"}]
+        if self.is_vlm:
+            probe = [{"role": t["role"], "content": [{"type": "text", "text": t["content"]}]} for t in probe]
+        text = template.apply_chat_template(probe, tokenize=False)
+        after = text[text.rindex("REPLY") + len("REPLY"):]
+        vocab = self.tokenizer.get_vocab()
+        found = [(after.find(t), vocab[t]) for t in END_OF_TURN_TOKENS if t in vocab and t in after]
+        return min(found)[1] if found else self.stop_ids[0]
+
     def collate(self, prompts: list, responses: Optional[list] = None, side: str = "right") -> dict:
         """Batch encoded prompts (each batch dim 1), each followed by its response ids when given.
 
@@ -471,7 +490,39 @@ def load_policy(name_or_path: str, device=None, dtype: Optional[torch.dtype] = N
     return policy
 
 
-# ---- FSDP2 ----
+def read_trainer_state(folder: str) -> dict:
+    """A checkpoint's trainer_state.json (step, tokens, gflops, config, ...); {} for a base model."""
+    path = os.path.join(folder, "trainer_state.json")
+    if not os.path.isdir(folder) or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---- distributed and FSDP2 ----
+
+def init_distributed(device: str = ""):
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on
+    GPUs, gloo on CPU; a plain `python script.py` is one process on `device` (empty: automatic)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device or None
+    backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
+    torch.distributed.init_process_group(backend)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    return torch.distributed.get_rank(), world, f"cuda:{local}" if backend == "nccl" else "cpu"
+
+
+def all_reduce_sum(x: float) -> float:
+    """The sum of x over all ranks (x itself in one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return float(t.item())
+
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0

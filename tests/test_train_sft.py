@@ -1,0 +1,147 @@
+"""train_sft.py: data, loss mask, overfitting, resume, 2-process gloo torchrun, bad configs."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import env_points as E
+import model as M
+import train_sft as S
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cfg(tmp_path, **kw):
+    base = dict(task="gp-l", model="tiny-text", examples=8, steps=4, batch_size=4, micro_batch=2, lr=1e-3,
+                warmup_steps=1, save_every=2, out=str(tmp_path / "run"))
+    return S.SFTConfig(**{**base, **kw})
+
+
+def losses(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def test_expert_examples_are_correct_and_round_trip(tmp_path):
+    exs = S.expert_examples("gp-l", 20, seed=3, revision_frac=0.5)
+    assert len(exs) == 20
+    revised = [e for e in exs if len(e["messages"]) == 3]
+    assert 3 <= len(revised) <= 17
+    for e in revised:
+        assert e["messages"][1]["role"] == "assistant" and e["messages"][2]["content"].startswith("You failed this trial")
+    for e in exs:  # every target answer is one the verifier scores correct for its hand
+        ranks = json.loads(e["response"])["cards"]
+        assert E.verify(e["response"], ranks, E.PointsConfig()).outcome == "correct"
+    path = tmp_path / "d.jsonl"
+    out = subprocess.run([sys.executable, "train_sft.py", "--examples", "20", "--data-seed", "3", "--revision-frac", "0.5",
+                          "--export-data", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "wrote 20 examples" in out.stdout, out.stderr[-500:]
+    back = S.read_examples(str(path))
+    assert [(b["messages"][-1]["content"], b["response"]) for b in back] == [(e["messages"][-1]["content"], e["response"]) for e in exs]
+    vl = S.expert_examples("virl-vl", 3, seed=0)
+    S.write_examples(str(tmp_path / "v.jsonl"), vl)
+    back = S.read_examples(str(tmp_path / "v.jsonl"))
+    assert back[0]["messages"][0]["image"].size == vl[0]["messages"][0]["image"].size
+    assert json.loads(back[1]["response"])["action"]  # V-IRL: one example per position
+    (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user"}], "response": "x"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: not an example"):
+        S.read_examples(str(tmp_path / "bad.jsonl"))
+
+
+def test_loss_mask_covers_exactly_the_assistant_tokens():
+    policy = M.load_policy("tiny-text")
+    exs = S.expert_examples("gp-l", 3, seed=0, revision_frac=1.0)
+    enc = S.encode_examples(policy, exs)
+    eot = policy.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for (prompt, resp), ex in zip(enc, exs):
+        assert resp[-1].item() == eot and policy.tokenizer.decode(resp[:-1]) == ex["response"]
+        assert ex["messages"][1]["content"] in policy.tokenizer.decode(prompt["input_ids"][0])  # feedback turn: prompt
+    batch = policy.collate([p for p, _ in enc], [r for _, r in enc])
+    total = int(batch["response_mask"].sum())
+    assert total == sum(len(r) for _, r in enc)
+    loss, _ = S.sft_loss(policy, batch, total)
+    # reference: the full-sequence next-token cross-entropy, keeping only targets inside the response
+    logits = policy.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    manual, count = 0.0, 0
+    for i, (prompt, resp) in enumerate(enc):
+        p = prompt["input_ids"].shape[1]
+        manual += torch.nn.functional.cross_entropy(logits[i, p - 1:p - 1 + len(resp)], resp, reduction="sum")
+        count += len(resp)
+    assert count == total and abs(loss.item() - manual.item() / count) < 1e-5
+
+
+def test_tiny_model_overfits_a_handful_of_examples(tmp_path):
+    S.train(cfg(tmp_path, examples=2, steps=80, batch_size=2, micro_batch=2, lr=1e-2, warmup_steps=2, save_every=80))
+    curve = losses(tmp_path / "run")
+    assert len(curve) == 80 and curve[-1] < curve[0] / 10, curve
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+    S.train(cfg(tmp_path / "a", steps=6, save_every=3))
+    full = losses(tmp_path / "a" / "run")
+    original = M.Policy.save
+
+    def save_then_die(self, path, extras=None):
+        original(self, path, extras)
+        if path.endswith("step-000003"):
+            raise KeyboardInterrupt("killed after the step-3 checkpoint")
+    monkeypatch.setattr(M.Policy, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        S.train(cfg(tmp_path / "b", steps=6, save_every=3))
+    monkeypatch.undo()
+    S.train(cfg(tmp_path / "b", steps=6, save_every=3, resume=True))
+    resumed = losses(tmp_path / "b" / "run")
+    assert len(resumed) == 6 and max(abs(a - b) for a, b in zip(full, resumed)) < 1e-5, (full, resumed)
+    state = M.read_trainer_state(str(tmp_path / "b" / "run" / "step-000006"))
+    assert state["step"] == 6 and state["gflops"] > 0 and state["tokens"] > 0 and state["config"]["task"] == "gp-l"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "train_sft.py", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_two_process_gloo_matches_one_process(tmp_path):
+    args = ["--model", "tiny-text", "--examples", "8", "--steps", "3", "--batch-size", "4", "--micro-batch", "1",
+            "--lr", "1e-3", "--warmup-steps", "1", "--save-every", "3"]
+    one = subprocess.run([sys.executable, "train_sft.py", *args, "--out", str(tmp_path / "one")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = torchrun([*args, "--out", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 3 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    p1, p2 = M.load_policy(str(tmp_path / "one" / "step-000003")), M.load_policy(str(tmp_path / "two" / "step-000003"))
+    w1, w2 = p1.model.get_input_embeddings().weight, p2.model.get_input_embeddings().weight
+    assert (w1 - w2).abs().max() < 1e-4
+    # resuming a sharded run: the full optimizer state is loaded on rank 0 and broadcast
+    more = torchrun([*args, "--steps", "4", "--resume", "--out", str(tmp_path / "two")])
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert len(losses(tmp_path / "two")) == 4 and M.read_trainer_state(str(tmp_path / "two" / "step-000004"))["step"] == 4
+
+
+@pytest.mark.parametrize("args,match", [(["--task", "chess"], "unknown task 'chess'"),
+                                        (["--data", "/no/such.jsonl"], "data file '/no/such.jsonl' not found"),
+                                        (["--steps", "0"], "steps=0"), (["--revision-frac", "2"], "revision_frac=2.0"),
+                                        (["--model", "gpt-17"], "neither a known name")])
+def test_bad_config_is_one_line(args, match, tmp_path):
+    out = subprocess.run([sys.executable, "train_sft.py", "--out", str(tmp_path / "r"), *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and match in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr[-500:]
+
+
+def test_batch_not_divisible_by_ranks_stops_before_work(tmp_path):
+    out = torchrun(["--model", "tiny-text", "--batch-size", "3", "--out", str(tmp_path / "r")])
+    assert out.returncode != 0 and "batch_size=3 is not divisible by the 2 ranks" in out.stderr
+    assert not (tmp_path / "r").exists()

@@ -1,0 +1,311 @@
+"""Supervised fine-tuning on expert answers: response-only cross-entropy, single process or FSDP2.
+
+The data are expert conversations of a task's in-distribution setting (rule and visuals): the
+prompt an environment shows and the answer its expert gives (`expert_response()`), optionally with
+sequential-revision examples (a wrong answer, the verifier's feedback, then the right answer), as
+in the paper's appendix ablation. They are generated from a seed, or read from a JSONL file in
+the same format (see README), so you can bring your own.
+
+    python train_sft.py --task gp-l                                  # the embedded default, CPU or one GPU
+    python train_sft.py --task gp-l --resume                         # continue an interrupted run
+    torchrun --nproc_per_node 8 train_sft.py --task gp-vl --model /data/llama-3.2-11b-vision \\
+        --lr 1e-6 --batch-size 64 --micro-batch 4 --steps 800        # paper scale (lr grid: 1e-4 ... 1e-7)
+
+Simplifications relative to the paper: its SFT data came from a fixed expert dataset; here the
+environments' experts generate them on the fly from a seed (the same expert answers, any amount).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm import tqdm
+
+import model as M
+from cli import fail, parse_config
+from rollout import check_task, env_config
+
+# ---- config ----
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on expert answers."""
+    task: str = field(default="gp-l", metadata={"doc": "gp-l, gp-vl, virl-l or virl-vl (ID rule and visuals only)"})
+    model: str = field(default="smollm2-135m", metadata={"doc": "model name or checkpoint folder to start from"})
+    data: str = field(default="", metadata={"doc": "JSONL of expert conversations; empty: generate them"})
+    export_data: str = field(default="", metadata={"doc": "write the generated examples to this JSONL (images beside it) and exit"})
+    examples: int = field(default=2000, metadata={"doc": "generated examples (with --data empty)"})
+    data_seed: int = field(default=0, metadata={"doc": "seed of the generated examples"})
+    revision_frac: float = field(default=0.0, metadata={"doc": "share of examples with a wrong answer and feedback first"})
+    steps: int = field(default=60, metadata={"doc": "optimizer steps"})
+    batch_size: int = field(default=16, metadata={"doc": "examples per optimizer step, all ranks together"})
+    micro_batch: int = field(default=8, metadata={"doc": "examples per forward pass on one rank (gradient accumulation)"})
+    lr: float = field(default=1e-4, metadata={"doc": "peak learning rate (the paper's grid: 1e-4, 1e-5, 1e-6, 5e-7, 1e-7)"})
+    warmup_steps: int = field(default=5, metadata={"doc": "linear warmup, then cosine decay to 0"})
+    weight_decay: float = field(default=0.0, metadata={"doc": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"doc": "max gradient norm"})
+    save_every: int = field(default=20, metadata={"doc": "checkpoint every N steps (and at the end)"})
+    out: str = field(default="", metadata={"doc": "run folder; empty: runs/sft-<task>"})
+    resume: bool = field(default=False, metadata={"doc": "continue from the run folder's last complete checkpoint"})
+    seed: int = field(default=0, metadata={"doc": "data order and init seed"})
+    device: str = field(default="", metadata={"doc": "cuda, cpu, ...; empty: the GPU when there is one"})
+
+    def __post_init__(self):
+        check_task(self.task)
+        for name in ("examples", "steps", "batch_size", "micro_batch", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: expected a positive integer")
+        if not 0.0 <= self.revision_frac <= 1.0:
+            raise ValueError(f"revision_frac={self.revision_frac}: expected a share between 0 and 1")
+        if self.data and not os.path.exists(self.data):
+            raise ValueError(f"data file {self.data!r} not found")
+        self.out = self.out or os.path.join("runs", f"sft-{self.task}")
+
+
+# ---- data ----
+
+def _wrong_answer(expert: str, rng: random.Random) -> str:
+    """A plausible mistake: the expert's answer with its formula or action changed."""
+    answer = json.loads(expert)
+    if "formula" in answer:
+        f = answer["formula"]
+        ops = [i for i, c in enumerate(f) if c in "+-*/"]
+        i = rng.choice(ops)
+        answer["formula"] = f[:i] + rng.choice([o for o in "+-*/" if o != f[i]]) + f[i + 1:]
+    else:
+        answer["action"] = rng.choice([a for a in ("forward()", "stop()", "turn_direction(north)",
+                                                   "turn_direction(left)") if a != answer["action"]])
+    return json.dumps(answer)
+
+
+def expert_examples(task: str, n: int, seed: int, revision_frac: float = 0.0) -> list:
+    """n examples {"messages": [turns], "response": expert answer} from the task's ID setting.
+    GP: one per hand; V-IRL: one per position of a route. With revision_frac, that share first shows
+    a wrong answer and the verifier's feedback (only when the answer really is wrong)."""
+    env_cls, cfg = env_config(task, "id")
+    env, rng, out = env_cls(cfg, seed=seed), random.Random(seed), []
+    while len(out) < n:
+        obs, done = env.reset(), False
+        while not done and len(out) < n:
+            messages = [{"role": "user", "content": obs.text, "image": obs.image}]
+            expert = env.expert_response()
+            if rng.random() < revision_frac:
+                wrong = _wrong_answer(expert, rng)
+                feedback, _, _, info = env.step(wrong)
+                if info["outcome"] != "correct" and feedback.continues:
+                    messages += [{"role": "assistant", "content": wrong}, {"role": "user", "content": feedback.text}]
+                else:  # the "mistake" happened to be right, or used the position's last attempt: start again
+                    break
+            out.append({"messages": messages, "response": expert})
+            obs, _, done, _ = env.step(expert)
+    return out
+
+
+def write_examples(path: str, examples: list) -> None:
+    """JSONL, one example a line; images go to <name>_images/ beside the file, referenced by relative path."""
+    folder = os.path.splitext(path)[0] + "_images"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        for i, ex in enumerate(examples):
+            turns = []
+            for j, t in enumerate(ex["messages"]):
+                turn = {"role": t["role"], "content": t["content"]}
+                if t.get("image") is not None:
+                    os.makedirs(folder, exist_ok=True)
+                    name = os.path.join(os.path.basename(folder), f"{i:06d}_{j}.png")
+                    t["image"].save(os.path.join(os.path.dirname(os.path.abspath(path)), name))
+                    turn["image"] = name
+                turns.append(turn)
+            f.write(json.dumps({"messages": turns, "response": ex["response"]}) + "\n")
+
+
+def read_examples(path: str) -> list:
+    """Examples from a JSONL file as written by write_examples; ValueError naming the bad line."""
+    from PIL import Image
+    base, out = os.path.dirname(os.path.abspath(path)), []
+    with open(path) as f:
+        for k, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+                turns = [{"role": t["role"], "content": t["content"],
+                          "image": Image.open(os.path.join(base, t["image"])).convert("RGB") if t.get("image") else None}
+                         for t in ex["messages"]]
+                out.append({"messages": turns, "response": str(ex["response"])})
+            except (ValueError, KeyError, TypeError, OSError) as e:
+                raise ValueError(f"{path}:{k}: not an example ({e}); expected "
+                                 '{"messages": [{"role": ..., "content": ..., "image": optional path}], "response": ...}') from None
+    if not out:
+        raise ValueError(f"{path}: no examples")
+    return out
+
+
+def encode_examples(policy, examples: list) -> list:
+    """[(encoded prompt, response ids ending in the end-of-turn token)]."""
+    return [(policy.encode(ex["messages"]), policy.response_ids(ex["response"])) for ex in examples]
+
+
+def data_order(n: int, seed: int, start: int, count: int) -> list:
+    """Example indices start .. start + count of the endless sequence of seeded epoch shuffles, so a
+    resumed run reads exactly what the uninterrupted one would have."""
+    out, epoch, pos = [], start // n, start % n
+    while len(out) < count:
+        perm = list(range(n))
+        random.Random(seed * 100_003 + epoch).shuffle(perm)
+        out += perm[pos:pos + count - len(out)]
+        epoch, pos = epoch + 1, 0
+    return out
+
+
+# ---- loss ----
+
+def sft_loss(policy, batch: dict, total_tokens: int):
+    """Response-only cross-entropy summed over this micro-batch's response tokens and divided by
+    `total_tokens`, the response tokens of the whole optimizer step on all ranks, so that the
+    accumulated gradient is the gradient of the step's per-token mean. Returns (loss, nll sum)."""
+    out = policy(batch, temperature=1.0)
+    nll = -(out["logprobs"] * out["response_mask"]).sum()      # prompt, feedback and padding are masked
+    return nll / total_tokens, nll.detach()
+
+
+def lr_at(step: int, cfg: SFTConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to 0 at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---- checkpoints ----
+
+def last_checkpoint(run: str):
+    """The newest complete checkpoint folder of a run (complete: it has its trainer_state.json)."""
+    if not os.path.isdir(run):
+        return None
+    done = [os.path.join(run, d) for d in os.listdir(run) if d.startswith("step-") and M.read_trainer_state(os.path.join(run, d))]
+    return max(done, key=lambda d: M.read_trainer_state(d)["step"], default=None)
+
+
+def optimizer_state(policy, opt) -> dict:
+    """The optimizer's full state (gathered to rank 0 under FSDP)."""
+    if not M._fsdp_modules(policy):
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(policy, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(policy, opt, state: dict) -> None:
+    if not M._fsdp_modules(policy):
+        opt.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(policy, opt, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+# ---- main ----
+
+def train(cfg: SFTConfig) -> dict:
+    if cfg.export_data:
+        write_examples(cfg.export_data, expert_examples(cfg.task, cfg.examples, cfg.data_seed, cfg.revision_frac))
+        print(f"wrote {cfg.examples} examples to {cfg.export_data}")
+        return {}
+    rank, world, device = M.init_distributed(cfg.device)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {world} ranks")
+    per_rank = cfg.batch_size // world
+    print0 = print if rank == 0 else (lambda *a, **k: None)
+
+    # ---- start: fresh, or the last complete checkpoint ----
+    resume_from = last_checkpoint(cfg.out) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        raise ValueError(f"--resume: no complete checkpoint in {cfg.out!r}")
+    init = resume_from or cfg.model
+    state = M.read_trainer_state(init)
+    torch.manual_seed(cfg.seed)
+    policy = M.load_policy(init, device=device)
+    n_params = policy.model.num_parameters()
+    step = state.get("step", 0) if resume_from else 0
+    gflops = state.get("gflops", 0.0)          # an RL or SFT init's compute carries over: one axis
+    tokens = state.get("tokens", 0) if resume_from else 0
+
+    # ---- data ----
+    examples = read_examples(cfg.data) if cfg.data else expert_examples(cfg.task, cfg.examples, cfg.data_seed,
+                                                                      cfg.revision_frac)
+    encoded = encode_examples(policy, examples)
+    print0(f"sft {cfg.task}: {len(encoded)} examples, {n_params / 1e6:.1f}M parameters, {world} rank(s), "
+           f"start at step {step}")
+
+    if world > 1:
+        M.shard(policy)
+    opt = torch.optim.AdamW([p for n, p in policy.named_parameters() if not n.startswith("value_head.")],
+                            lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if resume_from:
+        load_optimizer_state(policy, opt, torch.load(os.path.join(resume_from, "optimizer.pt"), weights_only=False)
+                             if rank == 0 or world == 1 else {})
+        torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+
+    # ---- loop ----
+    os.makedirs(cfg.out, exist_ok=True)
+    log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"sft {cfg.task}", disable=rank != 0)
+    policy.train()
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        order = data_order(len(encoded), cfg.seed, step * cfg.batch_size, cfg.batch_size)
+        mine = [encoded[i] for i in order[rank * per_rank:(rank + 1) * per_rank]]
+        step_tokens = M.all_reduce_sum(sum(len(r) for _, r in mine))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        nll_sum, seen = 0.0, 0
+        for i in range(0, len(mine), cfg.micro_batch):
+            chunk = mine[i:i + cfg.micro_batch]
+            batch = policy.collate([p for p, _ in chunk], [r for _, r in chunk])
+            loss, nll = sft_loss(policy, batch, step_tokens / world)  # FSDP averages over ranks: x world
+            loss.backward()
+            nll_sum += float(nll)
+            seen += int(batch["attention_mask"].sum())  # real tokens read and trained on, padding excluded
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        step_seen = M.all_reduce_sum(seen)
+        tokens += int(step_seen)
+        gflops += 6 * n_params * step_seen / 1e9
+        loss_mean = M.all_reduce_sum(nll_sum) / step_tokens
+        secs = time.perf_counter() - t0
+        metrics = {"step": step, "loss": loss_mean, "lr": lr_at(step - 1, cfg), "grad_norm": float(grad_norm),
+                   "tokens": tokens, "gflops": gflops, "tokens_per_s": step_seen / secs}
+        if log:
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+        bar.set_postfix(loss=f"{loss_mean:.4f}", tok_s=f"{step_seen / secs:.0f}")
+        bar.update(1)
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            trainer_state = {"step": step, "tokens": tokens, "gflops": gflops, "kind": "sft", "task": cfg.task,
+                             "config": asdict(cfg), "rng": torch.get_rng_state().tolist()}
+            policy.save(os.path.join(cfg.out, f"step-{step:06d}"),
+                        extras={"trainer_state.json": trainer_state, "optimizer.pt": optimizer_state(policy, opt)})
+    bar.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return {"step": step, "gflops": gflops, "tokens": tokens}
+
+
+def main(argv=None):
+    cfg = parse_config(SFTConfig, argv)
+    try:
+        train(cfg)
+    except ValueError as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    main()
