@@ -190,6 +190,7 @@ def draw_plots(results: list, settings: list, task: str, out: str) -> list:
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=run["run"])
         ax.set_title(f"{task} {SETTING_NAMES[s]}")
         ax.set_xlabel("training GFLOPs")
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 3))
         ax.set_ylabel("success (%)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
