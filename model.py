@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import uuid
@@ -390,6 +391,18 @@ class Policy(nn.Module):
         entropy = -(logp_all.exp() * logp_all).sum(-1)                                      # (B, R)
         return {"logprobs": logprobs * mask, "entropy": entropy * mask, "values": values, "response_mask": mask}
 
+    @torch.no_grad()
+    def values(self, prompts: list) -> torch.Tensor:
+        """V(prompt) of encoded prompts, (B,) on the CPU: the bootstrap value of an episode cut off by the
+        turn budget. Under FSDP every rank must call it, even with no prompts."""
+        with gathered(self):
+            if not prompts:
+                return torch.zeros(0)
+            batch = {k: v.to(self.device) for k, v in self.collate(prompts, side="right").items()}
+            hidden = self.model.model(**batch).last_hidden_state                                # (B, P, H)
+            last = batch["attention_mask"].sum(1) - 1                                           # (B,) right-padded
+            return self.value_head(hidden[torch.arange(len(prompts), device=hidden.device), last]).float().cpu()
+
     # ---- generation ----
 
     @torch.no_grad()
@@ -499,6 +512,55 @@ def read_trainer_state(folder: str) -> dict:
         return json.load(f)
 
 
+# ---- training state shared by train_sft.py and train_ppo.py ----
+
+def cosine_lr(step: int, peak: float, total: int, warmup: int = 0) -> float:
+    """Linear warmup to `peak` over `warmup` steps, then cosine decay to 0 at step `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def last_checkpoint(run: str):
+    """The newest complete checkpoint folder of a run (complete: it has its trainer_state.json)."""
+    if not os.path.isdir(run):
+        return None
+    done = [os.path.join(run, d) for d in os.listdir(run) if d.startswith("step-") and read_trainer_state(os.path.join(run, d))]
+    return max(done, key=lambda d: read_trainer_state(d)["step"], default=None)
+
+
+def rewind_log(path: str, step: int) -> None:
+    """Drop the lines of a metrics.jsonl written after `step` (by a run killed between two checkpoints),
+    so that a resumed run's log holds every step once."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+def optimizer_state(policy, opt) -> dict:
+    """The optimizer's full state (gathered to rank 0 under FSDP)."""
+    if not _fsdp_modules(policy):
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(policy, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(policy, opt, checkpoint: str) -> None:
+    """Restore the optimizer state saved in a checkpoint's optimizer.pt (read on rank 0 and broadcast under FSDP)."""
+    path = os.path.join(checkpoint, "optimizer.pt")
+    if not _fsdp_modules(policy):
+        opt.load_state_dict(torch.load(path, weights_only=False))
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    state = torch.load(path, weights_only=False) if _rank() == 0 else {}
+    set_optimizer_state_dict(policy, opt, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
 # ---- distributed and FSDP2 ----
 
 def init_distributed(device: str = ""):
@@ -519,7 +581,8 @@ def all_reduce_sum(x: float) -> float:
     """The sum of x over all ranks (x itself in one process)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return x
-    t = torch.tensor([x], dtype=torch.float64)
+    nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces GPU tensors only
+    t = torch.tensor([x], dtype=torch.float64, device="cuda" if nccl else "cpu")
     torch.distributed.all_reduce(t)
     return float(t.item())
 
@@ -541,7 +604,21 @@ def shard(policy: Policy, mixed_precision: Optional[bool] = None) -> Policy:
         if type(module).__name__ in blocks:
             fully_shard(module, mesh=mesh, mp_policy=mp)
     fully_shard(policy, mesh=mesh, mp_policy=mp)
+    # FSDP initializes itself on the first forward through the root; generation enters through the inner
+    # model, so run one tiny scoring pass now
+    with torch.no_grad():
+        probe = policy.encode([{"role": "user", "content": "hi"}])
+        policy(policy.collate([probe], [torch.tensor([policy.end_of_turn_id])]))
+    release(policy)
     return policy
+
+
+def release(policy: nn.Module) -> None:
+    """Reshard every FSDP module. Needed after a forward without a backward outside `gathered`: FSDP's
+    root keeps its weights gathered from a forward until its backward, so an optimizer step would update
+    the shards while the next forward read the stale gathered copy."""
+    for module in _fsdp_modules(policy):
+        module.reshard()
 
 
 def _fsdp_modules(policy: nn.Module) -> list:
@@ -552,18 +629,24 @@ def _fsdp_modules(policy: nn.Module) -> list:
 @contextlib.contextmanager
 def gathered(policy: nn.Module):
     """Within the block every FSDP-sharded parameter is gathered once and kept, so that generation
-    runs forward per token without an all-gather per token (and ranks may generate different lengths);
-    resharded on exit. A no-op without FSDP."""
+    runs forward per token without an all-gather per token (and ranks may generate different lengths,
+    or make different numbers of calls); resharded on exit. Nests (only the outermost block gathers);
+    every rank must enter it. A no-op without FSDP."""
     modules = _fsdp_modules(policy)
-    for m in modules:
-        m.unshard()
-        m.set_reshard_after_forward(False, recurse=False)
+    depth = getattr(policy, "_gather_depth", 0)
+    policy._gather_depth = depth + 1
+    if depth == 0:
+        for m in modules:
+            m.unshard()
+            m.set_reshard_after_forward(False, recurse=False)
     try:
         yield
     finally:
-        for m in modules:
-            m.set_reshard_after_forward(True, recurse=False)
-            m.reshard()
+        policy._gather_depth = depth
+        if depth == 0:
+            for m in modules:
+                m.set_reshard_after_forward(True, recurse=False)
+                m.reshard()
 
 
 def full_state_dict(policy: nn.Module) -> dict:

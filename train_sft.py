@@ -17,7 +17,6 @@ environments' experts generate them on the fly from a seed (the same expert answ
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
@@ -177,37 +176,7 @@ def sft_loss(policy, batch: dict, total_tokens: int):
 
 def lr_at(step: int, cfg: SFTConfig) -> float:
     """Linear warmup to cfg.lr, then cosine decay to 0 at cfg.steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-# ---- checkpoints ----
-
-def last_checkpoint(run: str):
-    """The newest complete checkpoint folder of a run (complete: it has its trainer_state.json)."""
-    if not os.path.isdir(run):
-        return None
-    done = [os.path.join(run, d) for d in os.listdir(run) if d.startswith("step-") and M.read_trainer_state(os.path.join(run, d))]
-    return max(done, key=lambda d: M.read_trainer_state(d)["step"], default=None)
-
-
-def optimizer_state(policy, opt) -> dict:
-    """The optimizer's full state (gathered to rank 0 under FSDP)."""
-    if not M._fsdp_modules(policy):
-        return opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(policy, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_optimizer_state(policy, opt, state: dict) -> None:
-    if not M._fsdp_modules(policy):
-        opt.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(policy, opt, optim_state_dict=state,
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return M.cosine_lr(step, cfg.lr, cfg.steps, cfg.warmup_steps)
 
 
 # ---- main ----
@@ -224,7 +193,7 @@ def train(cfg: SFTConfig) -> dict:
     print0 = print if rank == 0 else (lambda *a, **k: None)
 
     # ---- start: fresh, or the last complete checkpoint ----
-    resume_from = last_checkpoint(cfg.out) if cfg.resume else None
+    resume_from = M.last_checkpoint(cfg.out) if cfg.resume else None
     if cfg.resume and resume_from is None:
         raise ValueError(f"--resume: no complete checkpoint in {cfg.out!r}")
     init = resume_from or cfg.model
@@ -248,12 +217,13 @@ def train(cfg: SFTConfig) -> dict:
     opt = torch.optim.AdamW([p for n, p in policy.named_parameters() if not n.startswith("value_head.")],
                             lr=cfg.lr, weight_decay=cfg.weight_decay)
     if resume_from:
-        load_optimizer_state(policy, opt, torch.load(os.path.join(resume_from, "optimizer.pt"), weights_only=False)
-                             if rank == 0 or world == 1 else {})
+        M.load_optimizer_state(policy, opt, resume_from)
         torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
 
     # ---- loop ----
     os.makedirs(cfg.out, exist_ok=True)
+    if rank == 0:
+        M.rewind_log(os.path.join(cfg.out, "metrics.jsonl"), step)
     log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=step, desc=f"sft {cfg.task}", disable=rank != 0)
     policy.train()
@@ -292,7 +262,7 @@ def train(cfg: SFTConfig) -> dict:
             trainer_state = {"step": step, "tokens": tokens, "gflops": gflops, "kind": "sft", "task": cfg.task,
                              "config": asdict(cfg), "rng": torch.get_rng_state().tolist()}
             policy.save(os.path.join(cfg.out, f"step-{step:06d}"),
-                        extras={"trainer_state.json": trainer_state, "optimizer.pt": optimizer_state(policy, opt)})
+                        extras={"trainer_state.json": trainer_state, "optimizer.pt": M.optimizer_state(policy, opt)})
     bar.close()
     if world > 1:
         torch.distributed.destroy_process_group()

@@ -80,19 +80,11 @@ def test_tiny_model_overfits_a_handful_of_examples(tmp_path):
     assert len(curve) == 80 and curve[-1] < curve[0] / 10, curve
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, killed_after_save):
     S.train(cfg(tmp_path / "a", steps=6, save_every=3))
     full = losses(tmp_path / "a" / "run")
-    original = M.Policy.save
-
-    def save_then_die(self, path, extras=None):
-        original(self, path, extras)
-        if path.endswith("step-000003"):
-            raise KeyboardInterrupt("killed after the step-3 checkpoint")
-    monkeypatch.setattr(M.Policy, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_save("step-000003"):
         S.train(cfg(tmp_path / "b", steps=6, save_every=3))
-    monkeypatch.undo()
     S.train(cfg(tmp_path / "b", steps=6, save_every=3, resume=True))
     resumed = losses(tmp_path / "b" / "run")
     assert len(resumed) == 6 and max(abs(a - b) for a, b in zip(full, resumed)) < 1e-5, (full, resumed)

@@ -1,0 +1,479 @@
+"""PPO with GAE and sequential revision: rollouts -> advantages -> clipped policy and value losses.
+
+Each update collects a fixed number of answers ("turns") with `rollout.py`, every rank from its
+own environments and seeds; computes returns and advantages with GAE over each episode's turns;
+then runs PPO epochs over shuffled minibatches. The defaults are the paper's (gamma 0.9,
+lambda 0.95, clip 0.1, 4 epochs, value coefficient 0.5, max grad norm 0.01, lr 1e-6 with cosine
+decay, temperature 0.2, no entropy bonus, no KL penalty); the turn counts are sized for a CPU.
+
+    python train_ppo.py --task gp-l --model runs/sft-gp-l/step-000020        # from an SFT checkpoint
+    python train_ppo.py --task gp-l --model runs/sft-gp-l/step-000020 --resume
+    torchrun --nproc_per_node 8 train_ppo.py --task gp-vl --model runs/sft-gp-vl/step-000800 \\
+        --turns 1024 --envs 64 --minibatch 128 --micro-batch 4 --updates 15
+
+The action log-probability. The paper (following RL4VLM) treats a whole response as one action:
+its log-probability is the sum of the response's token log-probs, with the tokens before the final
+action field ("formula" for GP, "action" for V-IRL: the reasoning and the other fields) weighted by
+`pre_action_coef` (0.5), and PPO takes one ratio per response. `--token-level` switches to the
+common LLM choice instead: every token is an action with its own ratio, all sharing the response's
+advantage. Both are in `policy_loss`, side by side.
+
+Every update re-seeds the environments and the sampler from (seed, update, rank), so a resumed run
+continues exactly as the uninterrupted one would, from the checkpoint's weights and optimizer state.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import model as M
+from cli import fail, parse_config
+from rollout import check_task, env_config, make_envs, rollout
+
+ACTION_FIELD = {"gp": "formula", "virl": "action"}  # the final field of an answer: the action itself
+
+# ---- config ----
+
+
+@dataclass
+class PPOConfig:
+    """PPO with GAE and sequential revision, from an SFT checkpoint or a model name."""
+    task: str = field(default="gp-l", metadata={"doc": "gp-l, gp-vl, virl-l or virl-vl (trains on the ID setting)"})
+    model: str = field(default="smollm2-135m", metadata={"doc": "checkpoint folder or model name to start from (normally an SFT checkpoint)"})
+    updates: int = field(default=4, metadata={"doc": "PPO updates (rollout + epochs)"})
+    turns: int = field(default=16, metadata={"doc": "answers collected per update, all ranks together"})
+    envs: int = field(default=16, metadata={"doc": "environments played at once on one rank (the generation batch)"})
+    epochs: int = field(default=4, metadata={"doc": "PPO epochs over each update's turns"})
+    minibatch: int = field(default=16, metadata={"doc": "turns per optimizer step, all ranks together"})
+    micro_batch: int = field(default=4, metadata={"doc": "turns per forward pass on one rank (gradient accumulation)"})
+    lr: float = field(default=1e-6, metadata={"doc": "Adam learning rate, cosine-decayed to 0 over the updates"})
+    value_lr: float = field(default=0.0, metadata={"doc": "learning rate of the value head; 0: the same as lr (the paper)"})
+    gamma: float = field(default=0.9, metadata={"doc": "discount between the turns of an episode"})
+    lam: float = field(default=0.95, metadata={"doc": "GAE lambda"})
+    clip: float = field(default=0.1, metadata={"doc": "PPO ratio clip"})
+    value_clip: float = field(default=0.1, metadata={"doc": "value clip around the rollout's value; 0: unclipped"})
+    vf_coef: float = field(default=0.5, metadata={"doc": "value loss coefficient"})
+    ent_coef: float = field(default=0.0, metadata={"doc": "entropy bonus coefficient (the paper: off)"})
+    kl_coef: float = field(default=0.0, metadata={"doc": "KL penalty to the initial policy (the paper: off; on keeps a frozen copy)"})
+    grad_clip: float = field(default=0.01, metadata={"doc": "max gradient norm"})
+    pre_action_coef: float = field(default=0.5, metadata={"doc": "weight of the tokens before the action field in the response's log-prob"})
+    token_level: bool = field(default=False, metadata={"doc": "one ratio per token instead of the paper's one per response"})
+    recompute_logprobs: bool = field(default=False, metadata={"doc": "re-score the rollout before the epochs (bf16: generation and training numerics differ)"})
+    temperature: float = field(default=0.2, metadata={"doc": "sampling temperature (the paper's 0.2); log-probs are of the scaled distribution"})
+    top_p: float = field(default=1.0, metadata={"doc": "nucleus sampling mass"})
+    max_new_tokens: int = field(default=128, metadata={"doc": "longest answer"})
+    verify_iter: int = field(default=0, metadata={"doc": "attempts per episode / position; 0: the task's (GP 5, V-IRL 2)"})
+    save_every: int = field(default=2, metadata={"doc": "checkpoint every N updates (and at the end)"})
+    out: str = field(default="", metadata={"doc": "run folder; empty: runs/ppo-<task>"})
+    resume: bool = field(default=False, metadata={"doc": "continue from the run folder's last complete checkpoint"})
+    seed: int = field(default=0, metadata={"doc": "seed of environments, sampling and minibatch order"})
+    device: str = field(default="", metadata={"doc": "cuda, cpu, ...; empty: the GPU when there is one"})
+    wandb: str = field(default="", metadata={"doc": "log to this Weights & Biases project too (needs `pip install wandb`)"})
+
+    def __post_init__(self):
+        check_task(self.task)
+        for name in ("updates", "turns", "envs", "epochs", "minibatch", "micro_batch", "max_new_tokens", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: expected a positive integer")
+        if self.turns % self.minibatch:
+            raise ValueError(f"turns={self.turns} is not a multiple of minibatch={self.minibatch}")
+        for name in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)}: expected a value between 0 and 1")
+        if self.clip <= 0 or self.temperature <= 0:
+            raise ValueError(f"clip={self.clip}, temperature={self.temperature}: expected positive values")
+        self.out = self.out or os.path.join("runs", f"ppo-{self.task}")
+
+
+# ---- advantages ----
+
+def gae(rewards: list, values: list, dones: list, episodes: list, bootstrap: dict, gamma: float, lam: float):
+    """Returns and advantages of turns listed in collection order (episodes interleaved).
+
+    Within an episode, turn t's TD error is r_t + gamma V_{t+1} - V_t, where V_{t+1} is the value of
+    the episode's next turn, or `bootstrap[episode]` (V of its next prompt) for the last collected turn
+    of an unfinished episode, or 0 after the turn that ended it: nothing flows across episode ends.
+    A_t = delta_t + gamma lam A_{t+1}; return_t = A_t + V_t. -> (advantages (T,), returns (T,))"""
+    adv = [0.0] * len(rewards)
+    by_episode = {}
+    for i, ep in enumerate(episodes):
+        by_episode.setdefault(ep, []).append(i)
+    for ep, idx in by_episode.items():
+        next_value, next_adv = (0.0 if dones[idx[-1]] else bootstrap.get(ep, 0.0)), 0.0
+        for i in reversed(idx):
+            if dones[i]:  # the episode ended here (only ever its last turn)
+                next_value, next_adv = 0.0, 0.0
+            delta = rewards[i] + gamma * next_value - values[i]
+            next_adv = delta + gamma * lam * next_adv
+            adv[i], next_value = next_adv, values[i]
+    adv = torch.tensor(adv, dtype=torch.float32)
+    return adv, adv + torch.tensor(values, dtype=torch.float32)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std over all ranks' elements together."""
+    n = M.all_reduce_sum(float(x.numel()))
+    mean = M.all_reduce_sum(float(x.sum())) / n
+    var = M.all_reduce_sum(float(((x - mean) ** 2).sum())) / max(n - 1, 1)
+    return (x - mean) / (math.sqrt(var) + 1e-8)
+
+
+# ---- the action log-probability ----
+
+def action_weights(tokenizer, response_ids: torch.Tensor, field_name: str, coef: float) -> torch.Tensor:
+    """(R,) weights of the paper's action log-prob: `coef` for the tokens before the answer's last
+    '"<field_name>"' key (found in the decoded text), 1 from the token that starts it on; all 1 when
+    the key is absent (a malformed answer is all action)."""
+    ids = response_ids.tolist()
+    weights = torch.ones(len(ids))
+    start = tokenizer.decode(ids, skip_special_tokens=True).rfind(f'"{field_name}"')
+    if start < 0:
+        return weights
+    lo, hi = 0, len(ids) - 1  # the first token whose prefix decodes past `start`
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(ids[:mid + 1], skip_special_tokens=True)) > start:
+            hi = mid
+        else:
+            lo = mid + 1
+    weights[:lo] = coef
+    return weights
+
+
+def policy_loss(new_logprobs, old_logprobs, weights, mask, advantages, clip: float, token_level: bool):
+    """Clipped-surrogate terms of a micro-batch, as (sum to minimize, count it is a sum over, ratios).
+
+    new/old_logprobs, weights, mask: (B, R) per response token; advantages: (B,).
+    Paper (token_level False): one ratio per response, of its weighted log-prob sum_t w_t log p_t.
+    Token level: one ratio per token, each with its response's advantage."""
+    if token_level:
+        logratio = (new_logprobs - old_logprobs) * mask                                     # (B, R)
+        terms = clipped_surrogate(logratio, advantages[:, None], clip) * mask               # (B, R)
+        return terms.sum(), mask.sum(), logratio.exp()[mask.bool()]
+    logratio = ((new_logprobs - old_logprobs) * weights * mask).sum(1)                      # (B,)
+    terms = clipped_surrogate(logratio, advantages, clip)                                  # (B,)
+    return terms.sum(), torch.tensor(float(len(terms))), logratio.exp()
+
+
+def clipped_surrogate(logratio: torch.Tensor, advantages: torch.Tensor, clip: float) -> torch.Tensor:
+    """PPO's objective to minimize, per element: -min(r A, clip(r, 1 - c, 1 + c) A), r = exp(logratio)."""
+    ratio = logratio.exp()
+    return -torch.min(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
+
+
+def clipped_value_loss(values, old_values, returns, clip: float) -> torch.Tensor:
+    """Per turn: 0.5 max((V - R)^2, (V_clip - R)^2), V_clip = V_old + clamp(V - V_old, -c, c);
+    plain 0.5 (V - R)^2 when clip is 0."""
+    loss = (values - returns) ** 2
+    if clip > 0:
+        clipped = old_values + (values - old_values).clamp(-clip, clip)
+        loss = torch.max(loss, (clipped - returns) ** 2)
+    return 0.5 * loss
+
+
+# ---- one update ----
+
+@dataclass
+class Batch:
+    """An update's turns on this rank, ready to train on."""
+    prompts: list                 # encoded prompts
+    responses: list               # (R,) token ids each
+    old_logprobs: list            # (R,) each, at sampling time
+    weights: list                 # (R,) each, action_weights
+    old_values: torch.Tensor      # (T,)
+    advantages: torch.Tensor      # (T,) normalized
+    returns: torch.Tensor         # (T,)
+    ref_logprobs: Optional[list] = None  # (R,) each, under the initial policy (KL penalty only)
+
+
+def stack(rows: list, width: int) -> torch.Tensor:
+    """(B, width) of 1-D tensors, right-padded with zeros."""
+    out = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+@torch.no_grad()
+def score_turns(policy, prompts: list, responses: list, micro_batch: int) -> list:
+    """Per-token log-probs of given responses, no gradient (old log-probs, or the reference's). Under
+    FSDP the weights are gathered once for all micro-batches and released after."""
+    out = []
+    with M.gathered(policy):
+        for i in range(0, len(prompts), micro_batch):
+            scored = policy(policy.collate(prompts[i:i + micro_batch], responses[i:i + micro_batch]))
+            out += [lp[:len(r)].float().cpu() for lp, r in zip(scored["logprobs"], responses[i:i + micro_batch])]
+    return out
+
+
+def ppo_epochs(policy, opt, batch: Batch, cfg: PPOConfig, update: int, world: int) -> dict:
+    """cfg.epochs passes over the batch in shuffled minibatches, one optimizer step each. A minibatch
+    whose loss or gradient is not finite on any rank is skipped (counted), never applied."""
+    n = len(batch.prompts)
+    per_rank = cfg.minibatch // world
+    rng = random.Random(update_seed(cfg.seed, update, rank=0, purpose=1))  # the same order on every rank
+    sums = Counter()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for _ in range(cfg.epochs):
+        order = list(range(n))
+        rng.shuffle(order)
+        for start in range(0, n, per_rank):
+            # longest first within a minibatch: micro-batches of similar lengths waste less padding
+            mb = sorted(order[start:start + per_rank], key=lambda i: -(batch.prompts[i]["input_ids"].shape[1]
+                                                                        + len(batch.responses[i])))
+            # denominators over all ranks, so sharded runs average exactly like one process
+            n_turns = M.all_reduce_sum(len(mb)) / world
+            n_tokens = M.all_reduce_sum(sum(len(batch.responses[i]) for i in mb)) / world
+            finite = True
+            for k in range(0, len(mb), cfg.micro_batch):
+                idx = mb[k:k + cfg.micro_batch]
+                terms = micro_batch_loss(policy, batch, idx, cfg)
+                loss = (terms["pg"] / (n_tokens if cfg.token_level else n_turns)
+                        + cfg.vf_coef * terms["vf"] / n_turns
+                        - cfg.ent_coef * terms["entropy"] / n_tokens
+                        + cfg.kl_coef * terms["kl"] / n_tokens)
+                finite = M.all_reduce_sum(float(not torch.isfinite(loss))) == 0 and finite
+                if not finite:  # every rank skips together: FSDP's backward is a collective
+                    break
+                loss.backward()
+                for key in ("pg", "vf", "entropy", "kl"):
+                    sums[key] += float(terms[key].detach())
+                sums["clipped"] += float(((terms["ratios"] - 1).abs() > cfg.clip).sum())
+                sums["approx_kl"] += float(((terms["ratios"] - 1) - terms["ratios"].log()).sum())
+                sums["ratios"] += terms["ratios"].numel()
+                sums["turns"] += len(idx)
+                sums["tokens"] += float(terms["mask_sum"])
+                sums["trained_tokens"] += terms["seen"]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if finite else torch.tensor(float("nan"))
+            if finite and torch.isfinite(grad_norm):
+                opt.step()
+                sums["steps"] += 1
+                sums["grad_norm"] += float(grad_norm)
+            else:
+                sums["skipped"] += 1
+            opt.zero_grad(set_to_none=True)
+    return dict(sums)
+
+
+def micro_batch_loss(policy, batch: Batch, idx: list, cfg: PPOConfig) -> dict:
+    """Summed loss terms of turns `idx`: pg (policy), vf (value), entropy, kl, and what the log needs."""
+    responses = [batch.responses[i] for i in idx]
+    width = max(len(r) for r in responses)
+    collated = policy.collate([batch.prompts[i] for i in idx], responses)
+    out = policy(collated)
+    mask = out["response_mask"].float()                                                     # (B, R)
+    old = stack([batch.old_logprobs[i] for i in idx], width).to(mask.device)                # (B, R)
+    weights = stack([batch.weights[i] for i in idx], width).to(mask.device)                 # (B, R)
+    adv = batch.advantages[idx].to(mask.device)                                             # (B,)
+    pg, _, ratios = policy_loss(out["logprobs"], old, weights, mask, adv, cfg.clip, cfg.token_level)
+    vf = clipped_value_loss(out["values"], batch.old_values[idx].to(mask.device), batch.returns[idx].to(mask.device),
+                            cfg.value_clip).sum()
+    kl = torch.zeros((), device=mask.device)
+    if batch.ref_logprobs is not None:  # k3 estimate of KL(policy || initial), per token: low variance, >= 0
+        log_r = stack([batch.ref_logprobs[i] for i in idx], width).to(mask.device) - out["logprobs"]
+        kl = ((log_r.exp() - log_r - 1) * mask).sum()
+    return {"pg": pg, "vf": vf, "entropy": (out["entropy"] * mask).sum(), "kl": kl, "ratios": ratios.detach(),
+            "mask_sum": mask.sum().detach(), "seen": int(collated["attention_mask"].sum())}
+
+
+# ---- rollouts ----
+
+def update_seed(seed: int, update: int, rank: int, purpose: int = 0) -> int:
+    """A seed for one update on one rank (purpose 0: environments and sampler; 1: minibatch order)."""
+    return int(np.random.SeedSequence([seed, update, rank, purpose]).generate_state(1)[0])
+
+
+def default_envs(cfg: PPOConfig) -> Callable:
+    """envs(update, rank) -> the ID-setting environments one rank plays in one update."""
+    overrides = {"verify_iter": cfg.verify_iter} if cfg.verify_iter else {}
+    env_config(cfg.task, "id", **overrides)  # a bad override fails here, before any work
+
+    def envs(update: int, rank: int) -> list:
+        return make_envs(cfg.task, "id", cfg.envs, seed=update_seed(cfg.seed, update, rank), **overrides)
+    return envs
+
+
+def collect(policy, envs: list, cfg: PPOConfig, per_rank: int, rank: int):
+    """One update's rollout on this rank and the bootstrap values of the episodes it left unfinished.
+    The weights stay gathered for the whole rollout, so ranks may run different numbers of rounds."""
+    with M.gathered(policy):
+        ro = rollout(policy, envs, n_turns=per_rank, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                     top_p=cfg.top_p, progress=rank == 0, desc="rollout")
+        boot = policy.values(list(ro.bootstrap.values()))
+    return ro, dict(zip(ro.bootstrap.keys(), boot.tolist()))
+
+
+def rollout_stats(ro, task: str) -> dict:
+    """Sums and counts of one rank's rollout, to be added over ranks."""
+    finished = [e for e in ro.episodes if e.finished]
+    recognized = [r for e in ro.episodes for r in e.recognized if r is not None]
+    out = Counter({"reward": sum(t.reward for t in ro.turns), "answers": len(ro.turns),
+                   "episodes": len(finished), "successes": sum(e.success for e in finished),
+                   "recognized": sum(recognized), "recognition_checks": len(recognized),
+                   "rollout_tokens": ro.tokens})
+    out.update(Counter(f"outcome/{o}" for e in ro.episodes for o in e.outcomes))
+    return out
+
+
+# ---- main ----
+
+def build_optimizer(policy, cfg: PPOConfig):
+    head = [p for n, p in policy.named_parameters() if n.startswith("value_head.")]
+    body = [p for n, p in policy.named_parameters() if not n.startswith("value_head.")]
+    return torch.optim.Adam([{"params": body, "lr": cfg.lr, "peak": cfg.lr},
+                             {"params": head, "lr": cfg.value_lr or cfg.lr, "peak": cfg.value_lr or cfg.lr}])
+
+
+def gather_counters(c: Counter, world: int) -> Counter:
+    if world == 1:
+        return c
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, dict(c))
+    return sum((Counter(p) for p in parts), Counter())
+
+
+def metrics_of(update: int, roll: Counter, train: Counter, gflops: float, tokens: int, secs: dict, lr: float,
+               token_level: bool, world: int) -> dict:
+    """One metrics.jsonl line from the rollout's and the epochs' sums over all ranks (every rank counts
+    the same optimizer steps and global gradient norms, hence the division by world)."""
+    answers = max(roll["answers"], 1)
+    outcomes = {k.split("/", 1)[1]: v for k, v in roll.items() if k.startswith("outcome/")}
+    total = max(sum(outcomes.values()), 1)
+    steps_tried = max(train["steps"] + train["skipped"], 1)
+    out = {"step": update, "reward_mean": roll["reward"] / answers,
+           "success_rate": roll["successes"] / roll["episodes"] if roll["episodes"] else None,
+           "episodes": roll["episodes"], "answers": roll["answers"],
+           "outcomes": {k: v / total for k, v in sorted(outcomes.items())},
+           "policy_loss": train["pg"] / max(train["tokens"] if token_level else train["turns"], 1),
+           "value_loss": train["vf"] / max(train["turns"], 1),
+           "entropy": train["entropy"] / max(train["tokens"], 1), "kl_to_init": train["kl"] / max(train["tokens"], 1),
+           "clip_frac": train["clipped"] / max(train["ratios"], 1), "approx_kl": train["approx_kl"] / max(train["ratios"], 1),
+           "grad_norm": train["grad_norm"] / max(train["steps"], 1), "skipped_minibatches": int(train["skipped"]) // world,
+           "optimizer_steps": int(train["steps"]) // world, "lr": lr, "gflops": gflops, "tokens": tokens,
+           "rollout_s": secs["rollout"], "train_s": secs["train"],
+           "tokens_per_s": (roll["rollout_tokens"] + train["trained_tokens"]) / max(secs["rollout"] + secs["train"], 1e-9)}
+    if roll["recognition_checks"]:
+        out["recognition_accuracy"] = roll["recognized"] / roll["recognition_checks"]
+    out["skipped_share"] = train["skipped"] / steps_tried
+    return out
+
+
+def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
+    """Run PPO. `env_factory(update, rank) -> envs` replaces the task's environments (tests use a toy one)."""
+    rank, world, device = M.init_distributed(cfg.device)
+    if cfg.turns % world or cfg.minibatch % world:
+        raise ValueError(f"turns={cfg.turns} and minibatch={cfg.minibatch} must both be divisible by the {world} ranks")
+    per_rank = cfg.turns // world
+    envs_for = env_factory or default_envs(cfg)
+    print0 = print if rank == 0 else (lambda *a, **k: None)
+    wandb_run = start_wandb(cfg) if cfg.wandb and rank == 0 else None
+
+    # ---- start: fresh, or the last complete checkpoint ----
+    resume_from = M.last_checkpoint(cfg.out) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        raise ValueError(f"--resume: no complete checkpoint in {cfg.out!r}")
+    state = M.read_trainer_state(resume_from or cfg.model)
+    torch.manual_seed(cfg.seed)  # a fresh value head's initialization
+    policy = M.load_policy(resume_from or cfg.model, device=device, temperature=cfg.temperature)
+    reference = M.load_policy(cfg.model, device=device, temperature=cfg.temperature).eval() if cfg.kl_coef else None
+    n_params = policy.model.num_parameters()
+    update = state.get("step", 0) if resume_from else 0
+    gflops = state.get("gflops", 0.0)  # the SFT initialization's compute carries over: one axis
+    tokens = state.get("tokens", 0) if resume_from else 0
+    field_name = ACTION_FIELD[cfg.task.split("-")[0]]
+    print0(f"ppo {cfg.task}: {n_params / 1e6:.1f}M parameters from {resume_from or cfg.model}, {world} rank(s), "
+           f"{cfg.turns} turns per update, start at update {update}")
+    if world > 1:
+        M.shard(policy)
+    opt = build_optimizer(policy, cfg)
+    if resume_from:
+        M.load_optimizer_state(policy, opt, resume_from)
+
+    os.makedirs(cfg.out, exist_ok=True)
+    log_path = os.path.join(cfg.out, "metrics.jsonl")
+    if rank == 0:
+        M.rewind_log(log_path, update)
+    bar = tqdm(total=cfg.updates, initial=update, desc=f"ppo {cfg.task}", disable=rank != 0)
+    while update < cfg.updates:
+        seed = update_seed(cfg.seed, update, rank)
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        ro, boot = collect(policy, envs_for(update, rank), cfg, per_rank, rank)
+        t1 = time.perf_counter()
+
+        # ---- advantages (normalized over all ranks' turns) ----
+        turns = ro.turns
+        advantages, returns = gae([t.reward for t in turns], [t.value for t in turns], [t.done for t in turns],
+                                  [t.episode for t in turns], boot, cfg.gamma, cfg.lam)
+        prompts, responses = [t.prompt for t in turns], [t.response_ids for t in turns]
+        batch = Batch(prompts, responses, [t.logprobs for t in turns],
+                      [action_weights(policy.tokenizer, r, field_name, cfg.pre_action_coef) for r in responses],
+                      torch.tensor([t.value for t in turns]), normalize(advantages), returns)
+        if cfg.recompute_logprobs:
+            batch.old_logprobs = score_turns(policy, prompts, responses, cfg.micro_batch)
+        if reference is not None:
+            batch.ref_logprobs = score_turns(reference, prompts, responses, cfg.micro_batch)
+
+        # ---- PPO epochs ----
+        for g in opt.param_groups:
+            g["lr"] = M.cosine_lr(update, g["peak"], cfg.updates)
+        policy.train()
+        trained = ppo_epochs(policy, opt, batch, cfg, update, world)
+        t2 = time.perf_counter()
+
+        roll = gather_counters(rollout_stats(ro, cfg.task), world)
+        trained = gather_counters(Counter(trained), world)
+        update += 1
+        gflops += (2 * n_params * roll["rollout_tokens"] + 6 * n_params * trained["trained_tokens"]) / 1e9
+        tokens += int(trained["trained_tokens"])
+        metrics = metrics_of(update, roll, trained, gflops, tokens, {"rollout": t1 - t0, "train": t2 - t1},
+                             opt.param_groups[0]["lr"], cfg.token_level, world)
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if wandb_run:
+                wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=update)
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", success=metrics["success_rate"],
+                        clip=f"{metrics['clip_frac']:.2f}")
+        bar.update(1)
+        if update % cfg.save_every == 0 or update == cfg.updates:
+            trainer_state = {"step": update, "tokens": tokens, "gflops": gflops, "kind": "ppo", "task": cfg.task,
+                             "config": asdict(cfg)}
+            policy.save(os.path.join(cfg.out, f"step-{update:06d}"),
+                        extras={"trainer_state.json": trainer_state, "optimizer.pt": M.optimizer_state(policy, opt)})
+    bar.close()
+    if wandb_run:
+        wandb_run.finish()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return {"step": update, "gflops": gflops, "tokens": tokens}
+
+
+def start_wandb(cfg: PPOConfig):
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError(f"--wandb {cfg.wandb}: wandb is not installed (pip install wandb), or leave --wandb empty") from None
+    return wandb.init(project=cfg.wandb, config=asdict(cfg), name=os.path.basename(cfg.out))
+
+
+def main(argv=None):
+    cfg = parse_config(PPOConfig, argv)
+    try:
+        train(cfg)
+    except ValueError as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    main()
