@@ -23,10 +23,15 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt Makefile
 test: install
 	$(BIN)/python -m pytest -q
 
+# The main job on the embedded default, CPU-sized (about 20 minutes on 2 cores): SFT on GP-L, PPO from
+# its last checkpoint, then ID and OOD-rule evaluation of the base, SFT and PPO checkpoints.
+DEMO          ?= runs/demo
+DEMO_EPISODES ?= 16
 demo: install
-	$(BIN)/python env_points.py --episodes 1000
-	$(BIN)/python env_virl.py --episodes 500
-	@echo "make demo: SFT -> PPO -> evaluation is not yet built (issues 4-7); shown above: the two environments."
+	$(BIN)/python train_sft.py --task gp-l --examples 160 --save-every 20 --out $(DEMO)/sft
+	$(BIN)/python train_ppo.py --task gp-l --model $(DEMO)/sft --out $(DEMO)/ppo
+	$(BIN)/python evaluate.py --task gp-l --model smollm2-135m,$(DEMO)/sft,$(DEMO)/ppo \
+		--episodes $(DEMO_EPISODES) --out $(DEMO)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -12,7 +12,8 @@ episodes to every checkpoint, so curves compare like with like.
 Writes, per run, <run>/eval_<task>.json (every metric of every checkpoint and setting) and
 <run>/eval_<task>_answers.jsonl (every answer with its verifier outcome); and into --out the
 markdown table and the plots: fig5_<task>.png (success vs training GFLOPs, ID and OOD, one line per
-run: the paper's Figure 5) and fig6_<task>.png (OOD change from each run's first checkpoint: Figure 6).
+run: the paper's Figure 5; each curve starts at its initialization when that was evaluated too) and
+fig6_<task>.png (OOD change of each run's last checkpoint from its initialization: Figure 6).
 """
 from __future__ import annotations
 
@@ -63,12 +64,13 @@ class EvalConfig:
 
 # ---- checkpoints ----
 
-def find_runs(spec: str) -> list:
-    """[(run name, run folder, [checkpoint paths by training compute])] from the --model list."""
+def find_runs(spec: str, out: str) -> list:
+    """[(run name, run folder, [checkpoint paths by training compute])] from the --model list; a model
+    name's results go to <out>/<name>."""
     runs = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         if item in M.BUILTIN_NAMES:
-            runs.append((item, os.path.join("runs", item), [item]))
+            runs.append((item, os.path.join(out, item), [item]))
         elif os.path.exists(os.path.join(item, "config.json")):
             runs.append((os.path.basename(os.path.dirname(os.path.abspath(item))), os.path.dirname(os.path.abspath(item)), [item]))
         elif os.path.isdir(item):
@@ -154,6 +156,25 @@ def play_setting(policy, cfg: EvalConfig, setting: str, rank: int, world: int) -
     return [(mine[e.id], e) for e in result.episodes]
 
 
+def checkpoint_key(path: str) -> str:
+    return path if path in M.BUILTIN_NAMES else os.path.abspath(path).rstrip("/")
+
+
+def with_initializations(results: list) -> list:
+    """The runs for plotting, each curve starting at its initialization when that was evaluated too (an
+    RL run at the SFT checkpoint it started from, an SFT run at its base model), as the paper's curves
+    do; Figure 6's change is then measured from the initialization. Nothing is evaluated twice."""
+    evaluated = {checkpoint_key(ck["path"]): ck for run in results for ck in run["checkpoints"]}
+    out = []
+    for run in results:
+        first = run["checkpoints"][0]["path"]
+        init = M.read_trainer_state(first).get("config", {}).get("model")
+        if init and checkpoint_key(init) in evaluated and checkpoint_key(init) != checkpoint_key(first):
+            run = {**run, "checkpoints": [{**evaluated[checkpoint_key(init)], "init": True}] + run["checkpoints"]}
+        out.append(run)
+    return out
+
+
 # ---- outputs ----
 
 def markdown_table(results: list, settings: list) -> str:
@@ -172,7 +193,7 @@ def markdown_table(results: list, settings: list) -> str:
 
 
 def draw_plots(results: list, settings: list, task: str, out: str) -> list:
-    """fig5: success vs GFLOPs per setting, one line per run; fig6: OOD change from each run's first checkpoint."""
+    """fig5: success vs GFLOPs per setting, one line per run; fig6: OOD change from each run's first point."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -211,7 +232,7 @@ def draw_plots(results: list, settings: list, task: str, out: str) -> list:
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(deltas)), labels, fontsize=8)
     ax.set_ylabel("OOD success change (points)")
-    ax.set_title(f"{task}: last vs first checkpoint")
+    ax.set_title(f"{task}: last checkpoint vs initialization")
     fig.tight_layout()
     fig6 = os.path.join(out, f"fig6_{task}.png")
     fig.savefig(fig6, dpi=110)
@@ -224,7 +245,7 @@ def draw_plots(results: list, settings: list, task: str, out: str) -> list:
 def evaluate(cfg: EvalConfig) -> list:
     rank, world, dist_device = M.init_distributed(cfg.device)
     settings = cfg.settings.split(",")
-    runs = find_runs(cfg.model)
+    runs = find_runs(cfg.model, cfg.out)
     results = []
     for run_name, run_dir, ckpts in runs:
         run = {"run": run_name, "task": cfg.task, "config": asdict(cfg), "checkpoints": []}
@@ -265,7 +286,7 @@ def evaluate(cfg: EvalConfig) -> list:
         with open(os.path.join(cfg.out, f"table_{cfg.task}.md"), "w") as f:
             f.write(table + "\n")
         if cfg.plots:
-            for path in draw_plots(results, settings, cfg.task, cfg.out):
+            for path in draw_plots(with_initializations(results), settings, cfg.task, cfg.out):
                 print(f"wrote {path}")
     if world > 1:
         torch.distributed.destroy_process_group()

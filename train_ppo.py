@@ -49,10 +49,10 @@ ACTION_FIELD = {"gp": "formula", "virl": "action"}  # the final field of an answ
 class PPOConfig:
     """PPO with GAE and sequential revision, from an SFT checkpoint or a model name."""
     task: str = field(default="gp-l", metadata={"doc": "gp-l, gp-vl, virl-l or virl-vl (trains on the ID setting)"})
-    model: str = field(default="smollm2-135m", metadata={"doc": "checkpoint folder or model name to start from (normally an SFT checkpoint)"})
+    model: str = field(default="smollm2-135m", metadata={"doc": "checkpoint, run folder (its last checkpoint) or model name to start from (normally SFT)"})
     updates: int = field(default=4, metadata={"doc": "PPO updates (rollout + epochs)"})
-    turns: int = field(default=16, metadata={"doc": "answers collected per update, all ranks together"})
-    envs: int = field(default=16, metadata={"doc": "environments played at once on one rank (the generation batch)"})
+    turns: int = field(default=32, metadata={"doc": "answers collected per update, all ranks together"})
+    envs: int = field(default=8, metadata={"doc": "environments played at once on one rank (the generation batch); fewer than turns, so revisions happen"})
     epochs: int = field(default=4, metadata={"doc": "PPO epochs over each update's turns"})
     minibatch: int = field(default=16, metadata={"doc": "turns per optimizer step, all ranks together"})
     micro_batch: int = field(default=4, metadata={"doc": "turns per forward pass on one rank (gradient accumulation)"})
@@ -379,6 +379,8 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
     wandb_run = start_wandb(cfg) if cfg.wandb and rank == 0 else None
 
     # ---- start: fresh, or the last complete checkpoint ----
+    if os.path.isdir(cfg.model) and not os.path.exists(os.path.join(cfg.model, "config.json")):
+        cfg.model = M.last_checkpoint(cfg.model) or cfg.model  # a run folder: its last checkpoint
     resume_from = M.last_checkpoint(cfg.out) if cfg.resume else None
     if cfg.resume and resume_from is None:
         raise ValueError(f"--resume: no complete checkpoint in {cfg.out!r}")

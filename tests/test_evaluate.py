@@ -98,3 +98,18 @@ def test_torchrun_splits_episodes_and_gathers(tmp_path):
     assert result["checkpoints"][0]["settings"]["id"]["episodes"] == 5
     episodes = {json.loads(line)["episode"] for line in (run / "eval_gp-l_answers.jsonl").read_text().splitlines()}
     assert episodes == set(range(5))
+
+
+def test_curves_start_at_the_evaluated_initialization(tmp_path):
+    ck = tmp_path / "ppo" / "step-000002"
+    ck.mkdir(parents=True)
+    sft = tmp_path / "sft" / "step-000020"
+    (ck / "trainer_state.json").write_text(json.dumps({"step": 2, "gflops": 9.0, "config": {"model": str(sft) + "/"}}))
+    entry = lambda path, g: {"path": str(path), "gflops": g, "settings": {}}  # noqa: E731
+    results = [{"run": "tiny-text", "checkpoints": [entry("tiny-text", 0.0)]},
+               {"run": "sft", "checkpoints": [entry(sft, 5.0)]},
+               {"run": "ppo", "checkpoints": [entry(ck, 9.0)]}]
+    linked = EV.with_initializations(results)
+    assert [c["gflops"] for c in linked[2]["checkpoints"]] == [5.0, 9.0] and linked[2]["checkpoints"][0]["init"]
+    assert linked[0] == results[0] and linked[1] == results[1]     # no trainer_state, or nothing evaluated to link
+    assert len(results[2]["checkpoints"]) == 1                       # the results themselves are untouched
