@@ -28,7 +28,7 @@ import torch
 
 import model as M
 from cli import fail, parse_config
-from rollout import SETTINGS, VIRL_EVAL_SEED, check_task, make_envs, rollout
+from rollout import MALFORMED_OUTCOMES, SETTINGS, VIRL_EVAL_SEED, check_task, make_envs, rollout
 
 SETTING_NAMES = {"id": "ID", "ood_rule": "OOD rule", "ood_visual": "OOD visual"}
 
@@ -109,6 +109,7 @@ def summarize(episodes: list, task: str) -> dict:
     out = {"episodes": n, "success": p, "success_se": math.sqrt(p * (1 - p) / n) if n else 0.0,
            "success_ci95": list(wilson(wins, n)), "mean_attempts": attempts / n if n else 0.0,
            "mean_reward": sum(e.total_reward for e in episodes) / n if n else 0.0,
+           "format_valid": sum(v for k, v in outcomes.items() if k not in MALFORMED_OUTCOMES) / attempts if attempts else 0.0,
            "outcomes": dict(sorted(outcomes.items()))}
     if task.startswith("virl"):
         out["per_step_accuracy"] = outcomes.get("correct", 0) / attempts if attempts else 0.0
@@ -178,7 +179,8 @@ def with_initializations(results: list) -> list:
 # ---- outputs ----
 
 def markdown_table(results: list, settings: list) -> str:
-    head = "| run | checkpoint | GFLOPs | " + " | ".join(SETTING_NAMES[s] for s in settings) + " |"
+    head = "| run | checkpoint | GFLOPs | " + " | ".join(f"{SETTING_NAMES[s]}: success [95% CI], well-formed answers"
+                                                       for s in settings) + " |"
     rows = [head, "|" + "---|" * (3 + len(settings))]
     for run in results:
         for ck in run["checkpoints"]:
@@ -186,7 +188,7 @@ def markdown_table(results: list, settings: list) -> str:
             for s in settings:
                 m = ck["settings"][s]
                 lo, hi = m["success_ci95"]
-                cells.append(f"{100 * m['success']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]")
+                cells.append(f"{100 * m['success']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}], valid {100 * m['format_valid']:.0f}%")
             rows.append(f"| {run['run']} | {os.path.basename(ck['path'].rstrip('/'))} | {ck['gflops']:.3g} | "
                         + " | ".join(cells) + " |")
     return "\n".join(rows)

@@ -65,6 +65,8 @@ def make_envs(task: str, setting: str, n: int, seed: int, **overrides) -> list:
 # ---- records ----
 
 CONTEXT_OUTCOME = "context_exceeded"  # the conversation no longer fits the model: the episode fails
+# outcomes of answers that are not well-formed (no readable formula / action): what SFT teaches first
+MALFORMED_OUTCOMES = ("illegal_formula", "invalid_action", CONTEXT_OUTCOME)
 
 
 @dataclass

@@ -36,7 +36,7 @@ def test_evaluate_writes_results_answers_table_and_plots(run_folder, tmp_path, c
         assert set(ck["settings"]) == {"id", "ood_rule"}
         for m in ck["settings"].values():
             assert {"episodes", "success", "success_se", "success_ci95", "mean_attempts", "mean_reward",
-                    "outcomes", "seconds"} <= set(m)
+                    "outcomes", "format_valid", "seconds"} <= set(m)
             assert m["episodes"] == 6 and sum(m["outcomes"].values()) == m["mean_attempts"] * 6
             assert 1 <= m["mean_attempts"] <= 5 and 0 <= m["success_ci95"][0] <= m["success"] <= m["success_ci95"][1]
     answers = [json.loads(line) for line in (run_folder / "eval_gp-l_answers.jsonl").read_text().splitlines()]
@@ -65,6 +65,17 @@ def test_vl_and_virl_metrics(tmp_path):
     m = ck["settings"]["id"]
     assert ck["gflops"] == 0.0 and m["episodes"] == 2 and 0 <= m["per_step_accuracy"] <= 1
     assert "recognition_accuracy" not in m
+
+
+def test_summary_counts_well_formed_answers_and_attempts():
+    from rollout import Episode
+    eps = [Episode(0, success=True, total_reward=4.0, outcomes=["illegal_formula", "correct"]),
+           Episode(1, total_reward=-7.0, outcomes=["wrong_numbers", "wrong_value", "illegal_formula", "context_exceeded"])]
+    m = EV.summarize(eps, "gp-l")
+    assert m["success"] == 0.5 and m["mean_attempts"] == 3.0 and m["mean_reward"] == -1.5
+    assert m["format_valid"] == pytest.approx(3 / 6) and m["outcomes"]["illegal_formula"] == 2
+    v = EV.summarize([Episode(0, outcomes=["invalid_action", "wrong_action", "correct", "correct"])], "virl-l")
+    assert v["format_valid"] == 0.75 and v["per_step_accuracy"] == 0.5
 
 
 def test_wilson_interval():
