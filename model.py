@@ -132,23 +132,29 @@ VLM_CHAT_TEMPLATE = (  # SmolLM2's turn markers, with <|image|> where a turn car
 )
 
 
-def tiny_text_folder() -> str:
-    """A 2-layer random-weight Llama (hidden 64) with SmolLM2's tokenizer, built once (seeded)."""
-    path = os.path.join(cache_root(), "tiny-text")
+def random_llama_folder(name: str, **shape) -> str:
+    """A random-weight Llama of the given shape (LlamaConfig fields) with SmolLM2's tokenizer, built once
+    (seeded) under the cache: "tiny-text" for tests, and bench.py's Llama-3.2-1B shape, with no download."""
+    path = os.path.join(cache_root(), name)
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     from transformers import LlamaConfig, LlamaForCausalLM
     tok = smollm2_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(**{"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                            "pad_token_id": tok.pad_token_id, **shape})
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     with atomic_folder(path) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return path
+
+
+def tiny_text_folder() -> str:
+    """A 2-layer random-weight Llama (hidden 64) with SmolLM2's tokenizer."""
+    return random_llama_folder("tiny-text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                               tie_word_embeddings=True)
 
 
 def tiny_vlm_folder() -> str:

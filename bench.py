@@ -1,0 +1,276 @@
+"""Measured speed: rollouts, PPO training steps and environments, each against a reference in the same run.
+
+    python bench.py                       # CPU: embedded default, rollout batch 32; or the GPU at 128 and 512
+    python bench.py --sections env        # only the environments
+    python bench.py --quick               # tiny model, small sizes: the test suite's smoke run (< 1 minute)
+
+Prints a table and one JSON line per figure ({"figure", "value", "unit", ...}); `--out FILE` appends
+the JSON lines to a file too. Figures:
+
+- rollout: the project's batched multi-turn rollout (`rollout.rollout`, sequential revision, one
+  batched generate per round) against the paper's approach, one conversation at a time with a
+  plain Hugging Face `generate` on one prompt: generated tokens/s and episodes/s of each and their
+  ratio, on the same GeneralPoints episodes (same seeds), model, temperature and token limit.
+  Ratios are measured inside one run, so a noisy machine cannot fake them.
+- train: a PPO epoch (`train_ppo.ppo_epochs`) over GeneralPoints turns: tokens/s; on a GPU also
+  model FLOPs utilization, 6 x parameters x tokens / time / the GPU's dense bf16 peak, and peak memory;
+  for the model and, on a GPU, a random-weight model of Llama-3.2-1B's shape (built locally).
+- env: GeneralPoints reset + verify per second, V-IRL steps per second, and images rendered per
+  second (GP-VL cards, V-IRL-VL 2x2 street-view grids), on one core.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import model as M
+import train_ppo as P
+from cli import fail, parse_config
+from env_points import GeneralPointsEnv, PointsConfig
+from env_virl import NavigationEnv, VirlConfig
+from rollout import make_envs, rollout
+
+# dense bf16 tensor-core peaks (FLOP/s) of the GPUs we may run on, from the vendors' datasheets
+BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+LLAMA_1B_SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+                      tie_word_embeddings=True)
+
+
+@dataclass
+class BenchConfig:
+    """Throughput benchmarks: rollouts, PPO training steps, environments."""
+    sections: str = field(default="rollout,train,env", metadata={"doc": "comma-separated subset of rollout, train, env"})
+    model: str = field(default="smollm2-135m", metadata={"doc": "model name or folder for rollout and train"})
+    batch: str = field(default="", metadata={"doc": "rollout batch sizes, comma-separated; empty: 32 on CPU, 128,512 on a GPU"})
+    baseline_episodes: int = field(default=0, metadata={"doc": "episodes of the one-at-a-time loop; 0: 8 on CPU, 32 on a GPU"})
+    max_new_tokens: int = field(default=64, metadata={"doc": "longest answer, the same in both rollouts"})
+    temperature: float = field(default=0.2, metadata={"doc": "sampling temperature (the paper's)"})
+    train_turns: int = field(default=0, metadata={"doc": "turns in the timed PPO epoch; 0: 16 on CPU, 256 on a GPU"})
+    micro_batch: int = field(default=0, metadata={"doc": "turns per forward in training; 0: 4 on CPU, 32 on a GPU"})
+    llama_1b: bool = field(default=True, metadata={"doc": "on a GPU, also time training on a random Llama-3.2-1B-shaped model"})
+    env_seconds: float = field(default=3.0, metadata={"doc": "seconds per environment figure"})
+    quick: bool = field(default=False, metadata={"doc": "tiny model and small sizes: every figure in under a minute on CPU"})
+    out: str = field(default="", metadata={"doc": "also append the JSON lines to this file"})
+    device: str = field(default="", metadata={"doc": "cuda, cpu; empty: the GPU when there is one"})
+
+    def __post_init__(self):
+        wanted = [s.strip() for s in self.sections.split(",") if s.strip()]
+        bad = [s for s in wanted if s not in ("rollout", "train", "env")]
+        if bad or not wanted:
+            raise ValueError(f"sections={self.sections!r}: expected a comma-separated subset of rollout, train, env")
+        try:
+            sizes = [int(b) for b in self.batch.split(",") if b.strip()]
+        except ValueError:
+            raise ValueError(f"batch={self.batch!r}: expected comma-separated positive integers") from None
+        if any(b < 1 for b in sizes):
+            raise ValueError(f"batch={self.batch!r}: expected comma-separated positive integers")
+
+
+def emit(rows: list, out: str, figure: str, value: float, unit: str, **extra) -> None:
+    """Print one figure as a JSON line and keep it for the table."""
+    row = {"figure": figure, "value": round(value, 4) if isinstance(value, float) else value, "unit": unit, **extra}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---- rollouts ----
+
+def batched_rollout(policy, n_episodes: int, batch: int, cfg: BenchConfig, seed: int):
+    """(generated tokens, episodes, seconds) of the project's rollout on episodes seed, seed + 1, ..."""
+    envs = make_envs("gp-l", "id", batch, seed=0)
+    synchronize(policy.device)
+    start = time.perf_counter()
+    ro = rollout(policy, envs, n_episodes=n_episodes, reset=lambda env, k: env.reset(seed=seed + k),
+                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    synchronize(policy.device)
+    return sum(len(t.response_ids) for t in ro.turns), len(ro.episodes), time.perf_counter() - start
+
+
+def one_at_a_time_rollout(policy, n_episodes: int, cfg: BenchConfig, seed: int):
+    """The paper's approach: each conversation alone, a plain Hugging Face generate on one prompt per
+    attempt, the same sequential revision. -> (generated tokens, episodes, seconds)"""
+    env = GeneralPointsEnv(PointsConfig(), seed=0)
+    tok, generated = policy.tokenizer, 0
+    synchronize(policy.device)
+    start = time.perf_counter()
+    for k in range(n_episodes):
+        conversation, done = [{"role": "user", "content": env.reset(seed=seed + k).text}], False
+        while not done:
+            ids = tok.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt",
+                                          return_dict=True)["input_ids"].to(policy.device)
+            out = policy.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                        temperature=cfg.temperature, top_p=1.0, top_k=None,
+                                        max_new_tokens=cfg.max_new_tokens, eos_token_id=policy.stop_ids,
+                                        pad_token_id=policy.pad_id)
+            new = out[0, ids.shape[1]:]
+            generated += len(new)
+            text = tok.decode(new, skip_special_tokens=True)
+            obs, _, done, _ = env.step(text)
+            conversation += [{"role": "assistant", "content": text}, {"role": "user", "content": obs.text}]
+    synchronize(policy.device)
+    return generated, n_episodes, time.perf_counter() - start
+
+
+def bench_rollout(policy, cfg: BenchConfig, rows: list, gpu: bool) -> None:
+    sizes = [int(b) for b in cfg.batch.split(",") if b.strip()] or ([4] if cfg.quick else [128, 512] if gpu else [32])
+    n_single = cfg.baseline_episodes or (2 if cfg.quick else 32 if gpu else 8)
+    policy.generate([[{"role": "user", "content": "warm up"}]], max_new_tokens=4)
+    tokens, episodes, secs = one_at_a_time_rollout(policy, n_single, cfg, seed=10_000)
+    single_tps, single_eps = tokens / secs, episodes / secs
+    emit(rows, cfg.out, "rollout_one_at_a_time_tokens_per_s", single_tps, "tokens/s", episodes=episodes)
+    emit(rows, cfg.out, "rollout_one_at_a_time_episodes_per_s", single_eps, "episodes/s", episodes=episodes)
+    for b in sizes:
+        tokens, episodes, secs = batched_rollout(policy, b, b, cfg, seed=10_000)
+        emit(rows, cfg.out, f"rollout_batched_{b}_tokens_per_s", tokens / secs, "tokens/s", batch=b, episodes=episodes)
+        emit(rows, cfg.out, f"rollout_batched_{b}_episodes_per_s", episodes / secs, "episodes/s", batch=b)
+        emit(rows, cfg.out, f"rollout_batched_{b}_speedup_tokens", tokens / secs / single_tps, "x", batch=b)
+        emit(rows, cfg.out, f"rollout_batched_{b}_speedup_episodes", episodes / secs / single_eps, "x", batch=b)
+
+
+# ---- training ----
+
+def gp_turns(policy, n: int) -> P.Batch:
+    """n GeneralPoints turns as PPO sees them: real prompts, expert-length answers, seeded advantages."""
+    env = GeneralPointsEnv(PointsConfig(), seed=0)
+    prompts, responses = [], []
+    for _ in range(n):
+        obs = env.reset()
+        prompts.append(policy.encode([{"role": "user", "content": obs.text}]))
+        responses.append(policy.response_ids(env.expert_response()))
+    old = P.score_turns(policy, prompts, responses, micro_batch=8)
+    weights = [P.action_weights(policy.tokenizer, r, "formula", 0.5) for r in responses]
+    g = torch.Generator().manual_seed(0)
+    return P.Batch(prompts, responses, old, weights, torch.zeros(n), torch.randn(n, generator=g), torch.randn(n, generator=g))
+
+
+def bench_train(name: str, label: str, cfg: BenchConfig, rows: list, device, gpu: bool) -> None:
+    torch.manual_seed(0)
+    policy = M.load_policy(name, device=device, temperature=cfg.temperature)
+    n_params = policy.model.num_parameters()
+    turns = cfg.train_turns or (4 if cfg.quick else 256 if gpu else 16)
+    micro = cfg.micro_batch or (2 if cfg.quick else 32 if gpu else 4)
+    ppo = P.PPOConfig(model=name, turns=turns, minibatch=turns, micro_batch=micro, epochs=1, out="unused")
+    batch = gp_turns(policy, turns)
+    opt = P.build_optimizer(policy, ppo)
+    policy.train()
+    P.ppo_epochs(policy, opt, P.Batch(*[x[:micro] for x in (batch.prompts, batch.responses, batch.old_logprobs,
+                                                             batch.weights, batch.old_values, batch.advantages,
+                                                             batch.returns)]),
+                 P.PPOConfig(model=name, turns=micro, minibatch=micro, micro_batch=micro, epochs=1, out="unused"),
+                 update=0, world=1)  # warm-up: allocator, kernels, optimizer state
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    synchronize(device)
+    start = time.perf_counter()
+    sums = P.ppo_epochs(policy, opt, batch, ppo, update=1, world=1)
+    synchronize(device)
+    secs = time.perf_counter() - start
+    tokens = sums["trained_tokens"]
+    extra = {"model": label, "params_m": round(n_params / 1e6, 1), "turns": turns, "micro_batch": micro}
+    emit(rows, cfg.out, f"train_{label}_tokens_per_s", tokens / secs, "tokens/s", **extra)
+    if gpu:
+        name_gpu = torch.cuda.get_device_name()
+        peak = next((v for k, v in BF16_PEAK.items() if k in name_gpu), None)
+        if peak:
+            emit(rows, cfg.out, f"train_{label}_mfu", 6 * n_params * tokens / secs / peak, "fraction of bf16 peak",
+                 gpu=name_gpu, **extra)
+        emit(rows, cfg.out, f"train_{label}_peak_memory", torch.cuda.max_memory_allocated() / 2**30, "GiB", **extra)
+    else:
+        emit(rows, cfg.out, f"train_{label}_peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+             "GiB", **extra)
+    del policy, opt
+
+
+# ---- environments ----
+
+def rate(fn, seconds: float) -> float:
+    """Calls of fn per second over about `seconds`."""
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(50):
+            fn()
+        n += 50
+    return n / (time.perf_counter() - start)
+
+
+def bench_env(cfg: BenchConfig, rows: list) -> None:
+    torch.set_num_threads(1)  # one core; the environments are pure Python and Pillow anyway
+    seconds = 0.3 if cfg.quick else cfg.env_seconds
+    gp = GeneralPointsEnv(PointsConfig(), seed=0)
+    answers = {}
+
+    def gp_reset_verify():
+        gp.reset()
+        gp.step(answers.setdefault(tuple(gp.ranks), gp.expert_response()))  # verify a (cached) correct answer
+    gp.reset()
+    for _ in range(2000):  # solve the common hands once, as a long run has
+        gp_reset_verify()
+    emit(rows, cfg.out, "env_gp_reset_verify_per_s", rate(gp_reset_verify, seconds), "resets+verifies/s per core")
+
+    virl = NavigationEnv(VirlConfig(), seed=0)
+    state = {"done": True}
+
+    def virl_step():
+        if state["done"]:
+            virl.reset()
+        _, _, state["done"], _ = virl.step(virl.expert_response())
+    emit(rows, cfg.out, "env_virl_steps_per_s", rate(virl_step, seconds), "steps/s per core")
+
+    gp_vl = GeneralPointsEnv(PointsConfig(vision=True), seed=0)
+    emit(rows, cfg.out, "env_gp_vl_images_per_s", rate(gp_vl.reset, seconds), "images/s per core")
+    virl_vl = NavigationEnv(VirlConfig(vision=True), seed=0)
+    emit(rows, cfg.out, "env_virl_vl_grids_per_s", rate(virl_vl.reset, seconds), "2x2 view grids/s per core")
+
+
+# ---- main ----
+
+def print_table(rows: list) -> None:
+    print("\n| figure | value | unit |\n|---|---|---|")
+    for r in rows:
+        value = f"{r['value']:.3g}" if isinstance(r["value"], float) else r["value"]
+        print(f"| {r['figure']} | {value} | {r['unit']} |")
+
+
+def run(cfg: BenchConfig) -> list:
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    name = "tiny-text" if cfg.quick else cfg.model
+    sections = cfg.sections.split(",")
+    rows = []
+    print(f"bench on {torch.cuda.get_device_name() if gpu else 'CPU'} ({torch.get_num_threads()} threads), model {name}")
+    if "rollout" in sections:
+        bench_rollout(M.load_policy(name, device=device, temperature=cfg.temperature), cfg, rows, gpu)
+    if "train" in sections:
+        bench_train(name, os.path.basename(name.rstrip("/")), cfg, rows, device, gpu)
+        if gpu and cfg.llama_1b and not cfg.quick:
+            bench_train(M.random_llama_folder("llama-1b-shape", **LLAMA_1B_SHAPE), "llama-1b-shape", cfg, rows, device, gpu)
+    if "env" in sections:
+        bench_env(cfg, rows)
+    print_table(rows)
+    return rows
+
+
+def main(argv=None):
+    cfg = parse_config(BenchConfig, argv)
+    try:
+        run(cfg)
+    except ValueError as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    main()
