@@ -50,6 +50,7 @@ class BenchConfig:
     batch: str = field(default="", metadata={"doc": "rollout batch sizes, comma-separated; empty: 32 on CPU, 128,512 on a GPU"})
     baseline_episodes: int = field(default=0, metadata={"doc": "episodes of the one-at-a-time loop; 0: 8 on CPU, 32 on a GPU"})
     max_new_tokens: int = field(default=64, metadata={"doc": "longest answer, the same in both rollouts"})
+    cache_tokens: int = field(default=32768, metadata={"doc": "prefix cache of the batched rollout, in tokens; 0: off"})
     temperature: float = field(default=0.2, metadata={"doc": "sampling temperature (the paper's)"})
     train_turns: int = field(default=0, metadata={"doc": "turns in the timed PPO epoch; 0: 16 on CPU, 256 on a GPU"})
     micro_batch: int = field(default=0, metadata={"doc": "turns per forward in training; 0: 4 on CPU, 32 on a GPU"})
@@ -90,14 +91,17 @@ def synchronize(device) -> None:
 # ---- rollouts ----
 
 def batched_rollout(policy, n_episodes: int, batch: int, cfg: BenchConfig, seed: int):
-    """(generated tokens, episodes, seconds) of the project's rollout on episodes seed, seed + 1, ..."""
+    """(generated tokens, episodes, seconds, share of prompt tokens served by the prefix cache) of the
+    project's rollout on episodes seed, seed + 1, ..."""
     envs = make_envs("gp-l", "id", batch, seed=0)
     synchronize(policy.device)
     start = time.perf_counter()
     ro = rollout(policy, envs, n_episodes=n_episodes, reset=lambda env, k: env.reset(seed=seed + k),
-                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, cache_tokens=cfg.cache_tokens)
     synchronize(policy.device)
-    return sum(len(t.response_ids) for t in ro.turns), len(ro.episodes), time.perf_counter() - start
+    secs = time.perf_counter() - start
+    prompt_tokens = sum(t.prompt["input_ids"].shape[1] for t in ro.turns)
+    return sum(len(t.response_ids) for t in ro.turns), len(ro.episodes), secs, ro.cached_tokens / max(prompt_tokens, 1)
 
 
 def one_at_a_time_rollout(policy, n_episodes: int, cfg: BenchConfig, seed: int):
@@ -134,11 +138,13 @@ def bench_rollout(policy, cfg: BenchConfig, rows: list, gpu: bool) -> None:
     emit(rows, cfg.out, "rollout_one_at_a_time_tokens_per_s", single_tps, "tokens/s", episodes=episodes)
     emit(rows, cfg.out, "rollout_one_at_a_time_episodes_per_s", single_eps, "episodes/s", episodes=episodes)
     for b in sizes:
-        tokens, episodes, secs = batched_rollout(policy, b, b, cfg, seed=10_000)
+        tokens, episodes, secs, cached = batched_rollout(policy, b, b, cfg, seed=10_000)
         emit(rows, cfg.out, f"rollout_batched_{b}_tokens_per_s", tokens / secs, "tokens/s", batch=b, episodes=episodes)
         emit(rows, cfg.out, f"rollout_batched_{b}_episodes_per_s", episodes / secs, "episodes/s", batch=b)
         emit(rows, cfg.out, f"rollout_batched_{b}_speedup_tokens", tokens / secs / single_tps, "x", batch=b)
         emit(rows, cfg.out, f"rollout_batched_{b}_speedup_episodes", episodes / secs / single_eps, "x", batch=b)
+        emit(rows, cfg.out, f"rollout_batched_{b}_prompt_tokens_cached", cached, "fraction", batch=b,
+             cache_tokens=cfg.cache_tokens)
 
 
 # ---- training ----

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from env_points import GeneralPointsEnv, PointsConfig
 from env_virl import NavigationEnv, VirlConfig
+from model import PrefixCache
 
 # ---- tasks ----
 
@@ -102,6 +103,7 @@ class Rollout:
     episodes: list                                  # in episode-id order
     bootstrap: dict = field(default_factory=dict)   # episode id -> encoded next prompt of an unfinished episode
     tokens: int = 0                                 # prompt + generated tokens read or written by the policy
+    cached_tokens: int = 0                          # of the prompt tokens, those served by the prefix cache
 
 
 # ---- the loop ----
@@ -109,17 +111,20 @@ class Rollout:
 def rollout(policy, envs: list, *, n_turns: Optional[int] = None, n_episodes: Optional[int] = None,
             reset: Optional[Callable] = None, max_new_tokens: int = 256, temperature: Optional[float] = None,
             top_p: float = 1.0, greedy: bool = False, max_context: Optional[int] = None,
-            progress: bool = False, desc: str = "rollout") -> Rollout:
+            cache_tokens: int = 32768, progress: bool = False, desc: str = "rollout") -> Rollout:
     """Play episodes on `envs` in lockstep, one batched generate per round.
 
     Stops after `n_turns` answers (unfinished episodes keep their next prompt in `bootstrap`) or
     after `n_episodes` episodes have finished. `reset(env, k)` starts episode k on an env (default
     `env.reset()`): evaluation passes one that fixes episode k's deal or route. A conversation whose
     prompt plus `max_new_tokens` exceeds `max_context` (default: the model's limit) ends its episode
-    as a failure with outcome "context_exceeded" and no turn."""
+    as a failure with outcome "context_exceeded" and no turn. Prompt prefixes already read (the previous
+    attempt, the task's instructions) are served from a `model.PrefixCache` of up to `cache_tokens`
+    tokens (0: off), valid for this call's weights only."""
     if (n_turns is None) == (n_episodes is None):
         raise ValueError("rollout needs exactly one of n_turns or n_episodes")
     reset = reset or (lambda env, k: env.reset())
+    cache = PrefixCache(cache_tokens) if cache_tokens > 0 else None
     max_context = max_context or policy.max_length
     out = Rollout([], [])
     episodes = {}
@@ -161,7 +166,7 @@ def rollout(policy, envs: list, *, n_turns: Optional[int] = None, n_episodes: Op
         if not order:
             continue
         samples = policy.generate(None, prompts=prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_p=top_p, greedy=greedy)
+                                  top_p=top_p, greedy=greedy, cache=cache)
         for i, sample in zip(order, samples):
             ep_id, conversation = live[i]
             ep = episodes[ep_id]
@@ -186,5 +191,6 @@ def rollout(policy, envs: list, *, n_turns: Optional[int] = None, n_episodes: Op
                 live[i] = (ep_id, [{"role": "user", "content": obs.text, "image": obs.image}])
     bar.close()
     out.bootstrap = {ep_id: policy.encode(conv) for ep_id, conv in live.values()}
+    out.cached_tokens = cache.reused if cache is not None else 0
     out.episodes = [episodes[k] for k in sorted(episodes)]
     return out

@@ -20,6 +20,7 @@ def test_quick_bench_emits_every_figure_with_its_unit(tmp_path):
     expected = {"rollout_one_at_a_time_tokens_per_s": "tokens/s", "rollout_one_at_a_time_episodes_per_s": "episodes/s",
                 "rollout_batched_4_tokens_per_s": "tokens/s", "rollout_batched_4_episodes_per_s": "episodes/s",
                 "rollout_batched_4_speedup_tokens": "x", "rollout_batched_4_speedup_episodes": "x",
+                "rollout_batched_4_prompt_tokens_cached": "fraction",
                 "train_tiny-text_tokens_per_s": "tokens/s", "train_tiny-text_peak_rss": "GiB",
                 "env_gp_reset_verify_per_s": "resets+verifies/s per core", "env_virl_steps_per_s": "steps/s per core",
                 "env_gp_vl_images_per_s": "images/s per core", "env_virl_vl_grids_per_s": "2x2 view grids/s per core"}

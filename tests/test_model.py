@@ -186,3 +186,68 @@ def test_fsdp2_two_processes_match_one(name, text_policy, vlm_policy):
     assert result["world"] == 2 and result["extras"]
     for key in ("score", "step", "generate", "save"):
         assert result[key] < 1e-4, (key, result)
+
+
+# ---- sampling and the prefix cache ----
+
+def test_sampler_draws_from_the_tempered_distribution_and_records_its_log_probs():
+    torch.manual_seed(0)
+    scores = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(40000, 4)
+    sampler = M._Sampler(temperature=0.5, top_p=1.0, greedy=False)
+    onehot = sampler(None, scores)
+    drawn = onehot.argmax(-1)
+    assert torch.isinf(onehot).sum(-1).eq(3).all()           # Hugging Face sees only the drawn token
+    expect = torch.softmax(scores[0] / 0.5, -1)
+    freq = torch.bincount(drawn, minlength=4).float() / len(drawn)
+    assert (freq - expect).abs().max() < 0.01, (freq, expect)
+    assert torch.allclose(sampler.logprobs[0], expect.log()[drawn], atol=1e-6)
+    # top-p 0.9 keeps the two most likely tokens (0.865 + 0.117 >= 0.9); log-probs stay the full distribution's
+    sampler = M._Sampler(temperature=0.5, top_p=0.9, greedy=False)
+    drawn = sampler(None, scores).argmax(-1)
+    assert set(drawn.tolist()) == {0, 1} and torch.allclose(sampler.logprobs[0], expect.log()[drawn], atol=1e-6)
+    greedy = M._Sampler(temperature=0.5, top_p=1.0, greedy=True)
+    assert greedy(None, scores[:3]).argmax(-1).tolist() == [0, 0, 0]
+
+
+def test_prefix_cache_matches_evicts_and_drops_what_a_longer_sequence_contains():
+    def kv(n):
+        return [(torch.zeros(2, n, 4), torch.zeros(2, n, 4))]
+    cache = M.PrefixCache(max_tokens=12)
+    a = torch.tensor([1, 2, 3, 4, 5])
+    cache.update([], [(a, kv(5))])
+    assert cache.match(torch.tensor([1, 2, 3, 9])) == (0, 3)
+    assert cache.match(a) == (0, 4)                          # the last prompt token is always computed
+    assert cache.match(torch.tensor([7, 1, 2])) == (None, 0)
+    longer = torch.tensor([1, 2, 3, 4, 5, 6, 7])             # a's conversation goes on: a is dropped
+    cache.update([(0, 5)], [(longer, kv(7))])
+    assert [e[0].tolist() for e in cache.entries] == [longer.tolist()]
+    other = torch.tensor([1, 2, 8, 8])                       # shares 2 tokens with `longer`: both kept...
+    cache.update([(0, 2)], [(other, kv(4))])
+    assert len(cache.entries) == 2
+    cache.update([], [(torch.tensor([5, 5, 5]), kv(3))])    # ...until 14 tokens exceed 12: the oldest goes
+    assert [len(e[0]) for e in cache.entries] == [4, 3]
+
+
+def test_generate_with_prefix_cache_matches_generate_without(text_policy):
+    first = convs(3)
+    cache = M.PrefixCache()
+    a1 = text_policy.generate(first, max_new_tokens=10, greedy=True, cache=cache)
+    assert len(cache.entries) == 3 and cache.reused > 0      # the first round shares the common prefix
+    second = [c + [{"role": "assistant", "content": s.text}, {"role": "user", "content": "You failed this trial."}]
+              for c, s in zip(first, a1)] + [[{"role": "user", "content": "solve this please"}]]
+    before = cache.reused
+    with_cache = text_policy.generate(second, max_new_tokens=10, greedy=True, cache=cache)
+    without = text_policy.generate(second, max_new_tokens=10, greedy=True)
+    first_lens = sum(s.prompt["input_ids"].shape[1] for s in a1)
+    assert cache.reused - before >= first_lens                # every continued prompt starts from its cached past
+    for x, y in zip(with_cache, without):
+        assert x.response_ids.tolist() == y.response_ids.tolist()
+        assert (x.logprobs - y.logprobs).abs().max() < 1e-4 and abs(x.value - y.value) < 1e-4
+    torch.manual_seed(3)
+    sampled = text_policy.generate(second, max_new_tokens=10, temperature=0.7, cache=cache)
+    batch = text_policy.collate([s.prompt for s in sampled], [s.response_ids for s in sampled])
+    with torch.no_grad():
+        out = text_policy(batch, temperature=0.7)
+    for i, s in enumerate(sampled):
+        assert (out["logprobs"][i, :len(s.response_ids)] - s.logprobs).abs().max() < 1e-4
+        assert abs(out["values"][i].item() - s.value) < 1e-4
