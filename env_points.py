@@ -205,68 +205,79 @@ def is_solvable(values, target: int = 24) -> bool:
 
 # ---- formula parser ----
 
-_TOKEN_RE = re.compile(r"\s*(?:([0-9]+)|(\S))")  # ASCII digits: \d would admit "٣", which int() reads
+_TOKEN_RE = re.compile(r"[0-9]+|\S")  # ASCII digits: \d would admit "٣", which int() reads
+_OPERATORS = frozenset("+-*/()")
 
 
 def _tokenize(text: str) -> list:
     """'(8-3)*4' -> ['(', 8, '-', 3, ')', '*', 4]: ints for numbers, str for operators."""
-    tokens = []
-    for m in _TOKEN_RE.finditer(text):  # every non-space character is matched: nothing is skipped
-        number, char = m.groups()
-        if number is not None:
-            tokens.append(int(number))
-        elif char in "+-*/()":
-            tokens.append(char)
+    tokens = _TOKEN_RE.findall(text)  # every non-space character is matched: nothing is skipped
+    for i, tok in enumerate(tokens):
+        if tok in _OPERATORS:
+            continue
+        if "0" <= tok[0] <= "9":
+            tokens[i] = int(tok)
         else:
-            raise ValueError(f"illegal token {char!r} at position {m.start(2)}; only integers, "
+            position = [m.start() for m in _TOKEN_RE.finditer(text)][i]
+            raise ValueError(f"illegal token {tok!r} at position {position}; only integers, "
                              "+ - * / and parentheses are allowed")
     return tokens
+
+
+def _divide(a, b):
+    """a / b exactly: an int when it divides, else a Fraction (int arithmetic is several times faster)."""
+    if type(a) is int and type(b) is int:
+        return a // b if a % b == 0 else Fraction(a, b)
+    return a / b
 
 
 class _Parser:
     """Recursive descent over   expr := term (('+'|'-') term)*
                                 term := factor (('*'|'/') factor)*
                                 factor := INT | '(' expr ')'
-    No unary minus: card numbers are positive and a formula must combine them with operators."""
+    No unary minus: card numbers are positive and a formula must combine them with operators.
+    Values are exact: ints, and Fractions once a division does not come out even."""
 
     def __init__(self, tokens):
-        self.tokens, self.i, self.depth, self.numbers = tokens, 0, 0, []
+        self.tokens, self.i, self.depth, self.numbers = tokens + [None], 0, 0, []
 
-    def peek(self):
-        return self.tokens[self.i] if self.i < len(self.tokens) else None
-
-    def expr(self) -> Fraction:
+    def expr(self):
         value = self.term()
-        while self.peek() in ("+", "-"):
-            op = self.tokens[self.i]
+        tokens = self.tokens
+        while tokens[self.i] == "+" or tokens[self.i] == "-":
+            op = tokens[self.i]
             self.i += 1
             rhs = self.term()
             value = value + rhs if op == "+" else value - rhs
         return value
 
-    def term(self) -> Fraction:
+    def term(self):
         value = self.factor()
-        while self.peek() in ("*", "/"):
-            op = self.tokens[self.i]
+        tokens = self.tokens
+        while tokens[self.i] == "*" or tokens[self.i] == "/":
+            op = tokens[self.i]
             self.i += 1
             rhs = self.factor()
-            if op == "/" and rhs == 0:
+            if op == "*":
+                value = value * rhs
+            elif rhs == 0:
                 raise ValueError("division by zero")
-            value = value * rhs if op == "*" else value / rhs
+            else:
+                value = _divide(value, rhs)
         return value
 
-    def factor(self) -> Fraction:
-        tok = self.peek()
+    def factor(self):
+        tok = self.tokens[self.i]
         self.i += 1
-        if isinstance(tok, int):
+        if type(tok) is int:
             self.numbers.append(tok)
-            return Fraction(tok)
+            return tok
         if tok == "(":
             self.depth += 1
             if self.depth > MAX_NESTING:
                 raise ValueError(f"parentheses nested deeper than {MAX_NESTING}")
             value = self.expr()
-            if self.peek() != ")":
+            if self.tokens[self.i] != ")":
                 raise ValueError("unbalanced parentheses: a '(' is never closed")
             self.i += 1
             self.depth -= 1
@@ -276,8 +287,9 @@ class _Parser:
         raise ValueError(f"{tok!r} where a number or '(' was expected")
 
 
-def parse_formula(text: str) -> tuple[Fraction, list[int]]:
-    """(exact value, the integers it uses in order). ValueError on anything but a formula."""
+def parse_formula(text: str) -> tuple:
+    """(exact value, an int or a Fraction; the integers it uses in order). ValueError on anything
+    but a formula."""
     tokens = _tokenize(text)
     if not tokens:
         raise ValueError("the formula is empty")
@@ -293,7 +305,7 @@ def evaluate_formula(text: str) -> Fraction:
     >>> evaluate_formula("8/(3-8/3)")
     Fraction(24, 1)
     """
-    return parse_formula(text)[0]
+    return Fraction(parse_formula(text)[0])
 
 
 # ---- answer extraction and verifier ----
@@ -550,6 +562,14 @@ class Observation:
     continues: bool = False    # True: append to the conversation; False: start a new one
 
 
+@functools.lru_cache(maxsize=None)
+def _dealable(ranks: tuple, face_cards_as_10: bool, face_card_required: bool, target: int) -> bool:
+    """Whether a hand (its sorted ranks) may be dealt: solvable under the rule, with a face card when required."""
+    if face_card_required and not FACE_RANKS.intersection(ranks):
+        return False
+    return is_solvable([card_value(r, face_cards_as_10) for r in ranks], target)
+
+
 class GeneralPointsEnv:
     """One GeneralPoints table. reset() deals a solvable hand and returns the task prompt;
     step(answer) verifies one attempt. After done, call reset() for the next hand.
@@ -582,9 +602,7 @@ class GeneralPointsEnv:
         cfg, suits = self.config, SUIT_SETS[self.config.suits]
         for _ in range(100_000):
             ranks = self.rng.choices(RANKS, k=4)
-            if cfg.face_card_required and not FACE_RANKS.intersection(ranks):
-                continue
-            if is_solvable([card_value(r, cfg.face_cards_as_10) for r in ranks], cfg.target):
+            if _dealable(tuple(sorted(ranks)), cfg.face_cards_as_10, cfg.face_card_required, cfg.target):
                 return list(zip(ranks, self.rng.choices(suits, k=4)))
         raise ValueError(f"no solvable hand found for target={cfg.target}: choose another target")
 
