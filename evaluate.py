@@ -10,16 +10,20 @@ episodes to every checkpoint, so curves compare like with like.
     torchrun --nproc_per_node 8 evaluate.py --model runs/ppo-gp-vl --task gp-vl   # episodes split over ranks
 
 Writes, per run, <run>/eval_<task>.json (every metric of every checkpoint and setting) and
-<run>/eval_<task>_answers.jsonl (every answer with its verifier outcome); and into --out the
-markdown table and the plots: fig5_<task>.png (success vs training GFLOPs, ID and OOD, one line per
-run: the paper's Figure 5; each curve starts at its initialization when that was evaluated too) and
-fig6_<task>.png (OOD change of each run's last checkpoint from its initialization: Figure 6).
+<run>/eval_<task>_answers.jsonl (every answer with its verifier outcome), after each checkpoint; a
+later evaluation with the same settings reuses what is stored there (--no-reuse: play again). Into
+--out: the markdown table, and the paper's figures: fig5_<task>.png (success vs training GFLOPs, ID
+and OOD, one line per run, one colour per arm; each curve starts at its initialization when that was
+evaluated too) and fig6_<task>.png / .md / .json (OOD change from the initialization to the last
+checkpoint, per arm: the seeds of one recipe, named <arm>-s<seed>, pooled into a mean and a 95%
+interval).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -49,6 +53,7 @@ class EvalConfig:
     seed: int = field(default=0, metadata={"doc": "episode seed: the same for every checkpoint"})
     out: str = field(default="runs/eval", metadata={"doc": "folder for the table and plots"})
     plots: bool = field(default=True, metadata={"doc": "draw the PNG plots (needs matplotlib)"})
+    reuse: bool = field(default=True, metadata={"doc": "reuse a run's stored results for checkpoints already evaluated with the same settings"})
     device: str = field(default="", metadata={"doc": "cuda, cpu, ...; empty: the GPU when there is one"})
 
     def __post_init__(self):
@@ -194,8 +199,57 @@ def markdown_table(results: list, settings: list) -> str:
     return "\n".join(rows)
 
 
-def draw_plots(results: list, settings: list, task: str, out: str) -> list:
-    """fig5: success vs GFLOPs per setting, one line per run; fig6: OOD change from each run's first point."""
+def arm_of(run_name: str) -> str:
+    """The training recipe a run belongs to: its name without a trailing seed tag, so that the seeds of
+    one recipe pool ("ppo-s2" and "ppo-seed2" -> "ppo"; "sft-gp-l" stays itself)."""
+    return re.sub(r"-s(?:eed)?\d+$", "", run_name)
+
+
+# two-sided 95% quantiles of Student's t by degrees of freedom (for intervals over a few seeds)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def mean_ci95(values: list) -> tuple:
+    """(mean, [low, high]) with a Student-t 95% interval over the values; no interval for one value."""
+    n, mean = len(values), sum(values) / len(values)
+    if n < 2:
+        return mean, None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = T95[max(k for k in T95 if k <= n - 1)]
+    return mean, [mean - t * sd / math.sqrt(n), mean + t * sd / math.sqrt(n)]
+
+
+def ood_changes(results: list, settings: list) -> list:
+    """The paper's Figure 6: for each arm (the seeds of a recipe) and OOD setting, the change in success
+    points from each run's first checkpoint (its initialization, when that was evaluated) to its last,
+    per seed, with their mean and 95% interval. Runs of one checkpoint have no change and are left out."""
+    arms, rows = {}, []
+    for run in results:
+        if len(run["checkpoints"]) > 1:  # a lone checkpoint (a base model, an initialization) has no change
+            arms.setdefault(arm_of(run["run"]), []).append(run)
+    for arm, runs in arms.items():
+        for s in [s for s in settings if s != "id"] or settings:
+            deltas = [100 * (r["checkpoints"][-1]["settings"][s]["success"] - r["checkpoints"][0]["settings"][s]["success"])
+                      for r in runs]
+            mean, ci = mean_ci95(deltas)
+            rows.append({"arm": arm, "setting": s, "seeds": len(deltas), "mean": mean, "ci95": ci, "deltas": deltas,
+                         "runs": [r["run"] for r in runs]})
+    return rows
+
+
+def changes_table(changes: list) -> str:
+    rows = ["| arm | setting | seeds | OOD change (points) | 95% interval | per seed |", "|---|---|---|---|---|---|"]
+    for c in changes:
+        ci = f"[{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]" if c["ci95"] else "n/a"
+        rows.append(f"| {c['arm']} | {SETTING_NAMES[c['setting']]} | {c['seeds']} | {c['mean']:+.1f} | {ci} | "
+                    + ", ".join(f"{d:+.1f}" for d in c["deltas"]) + " |")
+    return "\n".join(rows)
+
+
+def draw_plots(results: list, changes: list, settings: list, task: str, out: str) -> list:
+    """fig5: success vs GFLOPs per setting, one line per run, one colour per arm; fig6: each arm's mean OOD
+    change with its 95% interval, seeds as dots."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -204,13 +258,19 @@ def draw_plots(results: list, settings: list, task: str, out: str) -> list:
         print("plots skipped: pip install matplotlib to draw them")
         return []
     os.makedirs(out, exist_ok=True)
+    arms = list(dict.fromkeys(arm_of(run["run"]) for run in results))
+    colour = {arm: f"C{i % 10}" for i, arm in enumerate(arms)}
     fig, axes = plt.subplots(1, len(settings), figsize=(4.5 * len(settings), 3.6), squeeze=False)
     for ax, s in zip(axes[0], settings):
+        labelled = set()
         for run in results:
+            arm = arm_of(run["run"])
             xs = [ck["gflops"] for ck in run["checkpoints"]]
             ys = [100 * ck["settings"][s]["success"] for ck in run["checkpoints"]]
             es = [100 * ck["settings"][s]["success_se"] for ck in run["checkpoints"]]
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=run["run"])
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=colour[arm], alpha=0.8,
+                        label=None if arm in labelled else arm)
+            labelled.add(arm)
         ax.set_title(f"{task} {SETTING_NAMES[s]}")
         ax.set_xlabel("training GFLOPs")
         ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 3))
@@ -222,17 +282,14 @@ def draw_plots(results: list, settings: list, task: str, out: str) -> list:
     fig.savefig(fig5, dpi=110)
     plt.close(fig)
 
-    ood = [s for s in settings if s != "id"] or settings
-    fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(results) * len(ood), 3.6))
-    labels, deltas = [], []
-    for run in results:
-        first, last = run["checkpoints"][0], run["checkpoints"][-1]
-        for s in ood:
-            labels.append(f"{run['run']}\n{SETTING_NAMES[s]}")
-            deltas.append(100 * (last["settings"][s]["success"] - first["settings"][s]["success"]))
-    ax.bar(range(len(deltas)), deltas, color=["tab:green" if d >= 0 else "tab:red" for d in deltas])
+    fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(changes), 3.6))
+    for i, c in enumerate(changes):
+        lo, hi = c["ci95"] or (c["mean"], c["mean"])
+        ax.bar(i, c["mean"], color="tab:green" if c["mean"] >= 0 else "tab:red", alpha=0.7,
+               yerr=[[c["mean"] - lo], [hi - c["mean"]]], capsize=4)
+        ax.plot([i] * len(c["deltas"]), c["deltas"], "k.", markersize=5)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(deltas)), labels, fontsize=8)
+    ax.set_xticks(range(len(changes)), [f"{c['arm']}\n{SETTING_NAMES[c['setting']]}" for c in changes], fontsize=8)
     ax.set_ylabel("OOD success change (points)")
     ax.set_title(f"{task}: last checkpoint vs initialization")
     fig.tight_layout()
@@ -242,22 +299,49 @@ def draw_plots(results: list, settings: list, task: str, out: str) -> list:
     return [fig5, fig6]
 
 
-# ---- main ----
+# what an evaluation's numbers depend on besides the checkpoint: a stored result is reused only if these match
+RESULT_KEY_FIELDS = ("task", "episodes", "virl_routes", "max_new_tokens", "temperature", "top_p", "verify_iter", "seed")
+
+
+def stored_results(run_dir: str, task: str) -> tuple:
+    """(checkpoint entries by path key, answer lines by path key) of an earlier evaluation of the run."""
+    path = os.path.join(run_dir, f"eval_{task}.json")
+    if not os.path.exists(path):
+        return {}, {}
+    with open(path) as f:
+        entries = {checkpoint_key(ck["path"]): ck for ck in json.load(f).get("checkpoints", [])}
+    answers = {}
+    answers_path = os.path.join(run_dir, f"eval_{task}_answers.jsonl")
+    if os.path.exists(answers_path):
+        with open(answers_path) as f:
+            for line in f:
+                answers.setdefault(checkpoint_key(json.loads(line)["checkpoint"]), []).append(line)
+    return entries, answers
+
 
 def evaluate(cfg: EvalConfig) -> list:
     rank, world, dist_device = M.init_distributed(cfg.device)
     settings = cfg.settings.split(",")
     runs = find_runs(cfg.model, cfg.out)
+    key = {k: getattr(cfg, k) for k in RESULT_KEY_FIELDS}
     results = []
     for run_name, run_dir, ckpts in runs:
         run = {"run": run_name, "task": cfg.task, "config": asdict(cfg), "checkpoints": []}
+        old, old_answers = stored_results(run_dir, cfg.task) if cfg.reuse else ({}, {})
         answers = []
         for ckpt in ckpts:
             state = M.read_trainer_state(ckpt)
-            policy = M.load_policy(ckpt, device=cfg.device or dist_device, temperature=cfg.temperature)
             entry = {"path": ckpt, "step": state.get("step", 0), "gflops": float(state.get("gflops", 0.0)),
-                     "settings": {}}
-            for s in settings:
+                     "key": key, "settings": {}}
+            before = old.get(checkpoint_key(ckpt), {})
+            if all(before.get(k) == entry[k] for k in ("step", "gflops", "key")):  # the same weights, the same test
+                entry["settings"] = {s: m for s, m in before.get("settings", {}).items() if s in settings}
+            todo = [s for s in settings if s not in entry["settings"]]
+            answers += [json.loads(line) for line in old_answers.get(checkpoint_key(ckpt), [])
+                        if json.loads(line)["setting"] in entry["settings"]]
+            if todo:
+                policy = M.load_policy(ckpt, device=cfg.device or dist_device, temperature=cfg.temperature)
+            for s in todo:
                 start = time.perf_counter()
                 played = play_setting(policy, cfg, s, rank, world)
                 if world > 1:
@@ -271,28 +355,40 @@ def evaluate(cfg: EvalConfig) -> list:
                 for k, e in played:
                     for a, ans in enumerate(e.answers):
                         answers.append({"checkpoint": ckpt, "setting": s, "episode": k, "attempt": a + 1, **ans})
+            if todo:
+                del policy
             run["checkpoints"].append(entry)
-            del policy
+            if rank == 0:  # after every checkpoint: an interrupted evaluation loses at most the one in progress
+                write_run(run_dir, cfg.task, run, answers)
         results.append(run)
-        if rank == 0:
-            os.makedirs(run_dir, exist_ok=True)
-            with open(os.path.join(run_dir, f"eval_{cfg.task}.json"), "w") as f:
-                json.dump(run, f, indent=1)
-            with open(os.path.join(run_dir, f"eval_{cfg.task}_answers.jsonl"), "w") as f:
-                for a in answers:
-                    f.write(json.dumps(a) + "\n")
     if rank == 0:
         table = markdown_table(results, settings)
-        print(table)
+        changes = ood_changes(with_initializations(results), settings)
+        print(table + "\n\n" + changes_table(changes))
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, f"table_{cfg.task}.md"), "w") as f:
             f.write(table + "\n")
+        with open(os.path.join(cfg.out, f"fig6_{cfg.task}.md"), "w") as f:
+            f.write(changes_table(changes) + "\n")
+        with open(os.path.join(cfg.out, f"fig6_{cfg.task}.json"), "w") as f:
+            json.dump(changes, f, indent=1)
         if cfg.plots:
-            for path in draw_plots(with_initializations(results), settings, cfg.task, cfg.out):
+            for path in draw_plots(with_initializations(results), changes, settings, cfg.task, cfg.out):
                 print(f"wrote {path}")
     if world > 1:
         torch.distributed.destroy_process_group()
     return results
+
+
+def write_run(run_dir: str, task: str, run: dict, answers: list) -> None:
+    """A run's results JSON and answers JSONL, each replaced whole (written beside, then renamed)."""
+    os.makedirs(run_dir, exist_ok=True)
+    for name, lines in ((f"eval_{task}.json", [json.dumps(run, indent=1)]),
+                        (f"eval_{task}_answers.jsonl", [json.dumps(a) for a in answers])):
+        path = os.path.join(run_dir, name)
+        with open(path + ".tmp", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(path + ".tmp", path)
 
 
 def main(argv=None):

@@ -1,5 +1,6 @@
 """evaluate.py: results JSON, answers, plots, like-for-like episodes, metrics, CLI, torchrun."""
 import json
+import math
 import os
 import shutil
 import socket
@@ -124,3 +125,39 @@ def test_curves_start_at_the_evaluated_initialization(tmp_path):
     assert [c["gflops"] for c in linked[2]["checkpoints"]] == [5.0, 9.0] and linked[2]["checkpoints"][0]["init"]
     assert linked[0] == results[0] and linked[1] == results[1]     # no trainer_state, or nothing evaluated to link
     assert len(results[2]["checkpoints"]) == 1                       # the results themselves are untouched
+
+
+def test_seeds_pool_into_arms_with_a_t_interval():
+    assert [EV.arm_of(n) for n in ("ppo-s2", "sft-seed10", "sft-gp-l", "init")] == ["ppo", "sft", "sft-gp-l", "init"]
+    mean, (lo, hi) = EV.mean_ci95([1.0, 2.0, 6.0])
+    # mean 3, sample sd sqrt(7), t(2) = 4.303: 3 -+ 4.303 * sqrt(7 / 3)
+    assert mean == 3.0 and lo == pytest.approx(3 - 4.303 * math.sqrt(7 / 3)) and hi == pytest.approx(3 + 4.303 * math.sqrt(7 / 3))
+    assert EV.mean_ci95([4.0]) == (4.0, None)
+
+    def run(name, init_ood, last_ood):
+        ck = lambda p: {"path": name, "gflops": 0.0, "settings": {"id": {"success": 0.5}, "ood_rule": {"success": p}}}  # noqa: E731
+        return {"run": name, "checkpoints": [ck(init_ood), ck(0.3), ck(last_ood)]}
+    changes = EV.ood_changes([run("ppo-s0", 0.10, 0.15), run("ppo-s1", 0.10, 0.12), run("sft-s0", 0.10, 0.02)],
+                             ["id", "ood_rule"])
+    assert [(c["arm"], c["setting"], c["seeds"]) for c in changes] == [("ppo", "ood_rule", 2), ("sft", "ood_rule", 1)]
+    assert changes[0]["deltas"] == pytest.approx([5.0, 2.0]) and changes[0]["mean"] == pytest.approx(3.5)
+    assert changes[1]["mean"] == pytest.approx(-8.0) and changes[1]["ci95"] is None
+    assert "| ppo | OOD rule | 2 | +3.5 |" in EV.changes_table(changes)
+
+
+def test_stored_results_are_reused_and_redone_when_the_test_changes(run_folder, tmp_path, monkeypatch):
+    cfg = dict(model=str(run_folder / "step-000010"), task="gp-l", episodes=3, batch_size=3, max_new_tokens=8,
+               out=str(tmp_path), plots=False)
+    first = EV.evaluate(EV.EvalConfig(**cfg, settings="id"))
+    loads = []
+    real = M.load_policy
+    monkeypatch.setattr(M, "load_policy", lambda *a, **k: loads.append(a) or real(*a, **k))
+    again = EV.evaluate(EV.EvalConfig(**cfg))               # id is stored: only ood_rule is played
+    assert again[0]["checkpoints"][0]["settings"]["id"] == first[0]["checkpoints"][0]["settings"]["id"]
+    assert len(loads) == 1 and set(again[0]["checkpoints"][0]["settings"]) == {"id", "ood_rule"}
+    answers = (run_folder / "eval_gp-l_answers.jsonl").read_text().splitlines()
+    assert {json.loads(a)["setting"] for a in answers} == {"id", "ood_rule"}
+    EV.evaluate(EV.EvalConfig(**cfg))                        # everything stored: nothing is loaded
+    assert len(loads) == 1
+    EV.evaluate(EV.EvalConfig(**{**cfg, "episodes": 4}))      # another test: played again
+    assert len(loads) == 2
