@@ -1,0 +1,50 @@
+"""replicate.py: the whole protocol at tiny scale, matched compute, seeds pooled into arms, and a rerun
+that finds every phase done."""
+import json
+import os
+import subprocess
+import sys
+
+import model as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def replicate(out, *extra):
+    return subprocess.run([sys.executable, "replicate.py", "--task", "gp-l", "--scale", "tiny", "--seeds", "0,1",
+                           "--out", str(out), *extra], cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def test_tiny_replication_matches_compute_pools_seeds_and_resumes(tmp_path):
+    run = replicate(tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    gflops = lambda r: M.read_trainer_state(M.last_checkpoint(str(tmp_path / r)))["gflops"]  # noqa: E731
+    init = gflops("init")
+    rl = [gflops(f"rl-s{k}") - init for k in (0, 1)]
+    sft = [gflops(f"sft-s{k}") - init for k in (0, 1)]
+    per_sft_step = init / 2                                   # the initialization: 2 steps from a base model
+    assert all(r > 0 for r in rl) and all(abs(s - sum(rl) / 2) <= 2 * per_sft_step for s in sft), (rl, sft, per_sft_step)
+    for arm in ("rl", "sft"):                                 # two checkpoints per run, every run starts at init
+        for k in (0, 1):
+            ckpts = sorted(os.listdir(tmp_path / f"{arm}-s{k}"))
+            assert len([c for c in ckpts if c.startswith("step-")]) == 2
+            first = sorted(c for c in ckpts if c.startswith("step-"))[0]
+            assert M.read_trainer_state(str(tmp_path / f"{arm}-s{k}" / first))["config"]["model"].endswith("init/step-000002")
+    changes = json.loads((tmp_path / "fig6_gp-l.json").read_text())
+    assert [(c["arm"], c["setting"], c["seeds"]) for c in changes] == [("rl", "ood_rule", 2), ("sft", "ood_rule", 2)]
+    assert (tmp_path / "fig5_gp-l.png").exists() and (tmp_path / "fig6_gp-l.png").exists()
+    evaluated = (tmp_path / "rl-s0" / "eval_gp-l.json").read_text()
+
+    again = replicate(tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for phase in ("init", "rl-s0", "rl-s1", "sft-s0", "sft-s1"):
+        assert f"[{phase}] done" in again.stdout
+    assert (tmp_path / "rl-s0" / "eval_gp-l.json").read_text() == evaluated   # stored results reused, not replayed
+
+
+def test_bad_flags_are_one_line():
+    for args, match in ((["--scale", "huge"], "scale='huge'"), (["--seeds", "0,x"], "seeds='0,x'"),
+                        (["--task", "chess"], "unknown task 'chess'"),
+                        (["--rl-updates", "3", "--checkpoints", "2"], "rl_updates=3 is not a multiple")):
+        out = subprocess.run([sys.executable, "replicate.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and match in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr
