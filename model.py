@@ -275,14 +275,29 @@ class PrefixCache:
         """(entry index or None, m): the entry sharing the longest prefix with `ids`, m tokens long, at
         most len(ids) - 1 so that the last prompt token (whose state gives the value and first token) is
         always computed."""
-        best, best_m = None, 0
-        for e, (cached, _) in enumerate(self.entries):
-            n = min(len(cached), len(ids) - 1)
-            same = (cached[:n] == ids[:n]).long()                                           # (n,)
-            m = int(same.cumprod(0).sum()) if n else 0
-            if m > best_m:
-                best, best_m = e, m
-        return best, best_m
+        return self.match_all([ids])[0]
+
+    def match_all(self, queries: list) -> list:
+        """`match` of every sequence in `queries`, compared with every entry at once.
+        Example, entries [5 6 7 8] and [5 9]; query [5 6 7 2]: first mismatches at 3 and 1 -> (0, 3)."""
+        if not self.entries or not queries:
+            return [(None, 0)] * len(queries)
+        width = max(len(ids) for ids, _ in self.entries)
+        held = torch.full((len(self.entries), width), -1, dtype=torch.long)                 # (E, L) -1: no token
+        for e, (ids, _) in enumerate(self.entries):
+            held[e, :len(ids)] = ids
+        out = []
+        for q in queries:
+            n = min(width, len(q) - 1)
+            if n < 1:
+                out.append((None, 0))
+                continue
+            differ = held[:, :n] != q[None, :n]                                              # (E, n)
+            # the first differing position, or n when none differs
+            m = torch.where(differ.any(1), differ.to(torch.int8).argmax(1), torch.tensor(n))  # (E,)
+            best = int(m.argmax())
+            out.append((best, int(m[best])) if int(m[best]) > 0 else (None, 0))
+        return out
 
     def update(self, matches: list, new: list) -> None:
         """After a generate call: `matches` [(entry index or None, m)] were its prompts' matches, `new`
@@ -518,7 +533,7 @@ class Policy(nn.Module):
         """Each prompt's longest cached prefix, (entry index, m). When the batch's prompts share a longer
         common prefix (a task's instructions, on the first round) it is computed once and cached first."""
         ids = [p["input_ids"][0] for p in prompts]
-        matches = [cache.match(x) for x in ids]
+        matches = cache.match_all(ids)
         n = min(len(x) for x in ids) - 1
         if len(ids) < 2 or n < 1:
             return matches
@@ -531,7 +546,7 @@ class Policy(nn.Module):
         self.model.model(input_ids=ids[0][None, :common].to(self.device), cache=kv, use_cache=True)
         cache.entries.append((ids[0][:common], [(layer.keys[0], layer.values[0]) for layer in kv.layers]))
         cache.computed += common
-        return [cache.match(x) for x in ids]
+        return cache.match_all(ids)
 
     def _generation_inputs(self, prompts: list, cache: Optional[PrefixCache], matches: list,
                            max_new_tokens: int) -> dict:
