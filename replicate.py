@@ -30,7 +30,7 @@ import model as M
 from cli import fail, parse_config
 from rollout import check_task
 
-# Sizes per scale. "cpu" runs the whole protocol on 2 CPU cores in about two hours per task (a check of
+# Sizes per scale. "cpu" runs the whole protocol on 2 CPU cores in one to two hours per task (a check of
 # the pipeline, far too small to move a policy much); "gpu" is the one-GPU replication; "tiny" is the
 # test suite's smoke run on a random-weight model.
 SCALES = {
@@ -38,7 +38,7 @@ SCALES = {
                  rl_updates=2, rl_turns=4, rl_envs=4, rl_minibatch=4, rl_micro_batch=4, rl_lr=1e-4,
                  checkpoints=2, eval_episodes=2, eval_virl_routes=2, max_new_tokens=8, eval_batch=4),
     "cpu": dict(model="smollm2-135m", init_examples=160, init_steps=20, init_batch=8, init_lr=1e-4, sft_lr=1e-4,
-                rl_updates=4, rl_turns=16, rl_envs=8, rl_minibatch=16, rl_micro_batch=4, rl_lr=1e-5,
+                rl_updates=2, rl_turns=16, rl_envs=8, rl_minibatch=16, rl_micro_batch=4, rl_lr=1e-5,
                 checkpoints=2, eval_episodes=32, eval_virl_routes=8, max_new_tokens=96, eval_batch=32),
     "gpu": dict(model="smollm2-135m", init_examples=20000, init_steps=400, init_batch=64, init_lr=1e-5, sft_lr=1e-5,
                 rl_updates=40, rl_turns=256, rl_envs=128, rl_minibatch=64, rl_micro_batch=16, rl_lr=1e-6,
