@@ -239,6 +239,8 @@ def ood_changes(results: list, settings: list) -> list:
 
 
 def changes_table(changes: list) -> str:
+    if not changes:  # e.g. a lone base model: nothing has changed yet, say so rather than print an empty table
+        return "No OOD change to show: no run has more than one checkpoint (an initialization and later ones)."
     rows = ["| arm | setting | seeds | OOD change (points) | 95% interval | per seed |", "|---|---|---|---|---|---|"]
     for c in changes:
         ci = f"[{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]" if c["ci95"] else "n/a"

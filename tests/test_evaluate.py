@@ -143,6 +143,9 @@ def test_seeds_pool_into_arms_with_a_t_interval():
     assert changes[0]["deltas"] == pytest.approx([5.0, 2.0]) and changes[0]["mean"] == pytest.approx(3.5)
     assert changes[1]["mean"] == pytest.approx(-8.0) and changes[1]["ci95"] is None
     assert "| ppo | OOD rule | 2 | +3.5 |" in EV.changes_table(changes)
+    lone = {**run("base", 0.10, 0.10), "checkpoints": run("base", 0.10, 0.10)["checkpoints"][:1]}
+    assert EV.ood_changes([lone], ["id", "ood_rule"]) == []                # one checkpoint: no change to report
+    assert EV.changes_table([]).startswith("No OOD change to show")        # a sentence, not an empty table
 
 
 def test_stored_results_are_reused_and_redone_when_the_test_changes(run_folder, tmp_path, monkeypatch):
