@@ -335,11 +335,15 @@ def build_optimizer(policy, cfg: PPOConfig):
 
 
 def gather_counters(c: Counter, world: int) -> Counter:
+    """The sums of all ranks' counters. Counter.update adds; `+` would drop the negative sums (rewards, losses)."""
     if world == 1:
         return c
     parts = [None] * world
     torch.distributed.all_gather_object(parts, dict(c))
-    return sum((Counter(p) for p in parts), Counter())
+    total = Counter()
+    for p in parts:
+        total.update(p)
+    return total
 
 
 def metrics_of(update: int, roll: Counter, train: Counter, gflops: float, tokens: int, secs: dict, lr: float,

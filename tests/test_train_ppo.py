@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import env_points as E
 import model as M
 import train_ppo as P
 import train_sft as S
@@ -197,6 +198,9 @@ def test_train_ppo_under_torchrun_runs_two_updates_and_saves(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     log = metrics(tmp_path / "run")
     assert [m["step"] for m in log] == [1, 2] and all(m["answers"] == 8 for m in log)
+    for m in log:  # the ranks' sums add up, negative ones included: the mean reward is that of the outcomes
+        assert m["reward_mean"] < 0 and m["reward_mean"] == pytest.approx(
+            sum(share * E.REWARDS[o] for o, share in m["outcomes"].items()))
     assert log[1]["gflops"] > log[0]["gflops"] > 0 and log[0]["optimizer_steps"] == 4 * 8 // 4
     loaded = M.load_policy(str(tmp_path / "run" / "step-000002"))  # a sharded save loads unsharded
     assert M.read_trainer_state(str(tmp_path / "run" / "step-000002"))["kind"] == "ppo" and loaded.value_head
