@@ -116,10 +116,11 @@ def one_at_a_time_rollout(policy, n_episodes: int, cfg: BenchConfig, seed: int):
         while not done:
             ids = tok.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt",
                                           return_dict=True)["input_ids"].to(policy.device)
-            out = policy.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                        temperature=cfg.temperature, top_p=1.0, top_k=None,
-                                        max_new_tokens=cfg.max_new_tokens, eos_token_id=policy.stop_ids,
-                                        pad_token_id=policy.pad_id)
+            with policy.autocast():  # the same compute precision as the batched rollout
+                out = policy.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                            temperature=cfg.temperature, top_p=1.0, top_k=None,
+                                            max_new_tokens=cfg.max_new_tokens, eos_token_id=policy.stop_ids,
+                                            pad_token_id=policy.pad_id)
             new = out[0, ids.shape[1]:]
             generated += len(new)
             text = tok.decode(new, skip_special_tokens=True)
@@ -157,7 +158,7 @@ def gp_turns(policy, n: int) -> P.Batch:
         obs = env.reset()
         prompts.append(policy.encode([{"role": "user", "content": obs.text}]))
         responses.append(policy.response_ids(env.expert_response()))
-    old = P.score_turns(policy, prompts, responses, micro_batch=8)
+    old, _ = P.score_turns(policy, prompts, responses, micro_batch=8)
     weights = [P.action_weights(policy.tokenizer, r, "formula", 0.5) for r in responses]
     g = torch.Generator().manual_seed(0)
     return P.Batch(prompts, responses, old, weights, torch.zeros(n), torch.randn(n, generator=g), torch.randn(n, generator=g))
@@ -165,7 +166,7 @@ def gp_turns(policy, n: int) -> P.Batch:
 
 def bench_train(name: str, label: str, cfg: BenchConfig, rows: list, device, gpu: bool) -> None:
     torch.manual_seed(0)
-    policy = M.load_policy(name, device=device, temperature=cfg.temperature)
+    policy = M.load_policy(name, device=device, temperature=cfg.temperature, precision="auto")
     n_params = policy.model.num_parameters()
     turns = cfg.train_turns or (4 if cfg.quick else 256 if gpu else 16)
     micro = cfg.micro_batch or (2 if cfg.quick else 32 if gpu else 4)
@@ -259,7 +260,7 @@ def run(cfg: BenchConfig) -> list:
     rows = []
     print(f"bench on {torch.cuda.get_device_name() if gpu else 'CPU'} ({torch.get_num_threads()} threads), model {name}")
     if "rollout" in sections:
-        bench_rollout(M.load_policy(name, device=device, temperature=cfg.temperature), cfg, rows, gpu)
+        bench_rollout(M.load_policy(name, device=device, temperature=cfg.temperature, precision="auto"), cfg, rows, gpu)
     if "train" in sections:
         bench_train(name, os.path.basename(name.rstrip("/")), cfg, rows, device, gpu)
         if gpu and cfg.llama_1b and not cfg.quick:

@@ -211,7 +211,17 @@ class ValueHead(nn.Module):
                                  nn.Linear(width // 2, 1))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.net(hidden.float()).squeeze(-1)  # (..., H) -> (...)
+        with torch.autocast(hidden.device.type, enabled=False):  # fp32 even inside the body's bf16 autocast
+            return self.net(hidden.float()).squeeze(-1)  # (..., H) -> (...)
+
+
+def fp32_logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The output layer in fp32, whatever the weights' or autocast's dtype: bf16 logits are rounded to 8
+    significant bits (a step of 0.125 at a logit of 20, 0.6 nats at the paper's temperature 0.2), more
+    than the difference between two nearby policies. (..., H) -> (..., V)"""
+    bias = head.bias.float() if getattr(head, "bias", None) is not None else None
+    with torch.autocast(hidden.device.type, enabled=False):
+        return F.linear(hidden.float(), head.weight.float(), bias)
 
 
 @dataclass
@@ -320,13 +330,17 @@ def _zero_pad(t: torch.Tensor, shape: list) -> torch.Tensor:
 
 class Policy(nn.Module):
     """A Hugging Face LM or VLM with a value head. `forward` scores given responses (differentiable);
-    `generate` samples new ones."""
+    `generate` samples new ones. With `compute_dtype` (bf16) both run under torch.autocast over the
+    weights as they are (fp32 master weights when training); the output layer and the value head always
+    compute in fp32."""
 
-    def __init__(self, model, processor, is_vlm: bool, temperature: float = 1.0):
+    def __init__(self, model, processor, is_vlm: bool, temperature: float = 1.0,
+                 compute_dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.model, self.processor, self.is_vlm = model, processor, is_vlm
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.temperature = temperature
+        self.compute_dtype = compute_dtype
         hidden = self._text_config().hidden_size
         self.value_head = ValueHead(hidden).to(device=model.device)
         self.stop_ids = self._stop_ids()
@@ -352,6 +366,14 @@ class Policy(nn.Module):
     @property
     def max_length(self) -> int:
         return getattr(self._text_config(), "max_position_embeddings", 4096)
+
+    def autocast(self):
+        """The compute precision: bf16 autocast when `compute_dtype` is set, else the weights' own dtype.
+        Matrix products and attention run in bf16 (each fp32 weight is cast once per `with` region and
+        the copy cached); the residual stream and the norms stay fp32."""
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     # ---- encoding ----
 
@@ -447,13 +469,14 @@ class Policy(nn.Module):
         batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         prompt_lens, response_ids, mask = batch["prompt_lens"], batch["response_ids"], batch["response_mask"]
         inputs = {k: v for k, v in batch.items() if k not in ("prompt_lens", "response_ids", "response_mask")}
-        hidden = self.model.model(**inputs).last_hidden_state                               # (B, T, H)
+        with self.autocast():
+            hidden = self.model.model(**inputs).last_hidden_state                           # (B, T, H)
         b = torch.arange(hidden.shape[0], device=hidden.device)
         values = self.value_head(hidden[b, prompt_lens - 1])                                 # (B,)
         # the token at position p is predicted by the hidden state at p - 1
         pos = (prompt_lens[:, None] - 1 + torch.arange(response_ids.shape[1], device=hidden.device)[None, :])
         pos = pos.clamp(max=hidden.shape[1] - 1)                                            # (B, R)
-        logits = self.model.get_output_embeddings()(hidden[b[:, None], pos]).float() / t     # (B, R, V)
+        logits = fp32_logits(self.model.get_output_embeddings(), hidden[b[:, None], pos]) / t  # (B, R, V)
         logp_all = torch.log_softmax(logits, dim=-1)                                        # (B, R, V)
         logprobs = logp_all.gather(-1, response_ids[..., None]).squeeze(-1)                 # (B, R)
         entropy = -(logp_all.exp() * logp_all).sum(-1)                                      # (B, R)
@@ -467,7 +490,8 @@ class Policy(nn.Module):
             if not prompts:
                 return torch.zeros(0)
             batch = {k: v.to(self.device) for k, v in self.collate(prompts, side="right").items()}
-            hidden = self.model.model(**batch).last_hidden_state                                # (B, P, H)
+            with self.autocast():
+                hidden = self.model.model(**batch).last_hidden_state                            # (B, P, H)
             last = batch["attention_mask"].sum(1) - 1                                           # (B,) right-padded
             return self.value_head(hidden[torch.arange(len(prompts), device=hidden.device), last]).float().cpu()
 
@@ -485,15 +509,19 @@ class Policy(nn.Module):
         cache = cache if self.caches_prefixes else None
         sampler = _Sampler(temperature or self.temperature, top_p, greedy)
         captured = []
-        hook = self.model.get_output_embeddings().register_forward_pre_hook(
-            lambda _, args: captured.append(args[0][:, -1]) if not captured else None)  # prefill: last prompt token
+
+        def output_layer(head, args, logits):
+            if not captured:  # the prefill: the last prompt token's hidden state gives V(prompt)
+                captured.append(args[0][:, -1])
+            return None if logits.dtype == torch.float32 else fp32_logits(head, args[0])  # as `forward` computes them
+        hook = self.model.get_output_embeddings().register_forward_hook(output_layer)
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.stop_ids,
                                   pad_token_id=self.pad_id, bos_token_id=self.tokenizer.bos_token_id,
                                   return_dict_in_generate=cache is not None)
         was_training = self.training
         self.eval()
         try:
-            with gathered(self):
+            with gathered(self), self.autocast():
                 matches = self._match_prefixes(prompts, cache) if cache is not None else []
                 batch = self._generation_inputs(prompts, cache, matches, max_new_tokens)
                 out = self.model.generate(**batch, generation_config=config,
@@ -632,18 +660,42 @@ def _is_vlm_config(config) -> bool:
     return config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and hasattr(config, "vision_config")
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def compute_dtype_of(precision: str, device) -> Optional[torch.dtype]:
+    """The compute dtype of a training precision: bf16 for "bf16", None (the fp32 weights' own) for
+    "fp32"; "auto" is bf16 on a GPU and fp32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
 def load_policy(name_or_path: str, device=None, dtype: Optional[torch.dtype] = None,
                 gradient_checkpointing: Optional[bool] = None, trust_remote_code: bool = False,
-                temperature: float = 1.0) -> Policy:
+                temperature: float = 1.0, precision: Optional[str] = None) -> Policy:
     """Load a policy by name ("smollm2-135m", "tiny-text", "tiny-vlm") or local HF folder.
 
-    Defaults: the GPU when there is one, bf16 and gradient checkpointing there; fp32 on CPU. A
-    checkpoint folder's value_head.safetensors is loaded when present, else the head starts fresh."""
+    For inference (precision None): the GPU when there is one, bf16 weights there, fp32 on CPU, or
+    `dtype`. For training, a `precision` (auto, fp32, bf16): fp32 weights, which the optimizer steps
+    (an Adam step of 1e-6 is lost in bf16's 8 significant bits), computing in bf16 under autocast for
+    "bf16" (see `compute_dtype_of`). Gradient checkpointing on a GPU. A checkpoint folder's
+    value_head.safetensors is loaded when present, else the head starts fresh."""
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
                               AutoTokenizer)
     folder = resolve(name_or_path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    compute_dtype = compute_dtype_of(precision, device) if precision is not None else None
+    if precision is not None:
+        dtype = torch.float32
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if device.type == "cuda":
+        # cuDNN's attention builds an execution graph for every new shape (hundreds of ms each, and a
+        # rollout's prompt widths all differ) and spends about 1 ms of CPU per call; flash and
+        # memory-efficient attention need neither
+        torch.backends.cuda.enable_cudnn_sdp(False)
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except ValueError as e:
@@ -654,7 +706,7 @@ def load_policy(name_or_path: str, device=None, dtype: Optional[torch.dtype] = N
     processor = (AutoProcessor if is_vlm else AutoTokenizer).from_pretrained(folder, trust_remote_code=trust_remote_code)
     if gradient_checkpointing if gradient_checkpointing is not None else device.type == "cuda":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = Policy(model, processor, is_vlm, temperature)
+    policy = Policy(model, processor, is_vlm, temperature, compute_dtype)
     head = os.path.join(folder, VALUE_HEAD_FILE)
     if os.path.exists(head):
         from safetensors.torch import load_file
@@ -723,45 +775,64 @@ def load_optimizer_state(policy, opt, checkpoint: str) -> None:
 # ---- distributed and FSDP2 ----
 
 def init_distributed(device: str = ""):
-    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on
-    GPUs, gloo on CPU; a plain `python script.py` is one process on `device` (empty: automatic)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    """(rank, world size, device). Under torchrun (it sets RANK) join the process group, even with one
+    process, so that FSDP2 runs: NCCL on GPUs, gloo on CPU; a plain `python script.py` is one process
+    on `device` (empty: automatic)."""
+    if "RANK" not in os.environ:
         return 0, 1, device or None
     backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
     torch.distributed.init_process_group(backend)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if backend == "nccl":
         torch.cuda.set_device(local)
-    return torch.distributed.get_rank(), world, f"cuda:{local}" if backend == "nccl" else "cpu"
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return rank, world, f"cuda:{local}" if backend == "nccl" else "cpu"
 
 
 def all_reduce_sum(x: float) -> float:
     """The sum of x over all ranks (x itself in one process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    return _all_reduce(x, "sum")
+
+
+def all_reduce_max(x: float) -> float:
+    """The largest x of all ranks (x itself in one process)."""
+    return _all_reduce(x, "max")
+
+
+def _all_reduce(x: float, op: str) -> float:
+    if not is_distributed():
         return x
     nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces GPU tensors only
     t = torch.tensor([x], dtype=torch.float64, device="cuda" if nccl else "cpu")
-    torch.distributed.all_reduce(t)
+    ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}
+    torch.distributed.all_reduce(t, op=ops[op])
     return float(t.item())
 
 
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    return torch.distributed.get_rank() if is_distributed() else 0
 
 
-def shard(policy: Policy, mixed_precision: Optional[bool] = None) -> Policy:
-    """FSDP2: fully_shard every transformer block (the model's _no_split_modules), then the whole policy.
-    Mixed precision (bf16 params, fp32 reduce) on GPU by default. Needs torch.distributed initialized."""
+def shard(policy: Policy) -> Policy:
+    """FSDP2: fully_shard every transformer block (the model's _no_split_modules), the value head, then the
+    whole policy. A bf16 `compute_dtype` becomes FSDP's mixed precision: the fp32 shards are the master
+    weights the optimizer steps, gathered as bf16 for compute, gradients reduced in fp32; the value
+    head stays fp32. Needs torch.distributed initialized."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(policy.device.type, (torch.distributed.get_world_size(),))
-    mixed = policy.device.type == "cuda" if mixed_precision is None else mixed_precision
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy()
+    if policy.compute_dtype is not None:
+        mp = MixedPrecisionPolicy(param_dtype=policy.compute_dtype, reduce_dtype=torch.float32)
     blocks = set(getattr(policy.model, "_no_split_modules", None) or [])
     for module in policy.model.modules():
         if type(module).__name__ in blocks:
             fully_shard(module, mesh=mesh, mp_policy=mp)
+    fully_shard(policy.value_head, mesh=mesh)
     fully_shard(policy, mesh=mesh, mp_policy=mp)
     # FSDP initializes itself on the first forward through the root; generation enters through the inner
     # model, so run one tiny scoring pass now

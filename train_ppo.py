@@ -68,7 +68,7 @@ class PPOConfig:
     grad_clip: float = field(default=0.01, metadata={"doc": "max gradient norm"})
     pre_action_coef: float = field(default=0.5, metadata={"doc": "weight of the tokens before the action field in the response's log-prob"})
     token_level: bool = field(default=False, metadata={"doc": "one ratio per token instead of the paper's one per response"})
-    recompute_logprobs: bool = field(default=False, metadata={"doc": "re-score the rollout before the epochs (bf16: generation and training numerics differ)"})
+    recompute_logprobs: Optional[bool] = field(default=None, metadata={"doc": "re-score rollouts with the training forward; default: with bf16"})
     temperature: float = field(default=0.2, metadata={"doc": "sampling temperature (the paper's 0.2); log-probs are of the scaled distribution"})
     top_p: float = field(default=1.0, metadata={"doc": "nucleus sampling mass"})
     max_new_tokens: int = field(default=128, metadata={"doc": "longest answer"})
@@ -78,6 +78,7 @@ class PPOConfig:
     resume: bool = field(default=False, metadata={"doc": "continue from the run folder's last complete checkpoint"})
     seed: int = field(default=0, metadata={"doc": "seed of environments, sampling and minibatch order"})
     device: str = field(default="", metadata={"doc": "cuda, cpu, ...; empty: the GPU when there is one"})
+    precision: str = field(default="auto", metadata={"doc": "auto (GPU: bf16, CPU: fp32), bf16 (over fp32 master weights) or fp32"})
     wandb: str = field(default="", metadata={"doc": "log to this Weights & Biases project too (needs `pip install wandb`)"})
 
     def __post_init__(self):
@@ -92,6 +93,7 @@ class PPOConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: expected a value between 0 and 1")
         if self.clip <= 0 or self.temperature <= 0:
             raise ValueError(f"clip={self.clip}, temperature={self.temperature}: expected positive values")
+        M.compute_dtype_of(self.precision, "cpu")  # a bad name fails here, before any work
         self.out = self.out or os.path.join("runs", f"ppo-{self.task}")
 
 
@@ -205,15 +207,26 @@ def stack(rows: list, width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_turns(policy, prompts: list, responses: list, micro_batch: int) -> list:
-    """Per-token log-probs of given responses, no gradient (old log-probs, or the reference's). Under
-    FSDP the weights are gathered once for all micro-batches and released after."""
-    out = []
+def score_turns(policy, prompts: list, responses: list, micro_batch: int):
+    """Per-token log-probs of given responses and V(prompt), no gradient, with the training forward's
+    numerics (old log-probs and values, or the reference's log-probs). Under FSDP the weights are
+    gathered once for all micro-batches and released after. -> ([(R,) each], values (T,))"""
+    logprobs, values = [], []
     with M.gathered(policy):
         for i in range(0, len(prompts), micro_batch):
             scored = policy(policy.collate(prompts[i:i + micro_batch], responses[i:i + micro_batch]))
-            out += [lp[:len(r)].float().cpu() for lp, r in zip(scored["logprobs"], responses[i:i + micro_batch])]
-    return out
+            logprobs += [lp[:len(r)].float().cpu() for lp, r in zip(scored["logprobs"], responses[i:i + micro_batch])]
+            values.append(scored["values"].float().cpu())
+    return logprobs, torch.cat(values) if values else torch.zeros(0)
+
+
+def logprob_gap(generated: list, scored: list) -> dict:
+    """How far the log-probs recorded at generation are from the training forward's, per response token,
+    over all ranks: bf16 rounds differently in cached decoding and in one full pass."""
+    diff = torch.cat([(g - s).abs() for g, s in zip(generated, scored)] + [torch.zeros(0)])  # (tokens,)
+    n = M.all_reduce_sum(float(diff.numel()))
+    return {"logprob_gap_mean": M.all_reduce_sum(float(diff.sum())) / max(n, 1),
+            "logprob_gap_max": M.all_reduce_max(float(diff.max()) if diff.numel() else 0.0)}
 
 
 def ppo_epochs(policy, opt, batch: Batch, cfg: PPOConfig, update: int, world: int) -> dict:
@@ -390,17 +403,24 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
         raise ValueError(f"--resume: no complete checkpoint in {cfg.out!r}")
     state = M.read_trainer_state(resume_from or cfg.model)
     torch.manual_seed(cfg.seed)  # a fresh value head's initialization
-    policy = M.load_policy(resume_from or cfg.model, device=device, temperature=cfg.temperature)
-    reference = M.load_policy(cfg.model, device=device, temperature=cfg.temperature).eval() if cfg.kl_coef else None
+    policy = M.load_policy(resume_from or cfg.model, device=device, temperature=cfg.temperature,
+                           precision=cfg.precision)
+    reference = (M.load_policy(cfg.model, device=device, temperature=cfg.temperature, precision=cfg.precision).eval()
+                 if cfg.kl_coef else None)
+    # bf16 numerics differ between generation and the training forward: re-score unless told not to
+    rescore = cfg.recompute_logprobs if cfg.recompute_logprobs is not None else policy.compute_dtype is not None
     n_params = policy.model.num_parameters()
     update = state.get("step", 0) if resume_from else 0
     gflops = state.get("gflops", 0.0)  # the SFT initialization's compute carries over: one axis
     tokens = state.get("tokens", 0) if resume_from else 0
     field_name = ACTION_FIELD[cfg.task.split("-")[0]]
     print0(f"ppo {cfg.task}: {n_params / 1e6:.1f}M parameters from {resume_from or cfg.model}, {world} rank(s), "
-           f"{cfg.turns} turns per update, start at update {update}")
-    if world > 1:
+           f"{'bf16' if policy.compute_dtype else 'fp32'} compute over fp32 weights, {cfg.turns} turns per update, "
+           f"start at update {update}")
+    if M.is_distributed():
         M.shard(policy)
+        if reference is not None:
+            M.shard(reference)
     opt = build_optimizer(policy, cfg)
     if resume_from:
         M.load_optimizer_state(policy, opt, resume_from)
@@ -417,18 +437,24 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
         ro, boot = collect(policy, envs_for(update, rank), cfg, per_rank, rank)
         t1 = time.perf_counter()
 
-        # ---- advantages (normalized over all ranks' turns) ----
+        # ---- old log-probs and values: as sampled, or re-scored with the training forward ----
         turns = ro.turns
-        advantages, returns = gae([t.reward for t in turns], [t.value for t in turns], [t.done for t in turns],
-                                  [t.episode for t in turns], boot, cfg.gamma, cfg.lam)
         prompts, responses = [t.prompt for t in turns], [t.response_ids for t in turns]
-        batch = Batch(prompts, responses, [t.logprobs for t in turns],
+        old_logprobs, old_values = [t.logprobs for t in turns], torch.tensor([t.value for t in turns])
+        gap = {"logprob_gap_mean": None, "logprob_gap_max": None}
+        if rescore:
+            scored, old_values = score_turns(policy, prompts, responses, cfg.micro_batch)
+            gap = logprob_gap(old_logprobs, scored)
+            old_logprobs = scored
+
+        # ---- advantages (normalized over all ranks' turns) ----
+        advantages, returns = gae([t.reward for t in turns], old_values.tolist(), [t.done for t in turns],
+                                  [t.episode for t in turns], boot, cfg.gamma, cfg.lam)
+        batch = Batch(prompts, responses, old_logprobs,
                       [action_weights(policy.tokenizer, r, field_name, cfg.pre_action_coef) for r in responses],
-                      torch.tensor([t.value for t in turns]), normalize(advantages), returns)
-        if cfg.recompute_logprobs:
-            batch.old_logprobs = score_turns(policy, prompts, responses, cfg.micro_batch)
+                      old_values, normalize(advantages), returns)
         if reference is not None:
-            batch.ref_logprobs = score_turns(reference, prompts, responses, cfg.micro_batch)
+            batch.ref_logprobs, _ = score_turns(reference, prompts, responses, cfg.micro_batch)
 
         # ---- PPO epochs ----
         for g in opt.param_groups:
@@ -443,7 +469,7 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
         gflops += (2 * n_params * roll["rollout_tokens"] + 6 * n_params * trained["trained_tokens"]) / 1e9
         tokens += int(trained["trained_tokens"])
         metrics = metrics_of(update, roll, trained, gflops, tokens, {"rollout": t1 - t0, "train": t2 - t1},
-                             opt.param_groups[0]["lr"], cfg.token_level, world)
+                             opt.param_groups[0]["lr"], cfg.token_level, world) | gap
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -460,7 +486,7 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
     bar.close()
     if wandb_run:
         wandb_run.finish()
-    if world > 1:
+    if M.is_distributed():
         torch.distributed.destroy_process_group()
     return {"step": update, "gflops": gflops, "tokens": tokens}
 

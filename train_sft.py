@@ -54,9 +54,11 @@ class SFTConfig:
     resume: bool = field(default=False, metadata={"doc": "continue from the run folder's last complete checkpoint"})
     seed: int = field(default=0, metadata={"doc": "data order and init seed"})
     device: str = field(default="", metadata={"doc": "cuda, cpu, ...; empty: the GPU when there is one"})
+    precision: str = field(default="auto", metadata={"doc": "auto (GPU: bf16, CPU: fp32), bf16 (over fp32 master weights) or fp32"})
 
     def __post_init__(self):
         check_task(self.task)
+        M.compute_dtype_of(self.precision, "cpu")  # a bad name fails here, before any work
         for name in ("examples", "steps", "batch_size", "micro_batch", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected a positive integer")
@@ -199,7 +201,7 @@ def train(cfg: SFTConfig) -> dict:
     init = resume_from or cfg.model
     state = M.read_trainer_state(init)
     torch.manual_seed(cfg.seed)
-    policy = M.load_policy(init, device=device)
+    policy = M.load_policy(init, device=device, precision=cfg.precision)
     n_params = policy.model.num_parameters()
     step = state.get("step", 0) if resume_from else 0
     gflops = state.get("gflops", 0.0)          # an RL or SFT init's compute carries over: one axis
@@ -210,9 +212,9 @@ def train(cfg: SFTConfig) -> dict:
                                                                       cfg.revision_frac)
     encoded = encode_examples(policy, examples)
     print0(f"sft {cfg.task}: {len(encoded)} examples, {n_params / 1e6:.1f}M parameters, {world} rank(s), "
-           f"start at step {step}")
+           f"{'bf16' if policy.compute_dtype else 'fp32'} compute over fp32 weights, start at step {step}")
 
-    if world > 1:
+    if M.is_distributed():
         M.shard(policy)
     opt = torch.optim.AdamW([p for n, p in policy.named_parameters() if not n.startswith("value_head.")],
                             lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -264,7 +266,7 @@ def train(cfg: SFTConfig) -> dict:
             policy.save(os.path.join(cfg.out, f"step-{step:06d}"),
                         extras={"trainer_state.json": trainer_state, "optimizer.pt": M.optimizer_state(policy, opt)})
     bar.close()
-    if world > 1:
+    if M.is_distributed():
         torch.distributed.destroy_process_group()
     return {"step": step, "gflops": gflops, "tokens": tokens}
 

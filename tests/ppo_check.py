@@ -21,7 +21,7 @@ def make_batch(policy, n: int, seed: int = 0, rows=None) -> P.Batch:
     g = torch.Generator().manual_seed(seed)
     prompts = [policy.encode([{"role": "user", "content": f"turn {i} " + "word " * (i % 5)}]) for i in range(n)]
     responses = [torch.randint(10, 1000, (3 + i % 4,), generator=g) for i in range(n)]
-    own = P.score_turns(policy, prompts, responses, micro_batch=4)
+    own, _ = P.score_turns(policy, prompts, responses, micro_batch=4)
     old = [lp + 0.2 * torch.randn(lp.shape, generator=g) for lp in own]
     weights = [torch.where(torch.arange(len(r)) < 2, 0.5, 1.0) for r in responses]
     adv, ret, vals = torch.randn(n, generator=g), torch.randn(n, generator=g), 0.3 * torch.randn(n, generator=g)
