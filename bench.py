@@ -17,6 +17,13 @@ the JSON lines to a file too. Figures:
   for the model and, on a GPU, a random-weight model of Llama-3.2-1B's shape (built locally).
 - env: GeneralPoints reset + verify per second, V-IRL steps per second, and images rendered per
   second (GP-VL cards, V-IRL-VL 2x2 street-view grids), on one core.
+- memory: estimated GPU memory per rank of training with fp32 master weights and bf16 compute
+  (`training_memory`, its formula in the docstring): the model on one GPU, and the paper's 11B model
+  on 8 GPUs under FSDP2 and, for contrast, on one.
+
+Rollouts and training run with the training precision (`--precision auto`: bf16 compute over fp32
+weights on a GPU), as train_ppo.py does; `generate_first_call_s` / `generate_second_call_s` time the
+process's first generate call, which pays for the device's set-up, and the next.
 """
 from __future__ import annotations
 
@@ -40,12 +47,32 @@ BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A1
 LLAMA_1B_SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
                       tie_word_embeddings=True)
+# the paper's backbone, Llama-3.2-11B-Vision-Instruct, as published (MllamaConfig): for memory estimates, built
+# on the meta device only (10.67B parameters)
+LLAMA_11B_VISION_SHAPE = dict(
+    vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_global_layers=8,
+                       attention_heads=16, image_size=560, patch_size=14, max_num_tiles=4, vision_output_dim=7680,
+                       intermediate_layers_indices=[3, 7, 15, 23, 30],
+                       supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]),
+    text_config=dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=40,
+                     num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                     cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38], max_position_embeddings=131072,
+                     tie_word_embeddings=False),
+    image_token_index=128256)
+# (label, model, ranks, micro-batch tokens T and response tokens R per rank) of the memory section: the README's
+# one-GPU PPO command (16 turns of up to 512 tokens with 128-token answers), and the paper's 11B model on
+# 8 GPUs with its official micro-batches: PPO 1 turn (up to 2048 tokens, 512-token answers), SFT 16 examples
+SECTIONS = "rollout, train, env, memory"
+MEMORY_CASES = (("ppo, 1 GPU", "", 1, 16 * 512, 16 * 128),
+                ("ppo, 8 GPUs", "llama-3.2-11b-vision", 8, 2048, 512),
+                ("sft, 8 GPUs", "llama-3.2-11b-vision", 8, 16 * 512, 16 * 64),
+                ("ppo, 1 GPU", "llama-3.2-11b-vision", 1, 2048, 512))
 
 
 @dataclass
 class BenchConfig:
     """Throughput benchmarks: rollouts, PPO training steps, environments."""
-    sections: str = field(default="rollout,train,env", metadata={"doc": "comma-separated subset of rollout, train, env"})
+    sections: str = field(default="rollout,train,env,memory", metadata={"doc": "comma-separated subset of " + SECTIONS})
     model: str = field(default="smollm2-135m", metadata={"doc": "model name or folder for rollout and train"})
     batch: str = field(default="", metadata={"doc": "rollout batch sizes, comma-separated; empty: 32 on CPU, 128,512 on a GPU"})
     baseline_episodes: int = field(default=0, metadata={"doc": "episodes of the one-at-a-time loop; 0: 8 on CPU, 32 on a GPU"})
@@ -62,9 +89,9 @@ class BenchConfig:
 
     def __post_init__(self):
         wanted = [s.strip() for s in self.sections.split(",") if s.strip()]
-        bad = [s for s in wanted if s not in ("rollout", "train", "env")]
+        bad = [s for s in wanted if s not in SECTIONS.split(", ")]
         if bad or not wanted:
-            raise ValueError(f"sections={self.sections!r}: expected a comma-separated subset of rollout, train, env")
+            raise ValueError(f"sections={self.sections!r}: expected a comma-separated subset of {SECTIONS}")
         try:
             sizes = [int(b) for b in self.batch.split(",") if b.strip()]
         except ValueError:
@@ -133,7 +160,12 @@ def one_at_a_time_rollout(policy, n_episodes: int, cfg: BenchConfig, seed: int):
 def bench_rollout(policy, cfg: BenchConfig, rows: list, gpu: bool) -> None:
     sizes = [int(b) for b in cfg.batch.split(",") if b.strip()] or ([4] if cfg.quick else [128, 512] if gpu else [32])
     n_single = cfg.baseline_episodes or (2 if cfg.quick else 32 if gpu else 8)
-    policy.generate([[{"role": "user", "content": "warm up"}]], max_new_tokens=4)
+    for call in ("first", "second"):  # the first call of a process pays for CUDA's and the kernels' set-up
+        synchronize(policy.device)
+        start = time.perf_counter()
+        policy.generate([[{"role": "user", "content": "warm up"}]] * 4, max_new_tokens=16)
+        synchronize(policy.device)
+        emit(rows, cfg.out, f"generate_{call}_call_s", time.perf_counter() - start, "s", batch=4, max_new_tokens=16)
     tokens, episodes, secs = one_at_a_time_rollout(policy, n_single, cfg, seed=10_000)
     single_tps, single_eps = tokens / secs, episodes / secs
     emit(rows, cfg.out, "rollout_one_at_a_time_tokens_per_s", single_tps, "tokens/s", episodes=episodes)
@@ -202,6 +234,59 @@ def bench_train(name: str, label: str, cfg: BenchConfig, rows: list, device, gpu
     del policy, opt
 
 
+# ---- memory ----
+
+def meta_model(name: str):
+    """A model of `name`'s shape on the meta device (no memory, no weights): a model name or folder, or
+    "llama-3.2-11b-vision" for the paper's backbone."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, MllamaConfig
+    if name == "llama-3.2-11b-vision":
+        config = MllamaConfig(**LLAMA_11B_VISION_SHAPE)
+    else:
+        config = AutoConfig.from_pretrained(M.resolve(name))
+    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto.from_config(config)
+
+
+def training_memory(model, world: int, tokens: int, response_tokens: int, checkpointing: bool = True) -> dict:
+    """Estimated GPU memory per rank (GiB) of a training step with fp32 master weights and bf16 compute: one
+    process under autocast (world 1) or FSDP2 mixed precision. N parameters, W ranks, a micro-batch of T tokens
+    (R of them response tokens) per rank, L layers of width H and MLP width I, vocabulary V, in bytes:
+        master weights 4N/W, gradients 4N/W, Adam m and v 8N/W    (fp32; FSDP shards them)
+        bf16 copy      2N in one process (autocast's casts, kept for the backward); under FSDP
+                       2 (N_root + 2 N_block): the root's gathered weights and two blocks (one prefetched)
+        activations    with gradient checkpointing L T H a + T (20 H + 10 I): each block's input (a = 4 bytes:
+                       the fp32 residual stream under autocast; 2 under FSDP) and one block recomputed;
+                       without, L T (20 H + 10 I)
+        logits         16 R V: fp32 logits, log-softmax, its exp (entropy) and their gradient, response only
+    20 H + 10 I bytes per token is what a Llama block keeps for its backward in bf16 (SDPA: no T x T scores).
+    A VLM's vision tower activations are not counted (under 1 GiB at 4 tiles with checkpointing)."""
+    text = model.config.get_text_config()
+    n = sum(p.numel() for p in model.parameters())
+    blocks = [m for m in model.modules() if type(m).__name__ in set(model._no_split_modules or [])]
+    sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    layers, h, i, v = text.num_hidden_layers, text.hidden_size, text.intermediate_size, text.vocab_size
+    block_bytes = tokens * (20 * h + 10 * i)
+    fsdp = world > 1
+    gib = {"weights": 4 * n / world, "gradients": 4 * n / world, "adam": 8 * n / world,
+           "bf16_copy": 2 * ((n - sum(sizes)) + 2 * max(sizes)) if fsdp else 2 * n,
+           "activations": (layers * tokens * h * (2 if fsdp else 4) + block_bytes) if checkpointing
+           else layers * block_bytes,
+           "logits": 16 * response_tokens * v}
+    gib = {k: b / 2**30 for k, b in gib.items()}
+    return {"params_b": n / 1e9, **gib, "total": sum(gib.values())}
+
+
+def bench_memory(cfg: BenchConfig, rows: list) -> None:
+    for label, name, world, tokens, response_tokens in MEMORY_CASES:
+        name = name or ("tiny-text" if cfg.quick else cfg.model)
+        est = training_memory(meta_model(name), world, tokens, response_tokens)
+        emit(rows, cfg.out, f"memory_{os.path.basename(name.rstrip('/'))}_{world}gpu_{label.split(',')[0]}",
+             est["total"], "GiB per GPU (estimate)", ranks=world, tokens=tokens, response_tokens=response_tokens,
+             **{k: round(x, 2) for k, x in est.items() if k != "total"})
+
+
 # ---- environments ----
 
 def rate(fn, seconds: float) -> float:
@@ -267,6 +352,8 @@ def run(cfg: BenchConfig) -> list:
             bench_train(M.random_llama_folder("llama-1b-shape", **LLAMA_1B_SHAPE), "llama-1b-shape", cfg, rows, device, gpu)
     if "env" in sections:
         bench_env(cfg, rows)
+    if "memory" in sections:
+        bench_memory(cfg, rows)
     print_table(rows)
     return rows
 

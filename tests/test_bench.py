@@ -1,4 +1,5 @@
-"""bench.py --quick: every figure comes out, with its unit, as a JSON line (no timing assertions)."""
+"""bench.py --quick: every figure comes out, with its unit, as a JSON line (no timing assertions); the memory
+estimate's arithmetic."""
 import json
 import math
 import os
@@ -23,11 +24,34 @@ def test_quick_bench_emits_every_figure_with_its_unit(tmp_path):
                 "rollout_batched_4_prompt_tokens_cached": "fraction",
                 "train_tiny-text_tokens_per_s": "tokens/s", "train_tiny-text_peak_rss": "GiB",
                 "env_gp_reset_verify_per_s": "resets+verifies/s per core", "env_virl_steps_per_s": "steps/s per core",
-                "env_gp_vl_images_per_s": "images/s per core", "env_virl_vl_grids_per_s": "2x2 view grids/s per core"}
+                "env_gp_vl_images_per_s": "images/s per core", "env_virl_vl_grids_per_s": "2x2 view grids/s per core",
+                "generate_first_call_s": "s", "generate_second_call_s": "s",
+                **{f"memory_{m}": "GiB per GPU (estimate)"
+                   for m in ("tiny-text_1gpu_ppo", "llama-3.2-11b-vision_8gpu_ppo", "llama-3.2-11b-vision_8gpu_sft",
+                             "llama-3.2-11b-vision_1gpu_ppo")}}
     assert set(figures) == set(expected), set(figures) ^ set(expected)
     for name, unit in expected.items():
         assert figures[name]["unit"] == unit and math.isfinite(figures[name]["value"]) and figures[name]["value"] > 0
     assert "| env_gp_reset_verify_per_s |" in run.stdout  # the table
+    paper = figures["memory_llama-3.2-11b-vision_8gpu_ppo"]
+    assert paper["params_b"] == 10.67 and 20 < paper["value"] < 80   # the published 10.67B fits 80 GB sharded 8 ways
+    assert figures["memory_llama-3.2-11b-vision_1gpu_ppo"]["value"] > 160  # 16 bytes a parameter: not on one GPU
+
+
+def test_training_memory_adds_up_the_formula():
+    import bench as B
+    model = B.meta_model("tiny-text")
+    text, n = model.config, sum(p.numel() for p in model.parameters())
+    block = sum(p.numel() for p in model.model.layers[0].parameters())
+    h, i, layers, v = text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size
+    one = B.training_memory(model, world=1, tokens=1000, response_tokens=100)
+    assert one["weights"] * 2**30 == 4 * n and one["adam"] * 2**30 == 8 * n and one["bf16_copy"] * 2**30 == 2 * n
+    assert one["activations"] * 2**30 == layers * 1000 * h * 4 + 1000 * (20 * h + 10 * i)
+    assert one["logits"] * 2**30 == 16 * 100 * v
+    two = B.training_memory(model, world=2, tokens=1000, response_tokens=100, checkpointing=False)
+    assert two["weights"] == one["weights"] / 2 and two["activations"] * 2**30 == layers * 1000 * (20 * h + 10 * i)
+    assert two["bf16_copy"] * 2**30 == 2 * (n - layers * block + 2 * block)
+    assert two["total"] == sum(two[k] for k in ("weights", "gradients", "adam", "bf16_copy", "activations", "logits"))
 
 
 def test_bad_section_is_one_line():
