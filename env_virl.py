@@ -3,7 +3,9 @@
 At every position of a route the model sees the numbered instructions of the whole route, the
 history of observations and actions so far, and the current observation (V-IRL-L: text such as
 "Maple Bakery is on your left; You observe an intersection"; V-IRL-VL: a 2x2 grid of street
-views [front, right / back, left]). It answers
+views [front, right / back, left], its text line only "You observe an image of 4 views", plus
+"; You observe an intersection" at one). Past observations stay in the history as text in both,
+as in the paper's `get_observation_action_sequence`. It answers
     {"current observation": "...", "current instruction": "...", "action": "forward()"}
 with an action from forward(), turn_direction(x), stop().
 
@@ -12,13 +14,21 @@ Rules:  ID (`absolute_actions=True`): x is a compass direction (north, northeast
 Visuals: ID routes are drawn in one synthetic city ("nyc"); the OOD visual benchmark is
 `mini_benchmark()`: 18 fixed routes, two in each of nine other synthetic cities.
 
-Reward per attempt, first that applies:
-    invalid_action     -1    no action from the action space can be read (the paper's wrong action)
-    wrong_observation  -1.5  claims an intersection where there is none, or misses one
+Reward per attempt, in the order of the paper's `step_rewards_virl` (utils_rl.py):
+    correct            +1    the right action, whatever the observation says; stop() at the destination ends the route
+    wrong_observation  -1.5  any other answer whose observation claims an intersection where there is none,
+                             or misses one (`literal_intersection_check`: the paper code's word test)
+    invalid_action     -1    no action from the action space can be read (the paper's wrong action, labelled apart)
     wrong_action       -1    a valid action, but not the right one
-    correct            +1    the agent moves on; stop() at the destination ends the route
 Each position allows `verify_iter` attempts (default 2) with the verifier's feedback continuing
-the conversation; when they run out, the route is failed and the agent moves on regardless.
+the conversation; when they run out, the route ends there, failed (the paper truncates it), and
+reset() starts a new one.
+
+The rail follows the paper's `_parse_instruction_and_rail` under its training and evaluation
+configs (straight_line_length 5, drop_rate 0.5, relocation on): a turn at the start, forward()
+positions at the cut points of each street (each dropped with drop_rate, none within 8 m of a
+street's ends), a turn at each intersection and stop() at the destination. A correct turn moves
+the agent on to the next position: no forward() follows it at the same spot.
 
 The real V-IRL data (Google Street View) cannot be shipped: synthetic cities stand in for it and
 are written in the V-IRL route-file format, so `VirlConfig(routes=PATH)` reads the paper's own
@@ -61,11 +71,12 @@ class VirlConfig:
     routes: str = "synthetic:nyc"       # "synthetic:<city>", "mini" (OOD visual benchmark) or a route-file path
     absolute_actions: bool = True       # True: turn_direction(compass) (ID rule); False: left/right/slightly (OOD)
     vision: bool = False                # V-IRL-VL: a 2x2 street-view grid per position
-    verify_iter: int = 2                # attempts per position (sequential revision)
+    verify_iter: int = 2                # attempts per position (sequential revision); then the route ends, failed
     n_routes: int = 1000                # routes drawn for "synthetic:<city>" (the paper trained on 1000 NYC routes)
     route_seed: int = 0                 # seed of the synthetic routes (the city map itself is fixed per city)
-    forward_steps: int = 2              # interpolated forward() positions per street leg
-    drop_rate: float = 0.25             # chance each interpolated position is skipped, so forwards can't be counted
+    straight_line_length: int = 5       # each street is cut in this many equal parts: the cuts are forward() candidates
+    drop_rate: float = 0.5              # chance each candidate is skipped, so the forwards can't be counted
+    literal_intersection_check: bool = False  # True: the paper code's claim test, a bug kept for replication (verify)
     view_size: int = 224                # side of one street view; the grid is twice that
     streetview_dir: Optional[str] = None  # real routes + vision: folder of {pano_id}.jpg and .metadata.json
     streetview_map: Optional[str] = None  # real routes + vision: pickle {(lat, lng): pano_id}
@@ -73,8 +84,8 @@ class VirlConfig:
     def __post_init__(self):
         if self.verify_iter < 1:
             raise ValueError(f"VirlConfig.verify_iter={self.verify_iter}: expected an integer >= 1")
-        if self.forward_steps < 0:
-            raise ValueError(f"VirlConfig.forward_steps={self.forward_steps}: expected an integer >= 0")
+        if self.straight_line_length < 1:
+            raise ValueError(f"VirlConfig.straight_line_length={self.straight_line_length}: expected an integer >= 1")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"VirlConfig.drop_rate={self.drop_rate}: expected 0 <= drop_rate < 1")
         if self.n_routes < 1:
@@ -451,23 +462,30 @@ class Position:
     destination: Optional[str] = None
 
 
-def build_rail(route: Route, forward_steps: int, drop_rate: float, rng: random.Random, init_heading: int) -> list:
-    """Positions in order: at the start turn, then forward; along each leg `forward_steps` evenly
-    spaced positions (each dropped with `drop_rate`); at each intersection turn (instruction 2k+1),
-    then forward from the same spot facing the new way; at the destination stop.
+# The paper's configs relocate every rail point to its nearest panorama and keep a cut point only if it then
+# lies more than 8 m from both ends of its street: the cut at the street's end, and any close to it, never stay.
+MIN_FORWARD_GAP_M = 8.0
 
-    Instructions are numbered 1: turn at the start, 2k: walk leg k, 2k+1: turn at its end."""
-    rail = [Position(route.start, init_heading, "turn", 1, turn_to=route.headings[0]),
-            Position(route.start, route.headings[0], "forward", 2)]
+
+def build_rail(route: Route, straight_line_length: int, drop_rate: float, rng: random.Random,
+               init_heading: int) -> list:
+    """Positions in order, as the paper's `_parse_instruction_and_rail`: at the start a turn to the first
+    street; along street k its cut points at 1/n, ..., (n-1)/n (n = straight_line_length), each dropped
+    with `drop_rate` and kept only beyond MIN_FORWARD_GAP_M of both ends, forward(); at its end a turn
+    at the intersection, or stop() at the destination. A correct turn takes the agent to the next
+    position, so no forward() follows a turn at the same spot.
+
+    Instructions are numbered 1: turn at the start, 2k: walk leg k, 2k+1: turn at its end; stop()
+    shares the last leg's number."""
+    rail = [Position(route.start, init_heading, "turn", 1, turn_to=route.headings[0])]
     here = route.start
     for k, (point, heading) in enumerate(zip(route.points, route.headings)):
-        for s in range(1, forward_steps + 1):
-            if rng.random() >= drop_rate:
-                rail.append(Position(lerp(here, point, s / (forward_steps + 1)), heading, "forward", 2 * k + 2))
+        for s in range(1, straight_line_length):
+            cut = lerp(here, point, s / straight_line_length)
+            if rng.random() >= drop_rate and min(haversine(here, cut), haversine(cut, point)) > MIN_FORWARD_GAP_M:
+                rail.append(Position(cut, heading, "forward", 2 * k + 2))
         if k + 1 < len(route.points):
-            nxt = route.headings[k + 1]
-            rail.append(Position(point, heading, "turn", 2 * k + 3, nxt, True, route.landmarks[k]))
-            rail.append(Position(point, nxt, "forward", 2 * k + 4, None, True, route.landmarks[k]))
+            rail.append(Position(point, heading, "turn", 2 * k + 3, route.headings[k + 1], True, route.landmarks[k]))
         else:
             rail.append(Position(point, heading, "stop", 2 * k + 2, None, False, route.landmarks[k], route.dest_name))
         here = point
@@ -489,11 +507,14 @@ def instructions(route: Route, init_heading: int) -> list:
     return out
 
 
+INTERSECTION_CUE = "You observe an intersection"
+
+
 def observation_text(pos: Position) -> str:
     """What is in sight at a position: 'Maple Cafe is on your left; You observe an intersection'."""
     parts = [("The destination " if name == pos.destination else "") + f"{name} is on your "
              f"{relation_name(b - pos.heading)}" for name, b in pos.landmarks] or ["No landmarks nearby"]
-    return "; ".join(parts + (["You observe an intersection"] if pos.at_intersection else []))
+    return "; ".join(parts + ([INTERSECTION_CUE] if pos.at_intersection else []))
 
 
 def expected_action(pos: Position, absolute: bool) -> str:
@@ -505,7 +526,8 @@ def expected_action(pos: Position, absolute: bool) -> str:
 
 # ---- verifier ----
 
-_ACTION_RE = re.compile(r"\b(forward|stop)\b\s*(?:\(\s*\))?|\bturn_direction\s*\(\s*[\"']?\s*([a-z_ ]{1,40}?)\s*[\"']?\s*\)",
+_ACTION_RE = re.compile(r"\b(forward|stop)\b\s*(?:\(\s*\))?"
+                        r"|\bturn_direction\s*\(\s*[\"']?\s*([a-z_ ]{1,40}?)\s*[\"']?\s*\)",
                         re.IGNORECASE)
 _NEGATED_INTERSECTION_RE = re.compile(r"\b(no|not|without|nor)\b[^.;,]*\bintersection", re.IGNORECASE)
 
@@ -545,27 +567,39 @@ def _choices(absolute: bool) -> str:
     return ", ".join(DIRECTIONS if absolute else TURNS)
 
 
-def verify(text, pos: Position, absolute: bool) -> Verdict:
+def verify(text, pos: Position, absolute: bool, literal_intersection_check: bool = False) -> Verdict:
     """Score one answer at a position: the single source of reward and success. Never raises.
 
-    Outcomes, first that applies: invalid_action (no action of the action space), wrong_observation
-    (an intersection claimed where there is none, or a missed one), wrong_action, correct."""
+    The paper's order (`step_rewards_virl`): the right action is correct whatever the observation
+    says; any other answer is a wrong_observation if its intersection claim is wrong, else an
+    invalid_action (no action of the action space) or a wrong_action.
+
+    The claim is checked against the position by default. `literal_intersection_check` uses the
+    paper code's test instead: the word "intersection" anywhere in the answer's observation ("no
+    intersection" included) against the position's landmark text, which never holds the intersection
+    cue; so a wrong answer naming a real intersection scores -1.5 and a missed one only -1."""
     answer = parse_answer(text, ANSWER_FIELDS)
-    observation_ok = claims_intersection(answer["current observation"]) == pos.at_intersection
+    said = answer["current observation"]
+    observation_ok = claims_intersection(said) == pos.at_intersection
     action = parse_action(answer["action"], absolute)
+    if action == expected_action(pos, absolute):
+        return Verdict("correct", REWARDS["correct"], f"Correct: {action}.", observation_ok)
+    if literal_intersection_check:
+        claimed = isinstance(said, str) and "intersection" in said
+        claim_ok = claimed == any("intersection" in name for name, _ in pos.landmarks)
+    else:
+        claimed, claim_ok = claims_intersection(said), observation_ok
 
     def fail(outcome, reason):
         return Verdict(outcome, REWARDS[outcome], f"You failed this trial because {reason}.", observation_ok)
 
+    if not claim_ok:
+        return fail("wrong_observation", "you observed an intersection where there is none" if claimed
+                    else "you did not notice the intersection you are at")
     if action is None:
         return fail("invalid_action", 'your "action" is not one of forward(), turn_direction(x) with x one of '
                     f"{_choices(absolute)}, or stop()")
-    if not observation_ok:
-        return fail("wrong_observation", "you observed an intersection where there is none" if not pos.at_intersection
-                    else "you did not notice the intersection you are at")
-    if action != expected_action(pos, absolute):
-        return fail("wrong_action", f"{action} is not the right action for the current instruction")
-    return Verdict("correct", REWARDS["correct"], f"Correct: {action}.", observation_ok)
+    return fail("wrong_action", f"{action} is not the right action for the current instruction")
 
 
 # ---- street-view rendering (synthetic cities) ----
@@ -810,7 +844,8 @@ def load_pano_map(path: str) -> dict:
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
         raise ValueError(f"street-view map {path!r} refused: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"street-view map {path!r}: expected a dict {{(lat, lng): pano_id}}, got {type(data).__name__}")
+        raise ValueError(f"street-view map {path!r}: expected a dict {{(lat, lng): pano_id}}, "
+                         f"got {type(data).__name__}")
     try:
         return {(float(k[0]), float(k[1])): str(v) for k, v in data.items()}
     except (TypeError, ValueError, IndexError):
@@ -852,7 +887,8 @@ class StreetViews:
         """(H, W, 3) panorama and its rotation; the last one is kept, as consecutive positions often share it."""
         import numpy as np
         if self._last[0] != pano_id:
-            image, meta = os.path.join(self.folder, pano_id + ".jpg"), os.path.join(self.folder, pano_id + ".metadata.json")
+            image = os.path.join(self.folder, pano_id + ".jpg")
+            meta = os.path.join(self.folder, pano_id + ".metadata.json")
             try:
                 with open(meta) as f:
                     rotation = float(json.load(f)["rotation"])
@@ -901,8 +937,9 @@ def retry_text(feedback: str) -> str:
 
 class NavigationEnv:
     """One walker on V-IRL routes. reset() picks a route and returns the prompt at its first
-    position; step(answer) verifies one attempt. A correct answer (or running out of attempts)
-    moves to the next position: a new prompt (continues=False). After done, call reset().
+    position; step(answer) verifies one attempt. A correct answer moves to the next position: a new
+    prompt (continues=False); a wrong one asks again (continues=True) until the position's attempts
+    run out, which ends the route, failed. After done, call reset().
 
     >>> env = NavigationEnv(VirlConfig(n_routes=5), seed=0)
     >>> obs = env.reset()
@@ -926,7 +963,7 @@ class NavigationEnv:
             self.streetviews = StreetViews(self.config.streetview_dir, self.config.streetview_map)
         self.route, self.rail, self.steps, self.history = None, [], [], []
         self.index = self.attempt = 0
-        self.route_ok, self.done = True, True
+        self.done = True
 
     @property
     def position(self) -> Position:
@@ -941,12 +978,17 @@ class NavigationEnv:
         self.route = self.routes[self.rng.randrange(len(self.routes)) if route is None else route]
         start_heading = self.route.init_heading or self.rng.randrange(360)
         self.steps = instructions(self.route, start_heading)
-        self.rail = build_rail(self.route, self.config.forward_steps, self.config.drop_rate, self.rng, start_heading)
-        self.history, self.index, self.attempt, self.route_ok, self.done = [], 0, 0, True, False
+        self.rail = build_rail(self.route, self.config.straight_line_length, self.config.drop_rate, self.rng,
+                               start_heading)
+        self.history, self.index, self.attempt, self.done = [], 0, 0, False
         return self._observation()
 
-    def _observed(self, pos: Position) -> str:
-        return "You observe an image of 4 views" if self.config.vision else observation_text(pos)
+    def _current_text(self, pos: Position) -> str:
+        """The current observation's line. V-IRL-VL must read landmarks off the image, but the paper's
+        prompt still tells it when it stands at an intersection."""
+        if not self.config.vision:
+            return observation_text(pos)
+        return "You observe an image of 4 views" + (f"; {INTERSECTION_CUE}" if pos.at_intersection else "")
 
     def views(self, pos: Position) -> list:
         """The four street views (front, right, back, left) at a position."""
@@ -956,7 +998,8 @@ class NavigationEnv:
 
     def _observation(self) -> Observation:
         pos = self.position
-        text = prompt_text(self.steps, self.history, self._observed(pos), self.config.absolute_actions, self.config.vision)
+        text = prompt_text(self.steps, self.history, self._current_text(pos), self.config.absolute_actions,
+                           self.config.vision)
         image = render_grid(self.views(pos), self.config.view_size) if self.config.vision else None
         return Observation(text, image, continues=False)
 
@@ -964,21 +1007,25 @@ class NavigationEnv:
         if self.done:
             raise RuntimeError("NavigationEnv.step called on a finished route: call reset() first")
         pos, absolute = self.position, self.config.absolute_actions
-        verdict = verify(response, pos, absolute)
+        verdict = verify(response, pos, absolute, self.config.literal_intersection_check)
         self.attempt += 1
         correct = verdict.outcome == "correct"
         info = {"outcome": verdict.outcome, "feedback": verdict.feedback, "attempt": self.attempt,
                 "position": self.index, "positions": len(self.rail), "route_id": self.route.route_id,
                 "recognized": verdict.observation_ok if self.config.vision else None}
-        if correct or self.attempt >= self.config.verify_iter:  # move on along the rail either way
-            self.route_ok = self.route_ok and correct
-            self.history.append((self._observed(pos), expected_action(pos, absolute)))
+        if correct:  # past observations stay as text even in V-IRL-VL, as in the paper's prompt
+            self.history.append((observation_text(pos), expected_action(pos, absolute)))
             self.index, self.attempt = self.index + 1, 0
             self.done = self.index >= len(self.rail)
-            obs = Observation(verdict.feedback, None, False) if self.done else self._observation()
+        else:  # the paper truncates the route when a position's attempts run out
+            self.done = self.attempt >= self.config.verify_iter
+        if self.done:
+            obs = Observation(verdict.feedback, None, False)
+        elif correct:
+            obs = self._observation()
         else:
             obs = Observation(retry_text(verdict.feedback), None, continues=True)
-        info["success"] = self.done and self.route_ok
+        info["success"] = self.done and correct  # the last position is the stop(): every one was passed
         return obs, verdict.reward, self.done, info
 
     def expert_response(self) -> str:

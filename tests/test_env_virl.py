@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pickle
+import random
 import subprocess
 import sys
 
@@ -164,22 +165,66 @@ def test_missing_or_broken_route_file_is_one_clear_error(tmp_path):
 # ---- rail, prompts, episodes ----
 
 def test_rail_shape_and_instruction_numbering():
-    env = NavigationEnv(VirlConfig(n_routes=20, drop_rate=0.0, forward_steps=2), seed=0)
+    env = NavigationEnv(VirlConfig(n_routes=20, drop_rate=0.0), seed=0)
     for i in range(20):
         env.reset(route=i)
         route, rail = env.route, env.rail
         n = len(route.points)
-        assert len(rail) == 2 + 2 * n + 2 * (n - 1) + 1  # start turn+forward, 2 per leg, 2 per intersection, stop
-        assert [p.action for p in rail[:2]] == ["turn", "forward"] and rail[-1].action == "stop"
+        assert rail[0].action == "turn" and rail[0].point == route.start and rail[-1].action == "stop"
+        assert [p.action for p in rail].count("turn") == n and sum(p.at_intersection for p in rail) == n - 1
         assert len(env.steps) == 2 * n and env.steps[0].startswith("First, turn")
-        assert sum(p.at_intersection for p in rail) == 2 * (n - 1)
         assert all(rail[k].instruction <= rail[k + 1].instruction for k in range(len(rail) - 1))
+        assert all(rail[k].point != rail[k + 1].point for k in range(len(rail) - 1))  # every position moves on
+
+
+def test_paper_rail_defaults():
+    cfg = VirlConfig()
+    assert (cfg.straight_line_length, cfg.drop_rate, cfg.verify_iter) == (5, 0.5, 2)  # the paper's configs
+
+
+def hand_route(city=None):
+    """Start, 100 m north to an intersection, 30 m east to another, 100 m north to the destination."""
+    start = (40.75, -73.98)
+    a = V.offset(start, 0, 100)
+    b = V.offset(a, 90, 30)
+    dest = V.offset(b, 0, 100)
+    return V.Route("hand", city, start, 200, [a, b, dest], [0, 90, 0],
+                   [[("Maple Cafe", 270)], [], [("Summit Cafe", 90)]], "Summit Cafe")
+
+
+def test_rail_cuts_each_street_in_five_and_no_forward_follows_a_turn():
+    route = hand_route()
+    rail = V.build_rail(route, 5, 0.0, random.Random(0), 200)
+    assert [p.action for p in rail] == ["turn"] + ["forward"] * 4 + ["turn"] + ["forward"] * 2 + ["turn"] + \
+        ["forward"] * 4 + ["stop"]
+    assert [p.instruction for p in rail] == [1, 2, 2, 2, 2, 3, 4, 4, 5, 6, 6, 6, 6, 6]
+    # cuts every fifth of a street; on the 30 m street the cuts 6 m from its ends are left out
+    along = [V.haversine(route.start, p.point) for p in rail[1:5]]
+    assert along == pytest.approx([20, 40, 60, 80], abs=0.1)
+    assert [V.haversine(route.points[0], p.point) for p in rail[6:8]] == pytest.approx([12, 18], abs=0.1)
+    # turns happen where the street ends, and the next position is already down the new street
+    assert rail[5].point == route.points[0] and rail[5].at_intersection and rail[5].turn_to == 90
+    assert rail[6].point != rail[5].point and rail[6].heading == 90
+    assert rail[0].heading == 200 and rail[0].turn_to == 0 and not rail[0].at_intersection
+    assert rail[-1].point == route.points[-1] and rail[-1].destination == "Summit Cafe" and not rail[-1].at_intersection
+
+
+def test_drop_rate_drops_each_cut_with_its_probability():
+    route = hand_route()
+    kept = [len(V.build_rail(route, 5, 0.5, random.Random(seed), 200)) - 4 for seed in range(400)]
+    assert sum(kept) / (400 * 10) == pytest.approx(0.5, abs=0.03)  # 10 candidate cuts, each kept half the time
+    assert min(kept) >= 0 and max(kept) <= 10 and len(set(kept)) >= 8
+    again = [len(V.build_rail(route, 5, 0.5, random.Random(seed), 200)) - 4 for seed in range(400)]
+    assert kept == again
+    none = V.build_rail(route, 5, 0.0, random.Random(0), 200)
+    bare = V.build_rail(route, 1, 0.0, random.Random(0), 200)  # one part per street: no cut at all
+    assert [p.action for p in bare] == ["turn", "turn", "turn", "stop"] and len(none) == 14
 
 
 def test_drop_rate_skips_forward_positions_reproducibly():
-    full = NavigationEnv(VirlConfig(n_routes=5, drop_rate=0.0, forward_steps=3), seed=1)
-    dropped = NavigationEnv(VirlConfig(n_routes=5, drop_rate=0.5, forward_steps=3), seed=1)
-    again = NavigationEnv(VirlConfig(n_routes=5, drop_rate=0.5, forward_steps=3), seed=1)
+    full = NavigationEnv(VirlConfig(n_routes=5, drop_rate=0.0), seed=1)
+    dropped = NavigationEnv(VirlConfig(n_routes=5, drop_rate=0.5), seed=1)
+    again = NavigationEnv(VirlConfig(n_routes=5, drop_rate=0.5), seed=1)
     lens = [(full.reset(route=i) and len(full.rail), dropped.reset(route=i) and len(dropped.rail),
              again.reset(route=i) and len(again.rail)) for i in range(5)]
     assert all(d <= f for f, d, _ in lens) and sum(f - d for f, d, _ in lens) > 0
@@ -198,7 +243,7 @@ def test_expert_completes_500_text_routes(absolute):
 def test_expert_completes_500_vision_routes(absolute):
     routes = "synthetic:nyc" if absolute else "mini"
     env = NavigationEnv(VirlConfig(routes=routes, absolute_actions=absolute, vision=True, n_routes=500,
-                                   view_size=32, forward_steps=1), seed=0)
+                                   view_size=32, straight_line_length=2), seed=0)
     for i in range(500):
         obs = env.reset(route=i % len(env.routes))
         assert obs.image.size == (64, 64) and "You observe an image of 4 views" in obs.text
@@ -222,6 +267,27 @@ def test_prompt_holds_instructions_history_and_rule():
     assert "north, northeast, east" in abs_env.reset(route=0).text
 
 
+def test_vl_prompt_keeps_the_intersection_cue_and_the_text_history():
+    env = NavigationEnv(VirlConfig(vision=True, view_size=32), seed=0, routes=[hand_route("nyc")])
+    text = env.reset(route=0).text
+    assert "O_1: You observe an image of 4 views\n" in text  # not at an intersection: the image alone
+    while not env.position.at_intersection:
+        obs, _, _, _ = env.step(env.expert_response())
+    assert f"O_{env.index + 1}: You observe an image of 4 views; You observe an intersection\n" in obs.text
+    assert "Maple Cafe" not in obs.text.split("[Observations and actions so far]")[1]  # it is in the image
+    obs, _, _, _ = env.step(env.expert_response())
+    history = obs.text.split("[Observations and actions so far]")[1]
+    # the paper's history holds the text of past observations, in V-IRL-VL as in V-IRL-L
+    assert f"O_{env.index}: Maple Cafe is on your left; You observe an intersection\nA_{env.index}: " \
+           "turn_direction(east)" in history
+    assert f"O_{env.index + 1}: You observe an image of 4 views\n" in history
+    text_env = NavigationEnv(VirlConfig(), seed=0, routes=[hand_route()])
+    text_env.reset(route=0)
+    for _ in range(env.index):
+        text_env.step(text_env.expert_response())
+    assert text_env.history == env.history
+
+
 def test_sequential_revision_and_route_failure():
     env = NavigationEnv(VirlConfig(n_routes=3, verify_iter=2), seed=0)
     env.reset(route=0)
@@ -230,12 +296,40 @@ def test_sequential_revision_and_route_failure():
     assert obs.continues and obs.text.startswith("You failed this trial because stop() is not the right action")
     obs, reward, done, info = env.step("gibberish")
     assert (reward, info["outcome"], info["position"]) == (-1.0, "invalid_action", 0)
-    assert not obs.continues and env.index == 1  # attempts used up: moved on, the route is failed
-    while not done:
-        _, _, done, info = env.step(env.expert_response())
-    assert done and not info["success"]
+    # attempts used up: the route ends there, failed (the paper truncates it), without walking on
+    assert done and not info["success"] and not obs.continues and env.index == 0
     with pytest.raises(RuntimeError, match="reset"):
         env.step("forward()")
+
+
+@pytest.mark.parametrize("verify_iter", [1, 3])
+def test_a_failed_position_ends_the_route_and_reset_starts_a_new_one(verify_iter):
+    env = NavigationEnv(VirlConfig(verify_iter=verify_iter, drop_rate=0.0), seed=0, routes=[hand_route()])
+    env.reset(route=0)
+    for _ in range(5):  # into the route, to the first intersection: the positions after it must not count
+        env.step(env.expert_response())
+    failing = env.index
+    assert env.position.action == "turn" and len(env.rail) == 14
+    for attempt in range(1, verify_iter + 1):
+        obs, reward, done, info = env.step(answer(obs=V.observation_text(env.position), action="forward()"))
+        assert (info["attempt"], info["position"], done, info["success"]) == (attempt, failing, attempt == verify_iter,
+                                                                             False)
+    assert env.index == failing and info["outcome"] == "wrong_action" and obs.text.startswith("You failed")
+    obs = env.reset(route=0)
+    assert (env.index, env.attempt, env.done, env.history) == (0, 0, False, []) and "O_1:" in obs.text
+    info, _ = play_expert(env, route=0)
+    assert info["success"]
+
+
+def test_failing_the_stop_ends_the_route_failed():
+    env = NavigationEnv(VirlConfig(verify_iter=2), seed=0, routes=[hand_route()])
+    env.reset(route=0)
+    while env.position.action != "stop":
+        env.step(env.expert_response())
+    _, _, done, info = env.step(answer(action="forward()"))
+    assert not done
+    _, _, done, info = env.step(answer(action="forward()"))
+    assert done and not info["success"]
 
 
 def test_correct_on_second_attempt_still_succeeds():
@@ -261,17 +355,22 @@ def answer(obs="No landmarks nearby", action="forward()"):
 @pytest.mark.parametrize("pos,text,absolute,outcome", [
     (position(), answer(), True, "correct"),
     (position(), answer(action="stop()"), True, "wrong_action"),
-    (position(), answer(obs="You observe an intersection"), True, "wrong_observation"),   # claimed, none there
-    (position(True), answer(), True, "wrong_observation"),                                # missed
+    (position(), answer(obs="You observe an intersection"), True, "correct"),       # right action: the claim is moot
+    (position(True), answer(), True, "correct"),                                      # missed, but the right action
+    (position(), answer(obs="You observe an intersection", action="stop()"), True, "wrong_observation"),  # claimed
+    (position(True), answer(action="stop()"), True, "wrong_observation"),             # missed, wrong action
+    (position(), answer(obs="You observe an intersection", action="walk"), True, "wrong_observation"),  # no action
     (position(True), answer(obs="Cafe on your left; You observe an intersection"), True, "correct"),
     (position(), answer(obs="There is no intersection here"), True, "correct"),
     (position(action="turn", heading=350, turn_to=10), answer(action="turn_direction(north)"), True, "correct"),
-    (position(action="turn", heading=350, turn_to=10), answer(action="turn_direction(slightly right)"), False, "correct"),
+    (position(action="turn", heading=350, turn_to=10), answer(action="turn_direction(slightly right)"), False,
+     "correct"),
     (position(action="turn", heading=350, turn_to=10), answer(action="turn_direction(left)"), False, "wrong_action"),
     (position(action="turn", heading=350, turn_to=10), answer(action="turn_direction(north)"), False, "invalid_action"),
     (position(action="turn", heading=0, turn_to=90), answer(action="turn_direction(right)"), True, "invalid_action"),
     (position(action="turn", heading=0, turn_to=90), answer(action="Turn_Direction('East')"), True, "correct"),
-    (position(action="turn", heading=0, turn_to=315), answer(action='turn_direction("slightly_left")'), False, "correct"),
+    (position(action="turn", heading=0, turn_to=315), answer(action='turn_direction("slightly_left")'), False,
+     "correct"),
     (position(action="turn", heading=0, turn_to=45), answer(action="turn_direction(north east)"), True, "correct"),
     (position(action="stop"), answer(action="stop"), True, "correct"),
     (position(), answer(action="walk ahead"), True, "invalid_action"),
@@ -284,6 +383,48 @@ def test_verifier_outcomes(pos, text, absolute, outcome):
     v = V.verify(text, pos, absolute)
     assert v.outcome == outcome, v.feedback
     assert v.reward == V.REWARDS[outcome]
+
+
+def test_right_turn_scores_plus_one_whatever_the_intersection_claim():
+    turn = position(True, "turn", 0, 90)
+    missed = V.verify(answer(obs="Maple Cafe is on your left", action="turn_direction(east)"), turn, True)
+    assert (missed.outcome, missed.reward, missed.observation_ok) == ("correct", 1.0, False)
+    wrong = V.verify(answer(obs="Maple Cafe is on your left", action="turn_direction(west)"), turn, True)
+    assert (wrong.outcome, wrong.reward) == ("wrong_observation", -1.5)
+    assert "did not notice the intersection" in wrong.feedback
+    claimed = V.verify(answer(obs="You observe an intersection", action="stop()"), position(), True)
+    assert (claimed.outcome, claimed.reward) == ("wrong_observation", -1.5)
+    assert "where there is none" in claimed.feedback
+    unreadable = V.verify(answer(action="turn_direction(up)"), turn, True)  # misses the intersection too
+    assert (unreadable.outcome, unreadable.reward) == ("wrong_observation", -1.5)
+    unreadable = V.verify(answer(obs=V.INTERSECTION_CUE, action="turn_direction(up)"), turn, True)
+    assert (unreadable.outcome, unreadable.reward) == ("invalid_action", -1.0)
+    # in an episode: the correct turn with a missed claim passes the position
+    env = NavigationEnv(VirlConfig(), seed=0, routes=[hand_route()])
+    env.reset(route=0)
+    while env.position.action != "turn" or not env.position.at_intersection:
+        env.step(env.expert_response())
+    at = env.index
+    _, reward, done, info = env.step(answer(obs="No landmarks nearby", action="turn_direction(east)"))
+    assert (reward, info["outcome"], env.index, done) == (1.0, "correct", at + 1, False)
+
+
+@pytest.mark.parametrize("obs,at_intersection,default,literal", [
+    ("You observe an intersection", True, "wrong_action", "wrong_observation"),  # a true claim still costs 1.5
+    ("No landmarks nearby", True, "wrong_observation", "wrong_action"),          # the missed one is never seen
+    ("There is no intersection here", False, "wrong_action", "wrong_observation"),  # a word test: negation counts
+    ("You observe an Intersection", False, "wrong_observation", "wrong_action"),  # and is case-sensitive
+    ("No landmarks nearby", False, "wrong_action", "wrong_action"),
+])
+def test_literal_intersection_check_reproduces_the_paper_code(obs, at_intersection, default, literal):
+    pos = position(at_intersection, "turn", 0, 90)
+    assert V.verify(answer(obs=obs, action="stop()"), pos, True).outcome == default
+    assert V.verify(answer(obs=obs, action="stop()"), pos, True, literal_intersection_check=True).outcome == literal
+    right = answer(obs=obs, action="turn_direction(east)")
+    assert V.verify(right, pos, True, literal_intersection_check=True).outcome == "correct"
+    env = NavigationEnv(VirlConfig(literal_intersection_check=True), seed=0, routes=[hand_route()])
+    env.reset(route=0)  # the start: not an intersection
+    assert env.step(answer(obs="You observe an intersection", action="stop()"))[3]["outcome"] == "wrong_observation"
 
 
 ADVERSARIAL = ["", "{", "{" * 10_000, '{"action": ' * 2000, '{"action": null}', '{"action": ["forward()"]}',
@@ -418,7 +559,8 @@ def test_pano_map_refuses_code(tmp_path):
 # ---- config, CLI, doctests ----
 
 @pytest.mark.parametrize("kwargs,match", [({"verify_iter": 0}, "verify_iter=0"), ({"drop_rate": 1.0}, "drop_rate=1.0"),
-                                          ({"forward_steps": -1}, "forward_steps=-1"), ({"view_size": 8}, "view_size=8")])
+                                          ({"straight_line_length": 0}, "straight_line_length=0"),
+                                          ({"view_size": 8}, "view_size=8")])
 def test_bad_config_is_one_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         VirlConfig(**kwargs)

@@ -75,15 +75,13 @@ def test_always_failing_policy_uses_exactly_verify_iter_attempts(verify_iter):
     assert [t.done for t in r.turns if t.episode == 0] == [False] * (verify_iter - 1) + [True]
 
 
-def test_virl_failing_policy_fails_each_position_twice():
+def test_virl_failing_policy_ends_the_route_at_its_first_position():
     envs = make_envs("virl-l", "id", 2, seed=0, n_routes=4)
     r = rollout(ScriptedPolicy(lambda conv: '{"action": "stop()"}'), envs, n_episodes=2)
-    for e in r.episodes:
-        assert not e.success and e.finished
-    assert len(r.turns) == sum(e.attempts for e in r.episodes)
-    # stop() is right only at the destination: there the first attempt succeeds, elsewhere both fail
-    for e in r.episodes:
-        assert e.outcomes[-1] == "correct" and e.attempts % 2 == 1
+    for e in r.episodes:  # the first position is a turn: both attempts fail and the route ends there
+        assert not e.success and e.finished and e.outcomes == ["wrong_action", "wrong_action"]
+    assert len(r.turns) == sum(e.attempts for e in r.episodes) == 4
+    assert [t.done for t in r.turns if t.episode == 0] == [False, True]
 
 
 def test_turn_budget_stops_exactly_and_keeps_bootstrap_prompts():
