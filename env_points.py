@@ -5,7 +5,11 @@ Four cards are dealt; the player answers with one JSON object
 whose formula uses every card's number exactly once and evaluates to the target (24).
 
 Rules (ID vs OOD rule):  J, Q, K count as 10 (ID, `face_cards_as_10=True`) or as 11, 12, 13
-(OOD, `face_cards_as_10=False`, and then every hand holds at least one face card).
+(OOD, `face_cards_as_10=False`).
+Dealing, as the official code deals: every rank and suit drawn independently, so a hand may hold
+the same card twice, and the hand redrawn until it is solvable under the rule. ID: four ranks
+uniform over A..K. OOD (`face_card_required`, on by default exactly under the OOD rule): three
+ranks uniform over A..K and one over J, Q, K, shuffled, so that every hand holds a face card.
 Visuals (ID vs OOD visual): black suits (spades, clubs) or red suits (hearts, diamonds).
 
 Reward per attempt, one outcome each, checked in this order:
@@ -17,9 +21,12 @@ Reward per attempt, one outcome each, checked in this order:
 After a failed attempt the verifier's message continues the conversation (sequential
 revision); the episode ends when solved or after `verify_iter` attempts.
 
-Simplifications relative to the paper: cards are drawn from an unlimited shoe (each card's
-rank and suit drawn independently, so any multiset of ranks can appear in any suit set), and
-the image is drawn with Pillow shapes rather than photographed card art.
+Departures from the official code: formulas are evaluated exactly (the official float `eval`
+misses answers such as 8/(3-8/3)), each attempt has exactly one outcome (the official penalties
+add up, e.g. -4 for an invented and a missing number, and it has a +1 "partial solution"), and
+answers are parsed tolerantly. The GP-VL image (`image_size` pixels a side, 448 by default; the
+official one is 1200) is drawn with Pillow shapes and its built-in font rather than pasted from
+photographed card art, on the official #35654d table green, every card inside the frame.
 
     python env_points.py                       # sample GP-L prompt, sample GP-VL image, expert play
     python env_points.py --ood-rule --suits red --episodes 5000
@@ -39,7 +46,8 @@ from fractions import Fraction
 from typing import Optional
 
 RANKS = ("A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K")
-FACE_RANKS = frozenset(("J", "Q", "K"))
+FACE_CARDS = ("J", "Q", "K")          # ordered: the OOD deal draws from it with a seeded rng
+FACE_RANKS = frozenset(FACE_CARDS)
 SUIT_SETS = {"black": ("spades", "clubs"), "red": ("hearts", "diamonds"),
              "mixed": ("spades", "hearts", "clubs", "diamonds")}
 REWARDS = {"correct": 5.0, "wrong_value": -1.0, "wrong_cards": -1.5,
@@ -55,8 +63,8 @@ class PointsConfig:
     suits: str = "black"                    # "black" (ID visuals), "red" (OOD visuals) or "mixed"
     vision: bool = False                    # GP-VL: cards in an image, "cards" field verified
     verify_iter: int = 5                    # attempts per episode (sequential revision)
-    face_card_required: Optional[bool] = None  # every hand holds J/Q/K; None: exactly under the OOD rule
-    image_size: int = 448                   # GP-VL image side in pixels (the paper used 1200)
+    face_card_required: Optional[bool] = None  # OOD deal (see deal()); None: exactly under the OOD rule
+    image_size: int = 448                   # GP-VL image side in pixels (the official code: 1200)
 
     def __post_init__(self):
         if self.suits not in SUIT_SETS:
@@ -474,10 +482,18 @@ def retry_text(feedback: str) -> str:
 
 
 # ---- rendering (GP-VL) ----
+# Cards are drawn with Pillow shapes and its built-in font, so no image assets ship with the code.
+# The layout follows the official table: a row of 5:7 cards, centred vertically on casino green;
+# unlike it, the row is centred horizontally with a bare margin all round, so that no card is
+# cut or touches the border at any size, and the ranks are sized to stay legible at 224 px.
 
-TABLE_GREEN = (31, 102, 56)
+TABLE_GREEN = (0x35, 0x65, 0x4D)  # the official table colour '#35654d'
 CARD_WHITE = (250, 250, 246)
+CARD_EDGE = (60, 60, 60)
 SUIT_COLORS = {"spades": (20, 20, 20), "clubs": (20, 20, 20), "hearts": (200, 20, 30), "diamonds": (200, 20, 30)}
+CARD_ASPECT = 1.4    # height / width, the 5:7 of the official card images
+TABLE_MARGIN = 0.05  # bare table on each side, as a share of the image side
+CARD_GAP = 0.03      # between neighbouring cards, as a share of the image side
 
 
 def _draw_suit(draw, suit: str, cx: float, cy: float, r: float, color) -> None:
@@ -500,10 +516,11 @@ def _draw_suit(draw, suit: str, cx: float, cy: float, r: float, color) -> None:
         disc(cx, cy - 0.45 * r, 0.42 * r)
         disc(cx - 0.48 * r, cy + 0.12 * r, 0.42 * r)
         disc(cx + 0.48 * r, cy + 0.12 * r, 0.42 * r)
+        disc(cx, cy, 0.25 * r)  # fills the hole the three leaves leave between them
         draw.polygon([(cx, cy), (cx - 0.35 * r, cy + r), (cx + 0.35 * r, cy + r)], fill=color)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=32)
 def _font(px: int):
     from PIL import ImageFont
     try:
@@ -512,45 +529,63 @@ def _font(px: int):
         return ImageFont.load_default()
 
 
+def _text(draw, xy, text: str, px: int, color, anchor: str) -> None:
+    # the built-in font is thin: a stroke of the ink's own colour keeps ranks bold after the
+    # supersampled image is reduced
+    draw.text(xy, text, font=_font(px), fill=color, anchor=anchor,
+              stroke_width=max(0, round(px / 24)), stroke_fill=color)
+
+
 def _draw_card(img, box, rank: str, suit: str) -> None:
     from PIL import Image, ImageDraw
     x0, y0, x1, y1 = box
-    w, h = x1 - x0, y1 - y0
+    w, h = x1 - x0 + 1, y1 - y0 + 1
     color = SUIT_COLORS[suit]
     draw = ImageDraw.Draw(img)
-    draw.rounded_rectangle(box, radius=w * 0.08, fill=CARD_WHITE, outline=(60, 60, 60), width=max(1, w // 60))
-    # corner index: rank above a small suit, top-left upright and bottom-right upside down;
-    # drawn on an opaque patch of card colour so anti-aliasing blends with the card, not black
-    corner = Image.new("RGB", (int(w * 0.3), int(h * 0.32)), CARD_WHITE)
+    draw.rounded_rectangle(box, radius=w * 0.08, fill=CARD_WHITE, outline=CARD_EDGE, width=max(1, w // 60))
+    # corner index, rank above a small suit, top-left upright and bottom-right upside down, drawn
+    # on an opaque patch of card colour so that its anti-aliasing blends with the card; the patch
+    # is wide enough for "10", the widest rank (about 1.15 times the font size, plus the stroke)
+    corner = Image.new("RGB", (max(4, int(w * 0.38)), max(4, int(h * 0.32))), CARD_WHITE)
     cd = ImageDraw.Draw(corner)
-    cd.text((corner.width / 2, 0), rank, font=_font(max(8, int(w * 0.27))), fill=color, anchor="mt")
-    _draw_suit(cd, suit, corner.width / 2, corner.height * 0.78, corner.width * 0.2, color)
-    pad = int(w * 0.05)
-    img.paste(corner, (x0 + pad, y0 + pad))
-    img.paste(corner.rotate(180), (x1 - pad - corner.width, y1 - pad - corner.height))
+    _text(cd, (corner.width / 2, 0), rank, max(6, int(w * 0.28)), color, "mt")
+    _draw_suit(cd, suit, corner.width / 2, corner.height * 0.8, corner.width * 0.16, color)
+    pad = max(1, int(w * 0.06))
+    img.paste(corner, (x0 + pad // 2, y0 + pad))
+    img.paste(corner.rotate(180), (x1 + 1 - pad // 2 - corner.width, y1 + 1 - pad - corner.height))
+    cx = (x0 + x1) / 2
     if rank in FACE_RANKS:  # court cards: a framed panel with a large letter
-        fx, fy = w * 0.33, h * 0.25
+        fx, fy = w * 0.34, h * 0.26
         draw.rectangle((x0 + fx, y0 + fy, x1 - fx, y1 - fy), outline=color, width=max(1, w // 40))
-        draw.text(((x0 + x1) / 2, y0 + h * 0.38), rank, font=_font(max(8, int(w * 0.34))), fill=color, anchor="mm")
-        _draw_suit(draw, suit, (x0 + x1) / 2, y0 + h * 0.62, w * 0.13, color)
+        _text(draw, (cx, y0 + h * 0.41), rank, max(6, int(w * 0.26)), color, "mm")
+        _draw_suit(draw, suit, cx, y0 + h * 0.61, w * 0.09, color)
     else:
-        _draw_suit(draw, suit, (x0 + x1) / 2, (y0 + y1) / 2, w * 0.22, color)
+        _draw_suit(draw, suit, cx, (y0 + y1) / 2, w * 0.2, color)
+
+
+SUPERSAMPLE_PX = 896  # small images are drawn at least this large, then box-reduced by a whole factor
 
 
 def render_cards(cards, size: int = 448):
-    """A size x size RGB image of the (rank, suit) cards side by side on a green table.
+    """A size x size RGB image of the (rank, suit) cards side by side on a green table, each card
+    inside the frame with a bare margin of TABLE_MARGIN * size all round.
     A pure function of its arguments: the same hand always gives the same pixels."""
     from PIL import Image
-    img = Image.new("RGB", (size, size), TABLE_GREEN)
+    # Pillow draws shapes without anti-aliasing and hints small text into blobs: drawing large and
+    # reducing keeps the ranks legible at 224 px; the integer box filter leaves bare table exact
+    scale = min(4, -(-SUPERSAMPLE_PX // size))
+    big = size * scale
+    img = Image.new("RGB", (big, big), TABLE_GREEN)
     n = len(cards)
-    margin, gap = size * 0.04, size * 0.025
-    w = (size - 2 * margin - (n - 1) * gap) / n
-    h = min(w * 1.45, size - 2 * margin)
-    top = (size - h) / 2
+    margin, gap = big * TABLE_MARGIN, big * CARD_GAP
+    w = (big - 2 * margin - (n - 1) * gap) / n
+    h = min(w * CARD_ASPECT, big - 2 * margin)
+    top = int((big - h) / 2)
     for i, (rank, suit) in enumerate(cards):
-        left = margin + i * (w + gap)
-        _draw_card(img, (int(left), int(top), int(left + w), int(top + h)), rank, suit)
-    return img
+        left = int(margin + i * (w + gap))
+        # boxes are inclusive: the last column and row are left + w - 1 and top + h - 1
+        _draw_card(img, (left, top, left + int(w) - 1, top + int(h) - 1), rank, suit)
+    return img.reduce(scale) if scale > 1 else img
 
 
 # ---- environment ----
@@ -563,10 +598,8 @@ class Observation:
 
 
 @functools.lru_cache(maxsize=None)
-def _dealable(ranks: tuple, face_cards_as_10: bool, face_card_required: bool, target: int) -> bool:
-    """Whether a hand (its sorted ranks) may be dealt: solvable under the rule, with a face card when required."""
-    if face_card_required and not FACE_RANKS.intersection(ranks):
-        return False
+def _dealable(ranks: tuple, face_cards_as_10: bool, target: int) -> bool:
+    """Whether a hand (its sorted ranks) may be dealt: solvable under the rule."""
     return is_solvable([card_value(r, face_cards_as_10) for r in ranks], target)
 
 
@@ -597,12 +630,22 @@ class GeneralPointsEnv:
         return [card_value(rank, self.config.face_cards_as_10) for rank, _ in self.cards]
 
     def deal(self) -> list:
-        """Four (rank, suit) cards from an unlimited shoe, redrawn until the hand is solvable
-        under the active rule (and holds a face card when required)."""
+        """Four (rank, suit) cards, each rank and suit drawn independently (as the official code
+        does: the same card may come twice), the whole hand redrawn until it is solvable under the
+        active rule.
+
+        ID deal: four ranks uniform over A..K. OOD deal (`face_card_required`): three ranks uniform
+        over A..K and one uniform over J, Q, K, shuffled; the official `ood=True` sampler. Holding
+        "at least one face card" is not enough: rejecting face-less uniform hands instead would
+        give hands with exactly one face card 68% of the time, where the official deal gives 50%."""
         cfg, suits = self.config, SUIT_SETS[self.config.suits]
         for _ in range(100_000):
-            ranks = self.rng.choices(RANKS, k=4)
-            if _dealable(tuple(sorted(ranks)), cfg.face_cards_as_10, cfg.face_card_required, cfg.target):
+            if cfg.face_card_required:
+                ranks = self.rng.choices(RANKS, k=3) + [self.rng.choice(FACE_CARDS)]
+                self.rng.shuffle(ranks)  # else the face card would always be the last one shown
+            else:
+                ranks = self.rng.choices(RANKS, k=4)
+            if _dealable(tuple(sorted(ranks)), cfg.face_cards_as_10, cfg.target):
                 return list(zip(ranks, self.rng.choices(suits, k=4)))
         raise ValueError(f"no solvable hand found for target={cfg.target}: choose another target")
 

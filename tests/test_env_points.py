@@ -245,6 +245,60 @@ def test_dealt_hands_are_solvable_and_rules_differ():
     assert any(not E.FACE_RANKS.intersection(no_face.reset() and no_face.ranks) for _ in range(200))
 
 
+def _face_count_shares(hands) -> dict:
+    counts = [sum(r in E.FACE_RANKS for r in hand) for hand in hands]
+    return {k: counts.count(k) / len(counts) for k in range(5)}
+
+
+def _official_shares(ood: bool) -> dict:
+    """Exact shares of hands holding k face cards under the official `_generate_cards`, worked out by
+    enumerating its draws: ood, three ranks uniform over 1..13 plus one over 11..13; else four
+    uniform ranks. Both kept only when solvable under the rule that goes with them."""
+    weights = dict.fromkeys(range(5), 0)
+    draws = (itertools.product(range(1, 14), range(1, 14), range(1, 14), range(11, 14)) if ood
+             else itertools.product(range(1, 14), repeat=4))
+    for hand in draws:
+        if E.is_solvable(hand if ood else [min(v, 10) for v in hand]):
+            weights[sum(v >= 11 for v in hand)] += 1
+    total = sum(weights.values())
+    return {k: w / total for k, w in weights.items()}
+
+
+def test_deals_follow_the_official_distribution_over_many_seeds():
+    """The OOD deal is the official one: about 50% of hands hold exactly one face card, where
+    rejecting face-less uniform hands would give 68%. 6000 hands put one standard error near 0.6
+    points: a 3-point tolerance passes the official sampler and fails any other seen so far."""
+    expected = {ood: _official_shares(ood) for ood in (True, False)}
+    assert abs(expected[True][1] - 0.4957) < 1e-3 and abs(expected[False][0] - 0.4099) < 1e-3
+    for ood, cfg in ((True, OOD), (False, ID)):
+        hands = []
+        for seed in range(150):
+            env = GeneralPointsEnv(cfg, seed=seed)
+            hands += [(env.reset(), env.ranks)[1] for _ in range(40)]
+        got = _face_count_shares(hands)
+        for k in range(5):
+            assert abs(got[k] - expected[ood][k]) < 0.03, (ood, k, got, expected[ood])
+        if ood:
+            # the face card is shuffled in, not always the last card shown
+            singles = [h for h in hands if sum(r in E.FACE_RANKS for r in h) == 1]
+            at = [next(i for i, r in enumerate(h) if r in E.FACE_RANKS) for h in singles]
+            assert all(abs(at.count(i) / len(at) - 0.25) < 0.04 for i in range(4)), at[:20]
+    # the rejection sampler the project used before: 68% single face cards, well outside the tolerance
+    rejected = [(a, b, c, d) for a, b, c, d in itertools.product(range(1, 14), repeat=4)
+                if max(a, b, c, d) >= 11 and E.is_solvable((a, b, c, d))]
+    single = sum(sum(v >= 11 for v in h) == 1 for h in rejected) / len(rejected)
+    assert abs(single - 0.6792) < 1e-3 and single - expected[True][1] > 0.15
+
+
+def test_ood_deal_is_on_exactly_under_the_ood_rule_unless_set():
+    assert OOD.face_card_required and not ID.face_card_required
+    assert PointsConfig(face_cards_as_10=True, face_card_required=True).face_card_required
+    env = GeneralPointsEnv(PointsConfig(face_card_required=True), seed=1)  # ID rule, OOD deal
+    for _ in range(300):
+        env.reset()
+        assert E.FACE_RANKS.intersection(env.ranks) and max(env.values) == 10 and solve(env.values)
+
+
 def test_same_seed_same_hands_and_reset_seed_restarts():
     a, b, c = GeneralPointsEnv(ID, seed=11), GeneralPointsEnv(ID, seed=11), GeneralPointsEnv(ID, seed=12)
     hands_a = [(a.reset(), a.cards)[1] for _ in range(50)]
@@ -307,6 +361,29 @@ def test_rendering_is_deterministic_and_colours_follow_suits():
     assert E.render_cards([("K", "spades")] * 4).tobytes() != E.render_cards([("Q", "spades")] * 4).tobytes()
 
 
+@pytest.mark.parametrize("size", [224, 448, 64])
+def test_cards_sit_inside_the_frame_on_the_official_table(size):
+    assert E.TABLE_GREEN == (0x35, 0x65, 0x4D)  # the official '#35654d'
+    band = max(2, int(size * 0.04))  # the bare margin is 5% of the side: 4% must be table and nothing else
+    hands = [[("10", "hearts"), ("10", "diamonds"), ("10", "hearts"), ("10", "diamonds")],
+             [("K", "spades"), ("Q", "clubs"), ("J", "spades"), ("A", "clubs")]]
+    for hand in hands:
+        a = np.asarray(E.render_cards(hand, size), dtype=np.int32)
+        table = (a == np.array(E.TABLE_GREEN)).all(-1)
+        assert a.shape == (size, size, 3)
+        for edge in (table[:band], table[-band:], table[:, :band], table[:, -band:]):
+            assert edge.all(), f"a card reaches into the {band}-pixel border at {size} px"
+        ink = ~table
+        for i in range(4):  # every card is there, in its own quarter of the row
+            quarter = ink[:, i * size // 4:(i + 1) * size // 4]
+            assert quarter.sum() > 0.08 * size * size / 4
+
+
+def test_every_rank_draws_differently_at_the_smallest_trained_size():
+    images = {rank: E.render_cards([(rank, "spades")] * 4, 224).tobytes() for rank in E.RANKS}
+    assert len(set(images.values())) == len(E.RANKS)
+
+
 def test_vision_env_images_follow_the_seed():
     cfg = PointsConfig(vision=True, suits="red", image_size=96)
     a, b = GeneralPointsEnv(cfg, seed=9), GeneralPointsEnv(cfg, seed=9)
@@ -334,7 +411,8 @@ def test_cli_prints_prompt_writes_image_and_plays_expert(tmp_path):
 
 
 def test_cli_bad_value_is_one_line():
-    out = subprocess.run([sys.executable, "env_points.py", "--image-size", "8"], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "env_points.py", "--image-size", "8"], cwd=ROOT,
+                         capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "image_size=8" in out.stderr
 
 
