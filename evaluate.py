@@ -1,9 +1,12 @@
 """The paper's evaluation: checkpoints x {ID, OOD rule, OOD visual} -> metrics, GFLOPs, JSON, table, plots.
 
 For each checkpoint and setting of a task, a fixed, seeded set of episodes is played with sequential
-revision (GP: 234 hands per setting, as in the paper; V-IRL: a fixed set of held-out routes of the
-training city, and the 18-route mini benchmark for OOD visuals). The same seed gives the same
-episodes to every checkpoint, so curves compare like with like.
+revision (GP: 234 hands per setting, as in the paper; V-IRL: 48 of the training routes for ID and the
+OOD rule, as the paper does, the 18-route mini benchmark for OOD visuals, and 48 routes never trained
+on as an extra setting). The same seed gives the same episodes to every checkpoint, so curves compare
+like with like. Answers are sampled as the official evaluation does: up to 256 tokens with the
+checkpoint's own generation config (--temperature sets a temperature instead). The headline metric is
+the paper's: success for GP, per-step accuracy for V-IRL (route success beside it).
 
     python evaluate.py --model smollm2-135m --task gp-l                  # a model name
     python evaluate.py --model runs/sft-gp-l,runs/ppo-gp-l --task gp-l   # every checkpoint of two runs
@@ -27,14 +30,21 @@ import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import torch
 
 import model as M
 from cli import fail, parse_config
-from rollout import MALFORMED_OUTCOMES, SETTINGS, VIRL_EVAL_SEED, check_task, make_envs, rollout
+from rollout import MALFORMED_OUTCOMES, SETTINGS, check_task, env_config, image_overrides, make_envs, rollout
 
-SETTING_NAMES = {"id": "ID", "ood_rule": "OOD rule", "ood_visual": "OOD visual"}
+SETTING_NAMES = {"id": "ID", "ood_rule": "OOD rule", "ood_visual": "OOD visual", "id_heldout": "ID held-out routes"}
+
+
+def headline(task: str) -> str:
+    """The metric the paper reports: GP success; V-IRL per-step accuracy (route success is near 0 for every
+    method in the paper)."""
+    return "per_step_accuracy" if task.startswith("virl") else "success"
 
 
 @dataclass
@@ -44,12 +54,13 @@ class EvalConfig:
     task: str = field(default="gp-l", metadata={"doc": "gp-l, gp-vl, virl-l or virl-vl"})
     settings: str = field(default="all", metadata={"doc": "comma-separated subset of id, ood_rule, ood_visual, or all"})
     episodes: int = field(default=234, metadata={"doc": "GeneralPoints hands per setting (the paper: 234)"})
-    virl_routes: int = field(default=48, metadata={"doc": "V-IRL held-out routes for id and ood_rule (ood_visual: the 18-route mini benchmark)"})
+    virl_routes: int = field(default=48, metadata={"doc": "V-IRL routes per setting (the paper: 48; ood_visual: the 18-route mini benchmark)"})
     batch_size: int = field(default=64, metadata={"doc": "episodes played at once (per rank)"})
-    max_new_tokens: int = field(default=128, metadata={"doc": "longest answer"})
-    temperature: float = field(default=0.2, metadata={"doc": "sampling temperature (the paper's 0.2)"})
-    top_p: float = field(default=1.0, metadata={"doc": "nucleus sampling mass"})
+    max_new_tokens: int = field(default=256, metadata={"doc": "longest answer (the official evaluation: 256)"})
+    temperature: Optional[float] = field(default=None, metadata={"doc": "sampling temperature, 0: greedy; default: the checkpoint's generation config"})
+    top_p: float = field(default=1.0, metadata={"doc": "nucleus sampling mass, with --temperature"})
     verify_iter: int = field(default=0, metadata={"doc": "attempts per episode / position; 0: the task's (GP 5, V-IRL 2)"})
+    image_size: int = field(default=0, metadata={"doc": "VL tasks: image side in pixels (GP cards, each V-IRL view); 0: the default"})
     seed: int = field(default=0, metadata={"doc": "episode seed: the same for every checkpoint"})
     out: str = field(default="runs/eval", metadata={"doc": "folder for the table and plots"})
     plots: bool = field(default=True, metadata={"doc": "draw the PNG plots (needs matplotlib)"})
@@ -61,6 +72,7 @@ class EvalConfig:
         wanted = SETTINGS[self.task] if self.settings == "all" else tuple(s.strip() for s in self.settings.split(","))
         for s in wanted:
             check_task(self.task, s)
+        env_config(self.task, "id", **image_overrides(self.task, self.image_size))  # a bad image size fails here
         self.settings = ",".join(wanted)
         for name in ("episodes", "virl_routes", "batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
@@ -116,8 +128,11 @@ def summarize(episodes: list, task: str) -> dict:
            "mean_reward": sum(e.total_reward for e in episodes) / n if n else 0.0,
            "format_valid": sum(v for k, v in outcomes.items() if k not in MALFORMED_OUTCOMES) / attempts if attempts else 0.0,
            "outcomes": dict(sorted(outcomes.items()))}
-    if task.startswith("virl"):
-        out["per_step_accuracy"] = outcomes.get("correct", 0) / attempts if attempts else 0.0
+    if task.startswith("virl"):  # every attempt is one sample, as in the paper
+        correct = outcomes.get("correct", 0)
+        q = correct / attempts if attempts else 0.0
+        out.update(per_step_accuracy=q, per_step_accuracy_se=math.sqrt(q * (1 - q) / attempts) if attempts else 0.0,
+                   per_step_accuracy_ci95=list(wilson(correct, attempts)))
     if task.endswith("-vl"):
         out["recognition_accuracy"] = sum(recognized) / len(recognized) if recognized else 0.0
     return out
@@ -128,7 +143,7 @@ def summarize(episodes: list, task: str) -> dict:
 def episode_reset(task: str, seed: int, setting: str, ranks_episodes: list):
     """reset(env, j) for rollout: local episode j is global episode ranks_episodes[j], whose hand or
     route and RNG depend only on (seed, setting, global index)."""
-    salt = {"id": 0, "ood_rule": 1, "ood_visual": 2}[setting]
+    salt = {"id": 0, "ood_rule": 1, "ood_visual": 2, "id_heldout": 3}[setting]
 
     def reset(env, j):
         k = ranks_episodes[j]
@@ -145,6 +160,15 @@ def n_episodes(cfg: EvalConfig, setting: str) -> int:
     return 18 if setting == "ood_visual" else cfg.virl_routes
 
 
+def sampling(policy, cfg: EvalConfig) -> dict:
+    """How answers are drawn: at --temperature (0: greedy) when given; else as the official evaluation, which
+    calls generate with max_new_tokens alone, so the checkpoint's generation config decides (greedy for
+    SmolLM2's; temperature 0.6, top-p 0.9, top-k 50 for Llama-3.2-Vision-Instruct's)."""
+    if cfg.temperature is not None:
+        return {"temperature": cfg.temperature or 1.0, "top_p": cfg.top_p, "top_k": 0, "greedy": cfg.temperature == 0}
+    return policy.checkpoint_sampling()
+
+
 def play_setting(policy, cfg: EvalConfig, setting: str, rank: int, world: int) -> list:
     """This rank's share of a setting's episodes, as (global index, Episode) pairs."""
     total = n_episodes(cfg, setting)
@@ -152,13 +176,14 @@ def play_setting(policy, cfg: EvalConfig, setting: str, rank: int, world: int) -
     if not mine:
         return []
     overrides = {"verify_iter": cfg.verify_iter} if cfg.verify_iter else {}
-    if cfg.task.startswith("virl") and setting != "ood_visual":
-        overrides.update(n_routes=cfg.virl_routes, route_seed=VIRL_EVAL_SEED)
+    overrides.update(image_overrides(cfg.task, cfg.image_size))
+    if setting == "id_heldout":  # draw only the routes evaluated (id and ood_rule use the training routes)
+        overrides["n_routes"] = cfg.virl_routes
     envs = make_envs(cfg.task, setting, min(cfg.batch_size, len(mine)), seed=cfg.seed, **overrides)
     torch.manual_seed(cfg.seed)  # the same sampling noise for every checkpoint
     result = rollout(policy, envs, n_episodes=len(mine), reset=episode_reset(cfg.task, cfg.seed, setting, mine),
-                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                     progress=rank == 0, desc=f"{cfg.task} {setting}")
+                     max_new_tokens=cfg.max_new_tokens, **sampling(policy, cfg), progress=rank == 0,
+                     desc=f"{cfg.task} {setting}")
     return [(mine[e.id], e) for e in result.episodes]
 
 
@@ -183,8 +208,10 @@ def with_initializations(results: list) -> list:
 
 # ---- outputs ----
 
-def markdown_table(results: list, settings: list) -> str:
-    head = "| run | checkpoint | GFLOPs | " + " | ".join(f"{SETTING_NAMES[s]}: success [95% CI], well-formed answers"
+def markdown_table(results: list, settings: list, task: str) -> str:
+    metric = headline(task)
+    what = "per-step accuracy [95% CI], route success" if metric == "per_step_accuracy" else "success [95% CI]"
+    head = "| run | checkpoint | GFLOPs | " + " | ".join(f"{SETTING_NAMES[s]}: {what}, well-formed answers"
                                                        for s in settings) + " |"
     rows = [head, "|" + "---|" * (3 + len(settings))]
     for run in results:
@@ -192,8 +219,10 @@ def markdown_table(results: list, settings: list) -> str:
             cells = []
             for s in settings:
                 m = ck["settings"][s]
-                lo, hi = m["success_ci95"]
-                cells.append(f"{100 * m['success']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}], valid {100 * m['format_valid']:.0f}%")
+                lo, hi = m[f"{metric}_ci95"]
+                route = f", route {100 * m['success']:.1f}%" if metric != "success" else ""
+                cells.append(f"{100 * m[metric]:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]{route}, "
+                             f"valid {100 * m['format_valid']:.0f}%")
             rows.append(f"| {run['run']} | {os.path.basename(ck['path'].rstrip('/'))} | {ck['gflops']:.3g} | "
                         + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -220,28 +249,31 @@ def mean_ci95(values: list) -> tuple:
     return mean, [mean - t * sd / math.sqrt(n), mean + t * sd / math.sqrt(n)]
 
 
-def ood_changes(results: list, settings: list) -> list:
-    """The paper's Figure 6: for each arm (the seeds of a recipe) and OOD setting, the change in success
-    points from each run's first checkpoint (its initialization, when that was evaluated) to its last,
-    per seed, with their mean and 95% interval. Runs of one checkpoint have no change and are left out."""
-    arms, rows = {}, []
+def ood_changes(results: list, settings: list, task: str) -> list:
+    """The paper's Figure 6: for each arm (the seeds of a recipe) and OOD setting, the change in points of
+    the headline metric (GP success, V-IRL per-step accuracy) from each run's first checkpoint (its
+    initialization, when that was evaluated) to its last, per seed, with their mean and 95% interval. Runs
+    of one checkpoint have no change and are left out."""
+    metric, arms, rows = headline(task), {}, []
     for run in results:
         if len(run["checkpoints"]) > 1:  # a lone checkpoint (a base model, an initialization) has no change
             arms.setdefault(arm_of(run["run"]), []).append(run)
     for arm, runs in arms.items():
-        for s in [s for s in settings if s != "id"] or settings:
-            deltas = [100 * (r["checkpoints"][-1]["settings"][s]["success"] - r["checkpoints"][0]["settings"][s]["success"])
+        for s in [s for s in settings if s.startswith("ood")] or settings:
+            deltas = [100 * (r["checkpoints"][-1]["settings"][s][metric] - r["checkpoints"][0]["settings"][s][metric])
                       for r in runs]
             mean, ci = mean_ci95(deltas)
-            rows.append({"arm": arm, "setting": s, "seeds": len(deltas), "mean": mean, "ci95": ci, "deltas": deltas,
-                         "runs": [r["run"] for r in runs]})
+            rows.append({"arm": arm, "setting": s, "metric": metric, "seeds": len(deltas), "mean": mean, "ci95": ci,
+                         "deltas": deltas, "runs": [r["run"] for r in runs]})
     return rows
 
 
 def changes_table(changes: list) -> str:
     if not changes:  # e.g. a lone base model: nothing has changed yet, say so rather than print an empty table
         return "No OOD change to show: no run has more than one checkpoint (an initialization and later ones)."
-    rows = ["| arm | setting | seeds | OOD change (points) | 95% interval | per seed |", "|---|---|---|---|---|---|"]
+    what = "per-step accuracy" if changes[0]["metric"] == "per_step_accuracy" else "success"
+    rows = [f"| arm | setting | seeds | OOD change in {what} (points) | 95% interval | per seed |",
+            "|---|---|---|---|---|---|"]
     for c in changes:
         ci = f"[{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]" if c["ci95"] else "n/a"
         rows.append(f"| {c['arm']} | {SETTING_NAMES[c['setting']]} | {c['seeds']} | {c['mean']:+.1f} | {ci} | "
@@ -250,8 +282,8 @@ def changes_table(changes: list) -> str:
 
 
 def draw_plots(results: list, changes: list, settings: list, task: str, out: str) -> list:
-    """fig5: success vs GFLOPs per setting, one line per run, one colour per arm; fig6: each arm's mean OOD
-    change with its 95% interval, seeds as dots."""
+    """fig5: the headline metric (GP success, V-IRL per-step accuracy) vs GFLOPs per setting, one line per
+    run, one colour per arm; fig6: each arm's mean OOD change with its 95% interval, seeds as dots."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -260,6 +292,7 @@ def draw_plots(results: list, changes: list, settings: list, task: str, out: str
         print("plots skipped: pip install matplotlib to draw them")
         return []
     os.makedirs(out, exist_ok=True)
+    metric, label = headline(task), "per-step accuracy (%)" if task.startswith("virl") else "success (%)"
     arms = list(dict.fromkeys(arm_of(run["run"]) for run in results))
     colour = {arm: f"C{i % 10}" for i, arm in enumerate(arms)}
     fig, axes = plt.subplots(1, len(settings), figsize=(4.5 * len(settings), 3.6), squeeze=False)
@@ -268,15 +301,15 @@ def draw_plots(results: list, changes: list, settings: list, task: str, out: str
         for run in results:
             arm = arm_of(run["run"])
             xs = [ck["gflops"] for ck in run["checkpoints"]]
-            ys = [100 * ck["settings"][s]["success"] for ck in run["checkpoints"]]
-            es = [100 * ck["settings"][s]["success_se"] for ck in run["checkpoints"]]
+            ys = [100 * ck["settings"][s][metric] for ck in run["checkpoints"]]
+            es = [100 * ck["settings"][s][f"{metric}_se"] for ck in run["checkpoints"]]
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=colour[arm], alpha=0.8,
                         label=None if arm in labelled else arm)
             labelled.add(arm)
         ax.set_title(f"{task} {SETTING_NAMES[s]}")
         ax.set_xlabel("training GFLOPs")
         ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 3))
-        ax.set_ylabel("success (%)")
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
@@ -292,7 +325,7 @@ def draw_plots(results: list, changes: list, settings: list, task: str, out: str
         ax.plot([i] * len(c["deltas"]), c["deltas"], "k.", markersize=5)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(changes)), [f"{c['arm']}\n{SETTING_NAMES[c['setting']]}" for c in changes], fontsize=8)
-    ax.set_ylabel("OOD success change (points)")
+    ax.set_ylabel(f"OOD change in {label.split(' (')[0]} (points)")
     ax.set_title(f"{task}: last checkpoint vs initialization")
     fig.tight_layout()
     fig6 = os.path.join(out, f"fig6_{task}.png")
@@ -302,7 +335,8 @@ def draw_plots(results: list, changes: list, settings: list, task: str, out: str
 
 
 # what an evaluation's numbers depend on besides the checkpoint: a stored result is reused only if these match
-RESULT_KEY_FIELDS = ("task", "episodes", "virl_routes", "max_new_tokens", "temperature", "top_p", "verify_iter", "seed")
+RESULT_KEY_FIELDS = ("task", "episodes", "virl_routes", "max_new_tokens", "temperature", "top_p", "verify_iter", "seed",
+                     "image_size")
 
 
 def stored_results(run_dir: str, task: str) -> tuple:
@@ -338,11 +372,13 @@ def evaluate(cfg: EvalConfig) -> list:
             before = old.get(checkpoint_key(ckpt), {})
             if all(before.get(k) == entry[k] for k in ("step", "gflops", "key")):  # the same weights, the same test
                 entry["settings"] = {s: m for s, m in before.get("settings", {}).items() if s in settings}
+                entry["sampling"] = before.get("sampling")
             todo = [s for s in settings if s not in entry["settings"]]
             answers += [json.loads(line) for line in old_answers.get(checkpoint_key(ckpt), [])
                         if json.loads(line)["setting"] in entry["settings"]]
             if todo:
-                policy = M.load_policy(ckpt, device=cfg.device or dist_device, temperature=cfg.temperature)
+                policy = M.load_policy(ckpt, device=cfg.device or dist_device)
+                entry["sampling"] = sampling(policy, cfg)
             for s in todo:
                 start = time.perf_counter()
                 played = play_setting(policy, cfg, s, rank, world)
@@ -364,8 +400,8 @@ def evaluate(cfg: EvalConfig) -> list:
                 write_run(run_dir, cfg.task, run, answers)
         results.append(run)
     if rank == 0:
-        table = markdown_table(results, settings)
-        changes = ood_changes(with_initializations(results), settings)
+        table = markdown_table(results, settings, cfg.task)
+        changes = ood_changes(with_initializations(results), settings, cfg.task)
         print(table + "\n\n" + changes_table(changes))
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, f"table_{cfg.task}.md"), "w") as f:

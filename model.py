@@ -203,10 +203,13 @@ def resolve(name_or_path: str) -> str:
 # ---- the policy ----
 
 class ValueHead(nn.Module):
-    """V(prompt): an MLP on the last layer's hidden state at the last prompt token (kept in fp32)."""
+    """V(prompt): an MLP on the last layer's hidden state at the last prompt token (kept in fp32), H -> width ->
+    width / 2 -> 1 with ReLUs. The default width H / 4 is the paper's head (4096 -> 1024 -> 512 -> 1 for its 11B
+    model) scaled to the model."""
 
-    def __init__(self, hidden_size: int, width: int = 512):
+    def __init__(self, hidden_size: int, width: int = 0):
         super().__init__()
+        width = width or max(2, hidden_size // 4)
         self.net = nn.Sequential(nn.Linear(hidden_size, width), nn.ReLU(), nn.Linear(width, width // 2), nn.ReLU(),
                                  nn.Linear(width // 2, 1))
 
@@ -241,10 +244,10 @@ class _Sampler:
     Hugging Face runs in greedy mode and sees a score of 0 for the drawn token and -inf elsewhere, so
     none of its own warpers (or a model's default top-k) can change what is drawn, and torch.multinomial,
     slow on CPU at a 50k vocabulary, is replaced by one cumulative sum and a binary search per row.
-    Top-p shapes which tokens can be drawn, not the recorded log-probabilities."""
+    Top-k and top-p shape which tokens can be drawn, not the recorded log-probabilities."""
 
-    def __init__(self, temperature: float, top_p: float, greedy: bool):
-        self.temperature, self.top_p, self.greedy = temperature, top_p, greedy
+    def __init__(self, temperature: float, top_p: float, greedy: bool, top_k: int = 0):
+        self.temperature, self.top_p, self.greedy, self.top_k = temperature, top_p, greedy, top_k
         self.logprobs = []                                                                 # per step: (B,)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -253,6 +256,10 @@ class _Sampler:
             token = logp.argmax(-1)                                                        # (B,)
         else:
             probs = logp.exp()                                                             # (B, V)
+            if 0 < self.top_k < probs.shape[-1]:  # the k most likely, renormalized (Hugging Face: top-k, then top-p)
+                kth = probs.topk(self.top_k, dim=-1).values[:, -1:]                        # (B, 1)
+                probs = probs.masked_fill(probs < kth, 0.0)
+                probs = probs / probs.sum(-1, keepdim=True)
             if self.top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
                 sorted_probs, order = probs.sort(dim=-1, descending=True)                  # (B, V)
                 drop = sorted_probs.cumsum(-1) - sorted_probs > self.top_p                 # (B, V) mass before >= p
@@ -335,14 +342,14 @@ class Policy(nn.Module):
     compute in fp32."""
 
     def __init__(self, model, processor, is_vlm: bool, temperature: float = 1.0,
-                 compute_dtype: Optional[torch.dtype] = None):
+                 compute_dtype: Optional[torch.dtype] = None, value_width: int = 0):
         super().__init__()
         self.model, self.processor, self.is_vlm = model, processor, is_vlm
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.temperature = temperature
         self.compute_dtype = compute_dtype
         hidden = self._text_config().hidden_size
-        self.value_head = ValueHead(hidden).to(device=model.device)
+        self.value_head = ValueHead(hidden, value_width).to(device=model.device)
         self.stop_ids = self._stop_ids()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
 
@@ -500,14 +507,14 @@ class Policy(nn.Module):
     @torch.no_grad()
     def generate(self, conversations: list, max_new_tokens: int = 256, temperature: Optional[float] = None,
                  top_p: float = 1.0, greedy: bool = False, prompts: Optional[list] = None,
-                 cache: Optional[PrefixCache] = None) -> list:
+                 cache: Optional[PrefixCache] = None, top_k: int = 0) -> list:
         """Sample one response per conversation, batched: left padding, attention masks, KV cache;
         stops each sequence at an end-of-turn token. `prompts` (already encoded) skips encoding;
         `cache` (text models) serves the prompts' known prefixes and keeps what this call reads and writes."""
         from transformers import GenerationConfig, LogitsProcessorList
         prompts = prompts if prompts is not None else [self.encode(c) for c in conversations]
         cache = cache if self.caches_prefixes else None
-        sampler = _Sampler(temperature or self.temperature, top_p, greedy)
+        sampler = _Sampler(temperature or self.temperature, top_p, greedy, top_k)
         captured = []
 
         def output_layer(head, args, logits):
@@ -545,6 +552,17 @@ class Policy(nn.Module):
         if cache is not None:
             self._remember(cache, samples, matches, batch["attention_mask"], out.cache)
         return samples
+
+    def checkpoint_sampling(self) -> dict:
+        """How Hugging Face's generate samples with this checkpoint's generation config and no arguments: greedy
+        unless the config sets do_sample; then its temperature, top-p and top-k, Hugging Face's defaults (1.0,
+        1.0, 50) where it names none. The official code generates this way: evaluation as is, training with
+        temperature 0.2 (Llama-3.2-Vision-Instruct's config: do_sample, temperature 0.6, top-p 0.9)."""
+        gen = self.model.generation_config
+        if not gen.do_sample:
+            return {"greedy": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
+        return {"greedy": False, "temperature": gen.temperature or 1.0, "top_p": gen.top_p or 1.0,
+                "top_k": 50 if gen.top_k is None else gen.top_k}
 
     @property
     def caches_prefixes(self) -> bool:
@@ -706,11 +724,15 @@ def load_policy(name_or_path: str, device=None, dtype: Optional[torch.dtype] = N
     processor = (AutoProcessor if is_vlm else AutoTokenizer).from_pretrained(folder, trust_remote_code=trust_remote_code)
     if gradient_checkpointing if gradient_checkpointing is not None else device.type == "cuda":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = Policy(model, processor, is_vlm, temperature, compute_dtype)
-    head = os.path.join(folder, VALUE_HEAD_FILE)
+    head, value_state = os.path.join(folder, VALUE_HEAD_FILE), None
     if os.path.exists(head):
         from safetensors.torch import load_file
-        policy.value_head.load_state_dict(load_file(head, device=str(device)))
+        value_state = load_file(head, device=str(device))
+    # a saved head keeps the width it was trained with (before the paper-scaled default, 512)
+    width = value_state["net.0.weight"].shape[0] if value_state else 0
+    policy = Policy(model, processor, is_vlm, temperature, compute_dtype, value_width=width)
+    if value_state:
+        policy.value_head.load_state_dict(value_state)
     return policy
 
 
@@ -725,12 +747,13 @@ def read_trainer_state(folder: str) -> dict:
 
 # ---- training state shared by train_sft.py and train_ppo.py ----
 
-def cosine_lr(step: int, peak: float, total: int, warmup: int = 0) -> float:
-    """Linear warmup to `peak` over `warmup` steps, then cosine decay to 0 at step `total`."""
+def cosine_lr(step: int, peak: float, total: int, warmup: int = 0, floor: float = 0.0) -> float:
+    """Linear warmup to `peak` over `warmup` steps, then cosine decay to `floor` at step `total`, held there
+    (torch's CosineAnnealingLR with T_max = total and eta_min = floor, without its rise after T_max)."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def last_checkpoint(run: str):

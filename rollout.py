@@ -25,8 +25,8 @@ from model import PrefixCache
 
 TASKS = ("gp-l", "gp-vl", "virl-l", "virl-vl")
 SETTINGS = {"gp-l": ("id", "ood_rule"), "gp-vl": ("id", "ood_rule", "ood_visual"),
-            "virl-l": ("id", "ood_rule"), "virl-vl": ("id", "ood_rule", "ood_visual")}
-VIRL_TRAIN_SEED, VIRL_EVAL_SEED = 0, 1  # training routes and held-out evaluation routes of the ID city
+            "virl-l": ("id", "ood_rule", "id_heldout"), "virl-vl": ("id", "ood_rule", "ood_visual", "id_heldout")}
+VIRL_TRAIN_SEED, VIRL_HELDOUT_SEED = 0, 1  # the training routes and other routes of the ID city
 
 
 def check_task(task: str, setting: str = "id") -> None:
@@ -41,8 +41,9 @@ def env_config(task: str, setting: str = "id", **overrides):
 
     GP:    id = J/Q/K are 10, black suits; ood_rule = J/Q/K are 11/12/13 (a face card in every
            hand); ood_visual = red suits.
-    V-IRL: id = compass actions, routes in "nyc"; ood_rule = relative actions; ood_visual = the
-           18-route mini benchmark in nine other cities.
+    V-IRL: id = compass actions on the training routes in "nyc" (as the paper evaluates: memorizing
+           them shows); ood_rule = relative actions on the same routes; ood_visual = the 18-route mini
+           benchmark in nine other cities; id_heldout = compass actions on routes of "nyc" never trained on.
     `overrides` set config fields (verify_iter, n_routes, route_seed, ...)."""
     check_task(task, setting)
     vision = task.endswith("-vl")
@@ -51,8 +52,17 @@ def env_config(task: str, setting: str = "id", **overrides):
                            suits="red" if setting == "ood_visual" else "black")
         return GeneralPointsEnv, replace(cfg, face_card_required=None, **overrides)
     cfg = VirlConfig(vision=vision, absolute_actions=setting != "ood_rule",
-                     routes="mini" if setting == "ood_visual" else "synthetic:nyc", route_seed=VIRL_TRAIN_SEED)
+                     routes="mini" if setting == "ood_visual" else "synthetic:nyc",
+                     route_seed=VIRL_HELDOUT_SEED if setting == "id_heldout" else VIRL_TRAIN_SEED)
     return NavigationEnv, replace(cfg, **overrides)
+
+
+def image_overrides(task: str, size: int) -> dict:
+    """The config override that sets a VL task's image side in pixels (GP: the card image; V-IRL: each street
+    view of the 2x2 grid); none for a text task or size 0 (the environment's default)."""
+    if not size or not task.endswith("-vl"):
+        return {}
+    return {"image_size": size} if task.startswith("gp") else {"view_size": size}
 
 
 def make_envs(task: str, setting: str, n: int, seed: int, **overrides) -> list:
@@ -110,7 +120,7 @@ class Rollout:
 
 def rollout(policy, envs: list, *, n_turns: Optional[int] = None, n_episodes: Optional[int] = None,
             reset: Optional[Callable] = None, max_new_tokens: int = 256, temperature: Optional[float] = None,
-            top_p: float = 1.0, greedy: bool = False, max_context: Optional[int] = None,
+            top_p: float = 1.0, top_k: int = 0, greedy: bool = False, max_context: Optional[int] = None,
             cache_tokens: int = 32768, progress: bool = False, desc: str = "rollout") -> Rollout:
     """Play episodes on `envs` in lockstep, one batched generate per round.
 
@@ -166,7 +176,7 @@ def rollout(policy, envs: list, *, n_turns: Optional[int] = None, n_episodes: Op
         if not order:
             continue
         samples = policy.generate(None, prompts=prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_p=top_p, greedy=greedy, cache=cache)
+                                  top_p=top_p, top_k=top_k, greedy=greedy, cache=cache)
         for i, sample in zip(order, samples):
             ep_id, conversation = live[i]
             ep = episodes[ep_id]

@@ -2,14 +2,16 @@
 
 Each update collects a fixed number of answers ("turns") with `rollout.py`, every rank from its
 own environments and seeds; computes returns and advantages with GAE over each episode's turns;
-then runs PPO epochs over shuffled minibatches. The defaults are the paper's (gamma 0.9,
-lambda 0.95, clip 0.1, 4 epochs, value coefficient 0.5, max grad norm 0.01, lr 1e-6 with cosine
-decay, temperature 0.2, no entropy bonus, no KL penalty); the turn counts are sized for a CPU.
+then runs PPO epochs over shuffled minibatches. The defaults are the official code's (gamma 0.9,
+lambda 0.95, clip 0.1 for ratios and values, 4 epochs, value coefficient 0.5, max grad norm 0.01, Adam
+lr 1e-6 and eps 1e-7 on a cosine toward 1e-9 over 100 updates for GP and 20 for V-IRL, temperature 0.2,
+answers up to 512 tokens, no entropy bonus: its config names 0.01 but its loss leaves it out, no KL
+penalty); the turn counts are sized for a CPU. docs/fidelity.md compares every point.
 
     python train_ppo.py --task gp-l --model runs/sft-gp-l/step-000020        # from an SFT checkpoint
     python train_ppo.py --task gp-l --model runs/sft-gp-l/step-000020 --resume
-    torchrun --nproc_per_node 8 train_ppo.py --task gp-vl --model runs/sft-gp-vl/step-000800 \\
-        --turns 1024 --envs 64 --minibatch 128 --micro-batch 4 --updates 15
+    torchrun --nproc_per_node 8 train_ppo.py --task gp-vl --model runs/sft-gp-vl \\
+        --updates 20 --turns 2048 --envs 32 --minibatch 1024 --micro-batch 1   # the official run's sizes
 
 The action log-probability. The paper (following RL4VLM) treats a whole response as one action:
 its log-probability is the sum of the response's token log-probs, with the tokens before the final
@@ -38,9 +40,12 @@ from tqdm import tqdm
 
 import model as M
 from cli import fail, parse_config
-from rollout import check_task, env_config, make_envs, rollout
+from rollout import check_task, env_config, image_overrides, make_envs, rollout
 
 ACTION_FIELD = {"gp": "formula", "virl": "action"}  # the final field of an answer: the action itself
+# the official runs' cosine period in updates (CosineAnnealingLR T_max): GP 100 over 20 updates (the rate stays
+# near 1e-6), V-IRL 20 over 15 updates (scripts/*_training/*.sh of the paper's code)
+LR_MAX_STEPS = {"gp": 100, "virl": 20}
 
 # ---- config ----
 
@@ -56,7 +61,10 @@ class PPOConfig:
     epochs: int = field(default=4, metadata={"doc": "PPO epochs over each update's turns"})
     minibatch: int = field(default=16, metadata={"doc": "turns per optimizer step, all ranks together"})
     micro_batch: int = field(default=4, metadata={"doc": "turns per forward pass on one rank (gradient accumulation)"})
-    lr: float = field(default=1e-6, metadata={"doc": "Adam learning rate, cosine-decayed to 0 over the updates"})
+    lr: float = field(default=1e-6, metadata={"doc": "Adam learning rate at the first update (the paper's 1e-6)"})
+    lr_max_steps: int = field(default=0, metadata={"doc": "updates for the cosine from lr to end_lr; 0: the task's (GP 100, V-IRL 20)"})
+    end_lr: float = field(default=1e-9, metadata={"doc": "learning rate at the end of the cosine (the official 1e-9)"})
+    adam_eps: float = field(default=1e-7, metadata={"doc": "Adam epsilon (the official 1e-7)"})
     value_lr: float = field(default=0.0, metadata={"doc": "learning rate of the value head; 0: the same as lr (the paper)"})
     gamma: float = field(default=0.9, metadata={"doc": "discount between the turns of an episode"})
     lam: float = field(default=0.95, metadata={"doc": "GAE lambda"})
@@ -70,9 +78,11 @@ class PPOConfig:
     token_level: bool = field(default=False, metadata={"doc": "one ratio per token instead of the paper's one per response"})
     recompute_logprobs: Optional[bool] = field(default=None, metadata={"doc": "re-score rollouts with the training forward; default: with bf16"})
     temperature: float = field(default=0.2, metadata={"doc": "sampling temperature (the paper's 0.2); log-probs are of the scaled distribution"})
-    top_p: float = field(default=1.0, metadata={"doc": "nucleus sampling mass"})
-    max_new_tokens: int = field(default=128, metadata={"doc": "longest answer"})
+    top_p: Optional[float] = field(default=None, metadata={"doc": "nucleus sampling mass; default: the checkpoint's generation config, as the official code (Llama-3.2-Vision: 0.9)"})
+    top_k: Optional[int] = field(default=None, metadata={"doc": "top-k sampling, 0: off; default: the checkpoint's generation config (Llama-3.2-Vision: 50)"})
+    max_new_tokens: int = field(default=512, metadata={"doc": "longest answer (the official 512)"})
     verify_iter: int = field(default=0, metadata={"doc": "attempts per episode / position; 0: the task's (GP 5, V-IRL 2)"})
+    image_size: int = field(default=0, metadata={"doc": "VL tasks: image side in pixels (GP cards, each V-IRL view); 0: the default"})
     save_every: int = field(default=2, metadata={"doc": "checkpoint every N updates (and at the end)"})
     out: str = field(default="", metadata={"doc": "run folder; empty: runs/ppo-<task>"})
     resume: bool = field(default=False, metadata={"doc": "continue from the run folder's last complete checkpoint"})
@@ -86,6 +96,8 @@ class PPOConfig:
         for name in ("updates", "turns", "envs", "epochs", "minibatch", "micro_batch", "max_new_tokens", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected a positive integer")
+        if self.lr_max_steps < 0:
+            raise ValueError(f"lr_max_steps={self.lr_max_steps}: expected 0 (the task's) or a positive integer")
         if self.turns % self.minibatch:
             raise ValueError(f"turns={self.turns} is not a multiple of minibatch={self.minibatch}")
         for name in ("gamma", "lam"):
@@ -309,6 +321,7 @@ def update_seed(seed: int, update: int, rank: int, purpose: int = 0) -> int:
 def default_envs(cfg: PPOConfig) -> Callable:
     """envs(update, rank) -> the ID-setting environments one rank plays in one update."""
     overrides = {"verify_iter": cfg.verify_iter} if cfg.verify_iter else {}
+    overrides.update(image_overrides(cfg.task, cfg.image_size))
     env_config(cfg.task, "id", **overrides)  # a bad override fails here, before any work
 
     def envs(update: int, rank: int) -> list:
@@ -319,9 +332,13 @@ def default_envs(cfg: PPOConfig) -> Callable:
 def collect(policy, envs: list, cfg: PPOConfig, per_rank: int, rank: int):
     """One update's rollout on this rank and the bootstrap values of the episodes it left unfinished.
     The weights stay gathered for the whole rollout, so ranks may run different numbers of rounds."""
+    # the official code samples at temperature 0.2 with the rest of the checkpoint's generation config
+    own = policy.checkpoint_sampling()
+    top_p = cfg.top_p if cfg.top_p is not None else own["top_p"]
+    top_k = cfg.top_k if cfg.top_k is not None else own["top_k"]
     with M.gathered(policy):
         ro = rollout(policy, envs, n_turns=per_rank, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                     top_p=cfg.top_p, progress=rank == 0, desc="rollout")
+                     top_p=top_p, top_k=top_k, progress=rank == 0, desc="rollout")
         boot = policy.values(list(ro.bootstrap.values()))
     return ro, dict(zip(ro.bootstrap.keys(), boot.tolist()))
 
@@ -344,7 +361,14 @@ def build_optimizer(policy, cfg: PPOConfig):
     head = [p for n, p in policy.named_parameters() if n.startswith("value_head.")]
     body = [p for n, p in policy.named_parameters() if not n.startswith("value_head.")]
     return torch.optim.Adam([{"params": body, "lr": cfg.lr, "peak": cfg.lr},
-                             {"params": head, "lr": cfg.value_lr or cfg.lr, "peak": cfg.value_lr or cfg.lr}])
+                             {"params": head, "lr": cfg.value_lr or cfg.lr, "peak": cfg.value_lr or cfg.lr}],
+                            eps=cfg.adam_eps)
+
+
+def lr_at(update: int, peak: float, cfg: PPOConfig) -> float:
+    """The official schedule: torch's CosineAnnealingLR stepped once per update, from `peak` at update 0 toward
+    end_lr at lr_max_steps (the task's when 0), which may lie beyond the run's last update."""
+    return M.cosine_lr(update, peak, cfg.lr_max_steps or LR_MAX_STEPS[cfg.task.split("-")[0]], floor=cfg.end_lr)
 
 
 def gather_counters(c: Counter, world: int) -> Counter:
@@ -458,7 +482,7 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
 
         # ---- PPO epochs ----
         for g in opt.param_groups:
-            g["lr"] = M.cosine_lr(update, g["peak"], cfg.updates)
+            g["lr"] = lr_at(update, g["peak"], cfg)
         policy.train()
         trained = ppo_epochs(policy, opt, batch, cfg, update, world)
         t2 = time.perf_counter()

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import model as M
 from cli import fail, parse_config
-from rollout import check_task, env_config
+from rollout import check_task, env_config, image_overrides
 
 # ---- config ----
 
@@ -42,6 +42,7 @@ class SFTConfig:
     examples: int = field(default=2000, metadata={"doc": "generated examples (with --data empty)"})
     data_seed: int = field(default=0, metadata={"doc": "seed of the generated examples"})
     revision_frac: float = field(default=0.0, metadata={"doc": "share of examples with a wrong answer and feedback first"})
+    image_size: int = field(default=0, metadata={"doc": "VL tasks: image side in pixels (GP cards, each V-IRL view); 0: the default"})
     steps: int = field(default=20, metadata={"doc": "optimizer steps"})
     batch_size: int = field(default=8, metadata={"doc": "examples per optimizer step, all ranks together"})
     micro_batch: int = field(default=8, metadata={"doc": "examples per forward pass on one rank (gradient accumulation)"})
@@ -59,6 +60,7 @@ class SFTConfig:
     def __post_init__(self):
         check_task(self.task)
         M.compute_dtype_of(self.precision, "cpu")  # a bad name fails here, before any work
+        env_config(self.task, "id", **image_overrides(self.task, self.image_size))  # and a bad image size
         for name in ("examples", "steps", "batch_size", "micro_batch", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected a positive integer")
@@ -85,11 +87,11 @@ def _wrong_answer(expert: str, rng: random.Random) -> str:
     return json.dumps(answer)
 
 
-def expert_examples(task: str, n: int, seed: int, revision_frac: float = 0.0) -> list:
+def expert_examples(task: str, n: int, seed: int, revision_frac: float = 0.0, image_size: int = 0) -> list:
     """n examples {"messages": [turns], "response": expert answer} from the task's ID setting.
     GP: one per hand; V-IRL: one per position of a route. With revision_frac, that share first shows
     a wrong answer and the verifier's feedback (only when the answer really is wrong)."""
-    env_cls, cfg = env_config(task, "id")
+    env_cls, cfg = env_config(task, "id", **image_overrides(task, image_size))
     env, rng, out = env_cls(cfg, seed=seed), random.Random(seed), []
     while len(out) < n:
         obs, done = env.reset(), False
@@ -185,7 +187,8 @@ def lr_at(step: int, cfg: SFTConfig) -> float:
 
 def train(cfg: SFTConfig) -> dict:
     if cfg.export_data:
-        write_examples(cfg.export_data, expert_examples(cfg.task, cfg.examples, cfg.data_seed, cfg.revision_frac))
+        write_examples(cfg.export_data, expert_examples(cfg.task, cfg.examples, cfg.data_seed, cfg.revision_frac,
+                                                        cfg.image_size))
         print(f"wrote {cfg.examples} examples to {cfg.export_data}")
         return {}
     rank, world, device = M.init_distributed(cfg.device)
@@ -209,7 +212,7 @@ def train(cfg: SFTConfig) -> dict:
 
     # ---- data ----
     examples = read_examples(cfg.data) if cfg.data else expert_examples(cfg.task, cfg.examples, cfg.data_seed,
-                                                                      cfg.revision_frac)
+                                                                      cfg.revision_frac, cfg.image_size)
     encoded = encode_examples(policy, examples)
     print0(f"sft {cfg.task}: {len(encoded)} examples, {n_params / 1e6:.1f}M parameters, {world} rank(s), "
            f"{'bf16' if policy.compute_dtype else 'fp32'} compute over fp32 weights, start at step {step}")

@@ -63,9 +63,33 @@ def test_vl_and_virl_metrics(tmp_path):
     virl = EV.evaluate(EV.EvalConfig(model="tiny-text", task="virl-l", virl_routes=2, batch_size=2, max_new_tokens=8,
                                      out=str(tmp_path), plots=False))
     ck = virl[0]["checkpoints"][0]
+    assert set(ck["settings"]) == {"id", "ood_rule", "id_heldout"}
     m = ck["settings"]["id"]
     assert ck["gflops"] == 0.0 and m["episodes"] == 2 and 0 <= m["per_step_accuracy"] <= 1
+    lo, hi = m["per_step_accuracy_ci95"]
+    assert lo <= m["per_step_accuracy"] <= hi and m["per_step_accuracy_se"] >= 0
     assert "recognition_accuracy" not in m
+    # V-IRL's table leads with the paper's per-step accuracy and keeps route success beside it
+    assert "per-step accuracy [95% CI], route success" in EV.markdown_table(virl, ["id"], "virl-l")
+
+
+def test_id_evaluation_routes_are_training_routes_and_held_out_ones_are_not():
+    from rollout import make_envs
+    train = make_envs("virl-l", "id", 1, seed=0)[0].routes
+    assert [r.route_id for r in make_envs("virl-l", "ood_rule", 1, seed=0)[0].routes] == [r.route_id for r in train]
+    held = make_envs("virl-l", "id_heldout", 1, seed=0, n_routes=48)[0].routes
+    walks = {(r.start, tuple(map(tuple, r.points))) for r in train}
+    assert len(held) == 48 and sum((r.start, tuple(map(tuple, r.points))) in walks for r in held) <= 4
+
+
+def test_sampling_follows_the_checkpoints_generation_config_unless_a_temperature_is_given(tmp_path):
+    policy = M.load_policy("tiny-text")   # no sampling settings in its generation config: greedy, as generate does
+    cfg = EV.EvalConfig(model="tiny-text", out=str(tmp_path))
+    assert cfg.max_new_tokens == 256 and EV.sampling(policy, cfg)["greedy"]
+    policy.model.generation_config.update(do_sample=True, temperature=0.6, top_p=0.9)   # Llama-3.2-Vision's
+    assert EV.sampling(policy, cfg) == {"temperature": 0.6, "top_p": 0.9, "top_k": 50, "greedy": False}
+    set_t = EV.EvalConfig(model="tiny-text", out=str(tmp_path), temperature=0.2)
+    assert EV.sampling(policy, set_t) == {"temperature": 0.2, "top_p": 1.0, "top_k": 0, "greedy": False}
 
 
 def test_summary_counts_well_formed_answers_and_attempts():
@@ -77,6 +101,8 @@ def test_summary_counts_well_formed_answers_and_attempts():
     assert m["format_valid"] == pytest.approx(3 / 6) and m["outcomes"]["illegal_formula"] == 2
     v = EV.summarize([Episode(0, outcomes=["invalid_action", "wrong_action", "correct", "correct"])], "virl-l")
     assert v["format_valid"] == 0.75 and v["per_step_accuracy"] == 0.5
+    assert v["per_step_accuracy_se"] == pytest.approx(math.sqrt(0.25 / 4))
+    assert v["per_step_accuracy_ci95"] == list(EV.wilson(2, 4))
 
 
 def test_wilson_interval():
@@ -138,14 +164,22 @@ def test_seeds_pool_into_arms_with_a_t_interval():
         ck = lambda p: {"path": name, "gflops": 0.0, "settings": {"id": {"success": 0.5}, "ood_rule": {"success": p}}}  # noqa: E731
         return {"run": name, "checkpoints": [ck(init_ood), ck(0.3), ck(last_ood)]}
     changes = EV.ood_changes([run("ppo-s0", 0.10, 0.15), run("ppo-s1", 0.10, 0.12), run("sft-s0", 0.10, 0.02)],
-                             ["id", "ood_rule"])
+                             ["id", "ood_rule"], "gp-l")
     assert [(c["arm"], c["setting"], c["seeds"]) for c in changes] == [("ppo", "ood_rule", 2), ("sft", "ood_rule", 1)]
     assert changes[0]["deltas"] == pytest.approx([5.0, 2.0]) and changes[0]["mean"] == pytest.approx(3.5)
     assert changes[1]["mean"] == pytest.approx(-8.0) and changes[1]["ci95"] is None
     assert "| ppo | OOD rule | 2 | +3.5 |" in EV.changes_table(changes)
     lone = {**run("base", 0.10, 0.10), "checkpoints": run("base", 0.10, 0.10)["checkpoints"][:1]}
-    assert EV.ood_changes([lone], ["id", "ood_rule"]) == []                # one checkpoint: no change to report
+    assert EV.ood_changes([lone], ["id", "ood_rule"], "gp-l") == []        # one checkpoint: no change to report
     assert EV.changes_table([]).startswith("No OOD change to show")        # a sentence, not an empty table
+
+    def virl_run(name, first, last):  # V-IRL: per-step accuracy moves, route success does not
+        ck = lambda q: {"path": name, "gflops": 0.0,  # noqa: E731
+                        "settings": {s: {"success": 0.0, "per_step_accuracy": q} for s in ("id", "ood_rule", "id_heldout")}}
+        return {"run": name, "checkpoints": [ck(first), ck(last)]}
+    changes = EV.ood_changes([virl_run("rl-s0", 0.80, 0.91)], ["id", "ood_rule", "id_heldout"], "virl-l")
+    assert [(c["setting"], c["metric"]) for c in changes] == [("ood_rule", "per_step_accuracy")]  # held-out is ID
+    assert changes[0]["mean"] == pytest.approx(11.0) and "per-step accuracy" in EV.changes_table(changes)
 
 
 def test_stored_results_are_reused_and_redone_when_the_test_changes(run_folder, tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """model.py: loading, generate/score agreement, padding invariance, gradients, save/load, FSDP2 on gloo."""
 import json
+import math
 import os
 import socket
 import subprocess
@@ -207,6 +208,21 @@ def test_sampler_draws_from_the_tempered_distribution_and_records_its_log_probs(
     assert set(drawn.tolist()) == {0, 1} and torch.allclose(sampler.logprobs[0], expect.log()[drawn], atol=1e-6)
     greedy = M._Sampler(temperature=0.5, top_p=1.0, greedy=True)
     assert greedy(None, scores[:3]).argmax(-1).tolist() == [0, 0, 0]
+    # top-k 2 (Hugging Face's order: top-k, then top-p on what is left): only the two most likely, in proportion
+    top2 = M._Sampler(temperature=1.0, top_p=1.0, greedy=False, top_k=2)
+    drawn = top2(None, scores).argmax(-1)
+    share = float((drawn == 0).float().mean())
+    assert set(drawn.tolist()) == {0, 1} and abs(share - 1 / (1 + math.exp(-1))) < 0.01
+    assert M._Sampler(1.0, 1.0, False, top_k=1)(None, scores[:50]).argmax(-1).eq(0).all()
+
+
+def test_value_head_is_the_papers_scaled_to_the_model_and_old_widths_still_load(tmp_path):
+    policy = M.load_policy("tiny-text")
+    widths = [m.out_features for m in policy.value_head.net if isinstance(m, torch.nn.Linear)]
+    assert widths == [64 // 4, 64 // 8, 1]          # the paper's 4096 -> 1024 -> 512 -> 1 at hidden 64
+    old = M.Policy(policy.model, policy.processor, False, value_width=512)   # the width before it was scaled
+    old.save(str(tmp_path / "old"))
+    assert M.load_policy(str(tmp_path / "old")).value_head.net[0].out_features == 512
 
 
 def test_prefix_cache_matches_evicts_and_drops_what_a_longer_sequence_contains():

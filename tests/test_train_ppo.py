@@ -259,3 +259,18 @@ def test_rewind_log_drops_the_steps_after_the_checkpoint(tmp_path):
     log.write_text("".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in (1, 2, 3, 4)))
     M.rewind_log(str(log), 2)  # a run killed after logging steps 3 and 4 resumes from its step-2 checkpoint
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2]
+
+
+def test_the_official_learning_rate_schedule_and_adam_epsilon():
+    """CosineAnnealingLR(T_max=lr_max_steps, eta_min=1e-9) stepped once per update, as the official runs: GP
+    (T_max 100) is still at 0.91e-6 at its 20th update, V-IRL (T_max 20) at 0.21e-6 at its 15th."""
+    gp, virl = P.PPOConfig(task="gp-l", out="x"), P.PPOConfig(task="virl-l", out="x")
+    assert P.lr_at(0, gp.lr, gp) == pytest.approx(1e-6)
+    expect = lambda t, T: 1e-9 + (1e-6 - 1e-9) * 0.5 * (1 + math.cos(math.pi * t / T))  # noqa: E731
+    assert P.lr_at(19, gp.lr, gp) == pytest.approx(expect(19, 100)) == pytest.approx(0.9128e-6, rel=1e-3)
+    assert P.lr_at(14, virl.lr, virl) == pytest.approx(expect(14, 20)) == pytest.approx(0.2069e-6, rel=1e-3)
+    assert P.lr_at(20, virl.lr, virl) == pytest.approx(1e-9) == P.lr_at(30, virl.lr, virl)   # held at the floor
+    assert P.lr_at(5, 1e-6, P.PPOConfig(lr_max_steps=10, end_lr=0.0, out="x")) == pytest.approx(0.5e-6)
+    policy = M.load_policy("tiny-text")
+    assert all(g["eps"] == 1e-7 for g in P.build_optimizer(policy, gp).param_groups)
+    assert gp.max_new_tokens == 512 and gp.ent_coef == 0.0

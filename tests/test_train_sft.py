@@ -42,6 +42,7 @@ def test_expert_examples_are_correct_and_round_trip(tmp_path):
     assert out.returncode == 0 and "wrote 20 examples" in out.stdout, out.stderr[-500:]
     back = S.read_examples(str(path))
     assert [(b["messages"][-1]["content"], b["response"]) for b in back] == [(e["messages"][-1]["content"], e["response"]) for e in exs]
+    assert S.expert_examples("gp-vl", 1, seed=0, image_size=224)[0]["messages"][0]["image"].size == (224, 224)
     vl = S.expert_examples("virl-vl", 3, seed=0)
     S.write_examples(str(tmp_path / "v.jsonl"), vl)
     back = S.read_examples(str(tmp_path / "v.jsonl"))
@@ -126,7 +127,8 @@ def test_two_process_gloo_matches_one_process(tmp_path):
 @pytest.mark.parametrize("args,match", [(["--task", "chess"], "unknown task 'chess'"),
                                         (["--data", "/no/such.jsonl"], "data file '/no/such.jsonl' not found"),
                                         (["--steps", "0"], "steps=0"), (["--revision-frac", "2"], "revision_frac=2.0"),
-                                        (["--model", "gpt-17"], "neither a known name")])
+                                        (["--model", "gpt-17"], "neither a known name"),
+                                        (["--task", "gp-vl", "--image-size", "32"], "image_size=32")])
 def test_bad_config_is_one_line(args, match, tmp_path):
     out = subprocess.run([sys.executable, "train_sft.py", "--out", str(tmp_path / "r"), *args], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
