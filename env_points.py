@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import random
 import re
 import sys
@@ -45,6 +46,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Optional
 
+from cli import fail  # the project's one-line error for bad command-line values
+
 RANKS = ("A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K")
 FACE_CARDS = ("J", "Q", "K")          # ordered: the OOD deal draws from it with a seeded rng
 FACE_RANKS = frozenset(FACE_CARDS)
@@ -52,8 +55,10 @@ SUIT_SETS = {"black": ("spades", "clubs"), "red": ("hearts", "diamonds"),
              "mixed": ("spades", "hearts", "clubs", "diamonds")}
 REWARDS = {"correct": 5.0, "wrong_value": -1.0, "wrong_cards": -1.5,
            "wrong_numbers": -2.0, "illegal_formula": -3.0}
-MAX_FORMULA_CHARS = 512  # longer "formulas" are illegal: no honest answer over four cards needs more
+MAX_FORMULA_CHARS = 512  # longer "formulas" are illegal: no honest answer over four cards needs more, and it
+                         # keeps exact values within a few hundred digits, quick to compute and to print
 MAX_NESTING = 64         # parenthesis depth; keeps the recursive parser far from Python's stack limit
+MAX_IMAGE_SIZE = 4096    # pixels a side: far above the official 1200, far below a size that exhausts memory
 
 
 @dataclass
@@ -71,8 +76,8 @@ class PointsConfig:
             raise ValueError(f"PointsConfig.suits={self.suits!r}: expected one of {sorted(SUIT_SETS)}")
         if self.verify_iter < 1:
             raise ValueError(f"PointsConfig.verify_iter={self.verify_iter}: expected an integer >= 1")
-        if self.image_size < 64:
-            raise ValueError(f"PointsConfig.image_size={self.image_size}: expected at least 64 pixels")
+        if not 64 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ValueError(f"PointsConfig.image_size={self.image_size}: expected 64 to {MAX_IMAGE_SIZE} pixels")
         if self.face_card_required is None:
             self.face_card_required = not self.face_cards_as_10
 
@@ -421,8 +426,8 @@ def verify(text, ranks, config: PointsConfig) -> Verdict:
     cards_ok = None
     if config.vision:
         said = answer["cards"] if isinstance(answer["cards"], list) else []
-        said = [normalize_rank(c) for c in said]
-        cards_ok = None not in said and sorted(said) == sorted(ranks)
+        said = [normalize_rank(c) for c in said] if len(said) == len(ranks) else []  # another length: unread
+        cards_ok = len(said) == len(ranks) and None not in said and sorted(said) == sorted(ranks)
         if not cards_ok:
             return _fail("wrong_cards", "the cards you recognized are not the cards in the image", False)
     formula, reason = _formula_text(answer["formula"])
@@ -647,7 +652,9 @@ class GeneralPointsEnv:
                 ranks = self.rng.choices(RANKS, k=4)
             if _dealable(tuple(sorted(ranks)), cfg.face_cards_as_10, cfg.target):
                 return list(zip(ranks, self.rng.choices(suits, k=4)))
-        raise ValueError(f"no solvable hand found for target={cfg.target}: choose another target")
+        top = max(card_value(r, cfg.face_cards_as_10) for r in RANKS) ** 4
+        raise ValueError(f"target={cfg.target}: no solvable hand in 100000 deals; expected a target that four "
+                         f"cards reach under this rule, such as 24 (all lie between -{top} and {top})")
 
     def reset(self, seed: Optional[int] = None) -> Observation:
         if seed is not None:
@@ -690,8 +697,21 @@ def play_expert(env, episodes: int) -> tuple:
     return wins, answers, time.perf_counter() - start
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad values stop with the project's one line on stderr, not a usage block."""
+
+    def error(self, message):
+        fail(message)
+
+
+def cannot_write(flag: str, path: str, e: Exception, what: str, expected: str):
+    """Stop with one line: the flag's path could not be written, why, and what would be accepted."""
+    fail(f"{flag} {path!r}: cannot {what} ({getattr(e, 'strerror', None) or e}); expected {expected}")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="GeneralPoints: sample prompt and image, then expert play.")
+    from PIL import Image
+    p = OneLineArgumentParser(description="GeneralPoints: sample prompt and image, then expert play.")
     p.add_argument("--episodes", type=int, default=1000, help="expert episodes to play")
     p.add_argument("--seed", type=int, default=0, help="dealing seed")
     p.add_argument("--ood-rule", action="store_true", help="J, Q, K = 11, 12, 13 (and a face card in every hand)")
@@ -700,26 +720,32 @@ def main(argv=None) -> int:
     p.add_argument("--image", default="gp_vl_sample.png", help="where to write the sample GP-VL image")
     p.add_argument("--image-size", type=int, default=448, help="GP-VL image side in pixels")
     args = p.parse_args(argv)
+    if args.episodes < 0:
+        fail(f"--episodes {args.episodes}: expected 0 or a positive integer")
+    ext = os.path.splitext(args.image)[1].lower()
+    if Image.registered_extensions().get(ext) not in Image.SAVE:  # else Pillow fails only after the work
+        fail(f"--image {args.image!r}: " + (f"Pillow writes no {ext} images" if ext else "no file extension")
+             + "; expected a file name ending in .png, .jpg or another format Pillow writes")
     try:
         cfg = PointsConfig(target=args.target, face_cards_as_10=not args.ood_rule, suits=args.suits,
                            image_size=args.image_size)
+        env = GeneralPointsEnv(cfg, seed=args.seed)
+        prompt = env.reset().text
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        fail(str(e))
 
-    env = GeneralPointsEnv(cfg, seed=args.seed)
     print("---- GP-L prompt ----")
-    print(env.reset().text)
+    print(prompt)
     print("---- expert answer ----")
     print(env.expert_response())
     vl = GeneralPointsEnv(PointsConfig(**{**cfg.__dict__, "vision": True}), seed=args.seed)
     obs = vl.reset()
     try:
         obs.image.save(args.image)
-        print(f"---- GP-VL image of {vl.cards} written to {args.image} ----")
-    except OSError as e:
-        print(f"error: cannot write {args.image}: {e}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError) as e:
+        cannot_write("--image", args.image, e, "write it", "a writable file in an existing folder, in a format "
+                     "that takes colour images such as .png")
+    print(f"---- GP-VL image of {vl.cards} written to {args.image} ----")
 
     wins, answers, secs = play_expert(env, args.episodes)
     print(f"expert: {wins}/{args.episodes} episodes solved ({100 * wins / max(1, args.episodes):.1f}%), "

@@ -39,7 +39,6 @@ route files the same way (and their panoramas for vision, given `streetview_dir`
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import io
 import json
@@ -55,7 +54,9 @@ from typing import Optional
 
 from PIL import Image, ImageDraw, ImageFont
 
-from env_points import Observation, parse_answer, play_expert  # the shared env contract, parser, self-check
+from cli import fail  # the project's one-line error for bad command-line values
+# the shared env contract, answer parser, self-check and command line
+from env_points import OneLineArgumentParser, Observation, cannot_write, parse_answer, play_expert
 
 DIRECTIONS = ("north", "northeast", "east", "southeast", "south", "southwest", "west", "northwest")
 RELATIONS = ("front", "right front", "right", "right behind", "behind", "left behind", "left", "left front")
@@ -64,6 +65,8 @@ REWARDS = {"correct": 1.0, "wrong_observation": -1.5, "wrong_action": -1.0, "inv
 ANSWER_FIELDS = ("current observation", "current instruction", "action")
 EARTH_RADIUS_M = 6_371_000.0
 METERS_PER_DEG_LAT = 111_320.0
+MAX_ROUTES = 1_000_000  # synthetic routes per config: a thousand times the paper's, short of exhausting memory
+MAX_VIEW_SIZE = 2048    # pixels a side of one street view (the grid is twice that)
 
 
 @dataclass
@@ -88,10 +91,10 @@ class VirlConfig:
             raise ValueError(f"VirlConfig.straight_line_length={self.straight_line_length}: expected an integer >= 1")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"VirlConfig.drop_rate={self.drop_rate}: expected 0 <= drop_rate < 1")
-        if self.n_routes < 1:
-            raise ValueError(f"VirlConfig.n_routes={self.n_routes}: expected an integer >= 1")
-        if self.view_size < 32:
-            raise ValueError(f"VirlConfig.view_size={self.view_size}: expected at least 32 pixels")
+        if not 1 <= self.n_routes <= MAX_ROUTES:
+            raise ValueError(f"VirlConfig.n_routes={self.n_routes}: expected an integer from 1 to {MAX_ROUTES}")
+        if not 32 <= self.view_size <= MAX_VIEW_SIZE:
+            raise ValueError(f"VirlConfig.view_size={self.view_size}: expected 32 to {MAX_VIEW_SIZE} pixels")
 
 
 # ---- geometry ----
@@ -397,10 +400,11 @@ def parse_route(raw: dict, where: str = "route") -> Route:
             obj = obj[k]
         return obj
 
+    start, points, blocks = (need(raw, "start_place", "relocated_geocode"), need(raw, "route_results", "geocode_list"),
+                             need(raw, "milestone_info"))
     try:
-        start = tuple(float(x) for x in need(raw, "start_place", "relocated_geocode"))[:2]
-        points = [tuple(float(x) for x in p)[:2] for p in need(raw, "route_results", "geocode_list")]
-        blocks = need(raw, "milestone_info")
+        start = tuple(float(x) for x in start)[:2]
+        points = [tuple(float(x) for x in p)[:2] for p in points]
         init_heading = int(float(raw.get("init_heading", 0) or 0)) % 360
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: malformed geocode or heading ({e})") from None
@@ -428,6 +432,8 @@ def load_routes(path: str) -> list:
             data = json.load(f)
     except FileNotFoundError:
         raise ValueError(f"route file {path!r} not found") from None
+    except IsADirectoryError:
+        raise ValueError(f"route file {path!r} is a folder: expected a V-IRL route file (JSON)") from None
     except (OSError, ValueError) as e:
         raise ValueError(f"route file {path!r} is not readable JSON: {e}") from None
     routes = data[0] if isinstance(data, list) and data and isinstance(data[0], list) else data
@@ -526,10 +532,35 @@ def expected_action(pos: Position, absolute: bool) -> str:
 
 # ---- verifier ----
 
-_ACTION_RE = re.compile(r"\b(forward|stop)\b\s*(?:\(\s*\))?"
-                        r"|\bturn_direction\s*\(\s*[\"']?\s*([a-z_ ]{1,40}?)\s*[\"']?\s*\)",
-                        re.IGNORECASE)
-_NEGATED_INTERSECTION_RE = re.compile(r"\b(no|not|without|nor)\b[^.;,]*\bintersection", re.IGNORECASE)
+# A turn argument is whitespace, at most one quote, whitespace, 1 to 40 letters, underscores and spaces, and the
+# same mirrored. The regex only finds the parentheses and `_turn_words` checks the rest: written as one regex, its
+# runs of \s* beside the spaces backtrack in time ~n^4 over an unclosed argument of n spaces (200: 6 s).
+_ACTION_RE = re.compile(r"\b(forward|stop)\b|\bturn_direction\s*\(([\s\"'a-z_]*)\)", re.IGNORECASE)
+_TURN_LETTER_RE = re.compile(r"[a-z_]", re.IGNORECASE)  # as in _ACTION_RE, so also İ ı ſ K (IGNORECASE folds)
+_TURN_WORDS_RE = re.compile(r"[a-z_ ]{1,40}", re.IGNORECASE)
+# one pass over the observation: a negation word arms the clause, a separator ends it, an "intersection" in an
+# armed clause is negated; the regex `negation [^.;,]* intersection` retried every negation to the clause's end
+_CLAIM_TOKEN_RE = re.compile(r"([.;,])|\b(?:no|not|without|nor)\b|(\bintersection)", re.IGNORECASE)
+
+
+def _quotes(text: str) -> int:
+    return text.count('"') + text.count("'")
+
+
+def _turn_words(inner: str) -> Optional[str]:
+    """The words of turn_direction(<inner>) ('' when it holds only spaces), or None when <inner> (whitespace,
+    quotes, letters and underscores) is not an argument."""
+    first = _TURN_LETTER_RE.search(inner)
+    if first is None:  # spaces alone still make an argument, when one can sit between the quotes
+        if _quotes(inner) > 2:
+            return None
+        cut = [i for i, c in enumerate(inner) if c in "\"'"]
+        return "" if " " in (inner[cut[0]:cut[1]] if len(cut) == 2 else inner) else None
+    end = len(inner) - _TURN_LETTER_RE.search(inner[::-1]).start()
+    start = first.start()
+    if not _TURN_WORDS_RE.fullmatch(inner, start, end) or _quotes(inner[:start]) > 1 or _quotes(inner[end:]) > 1:
+        return None
+    return " ".join(inner[start:end].lower().replace("_", " ").split())
 
 
 def parse_action(text, absolute: bool) -> Optional[str]:
@@ -539,20 +570,33 @@ def parse_action(text, absolute: bool) -> Optional[str]:
     forward/stop, and 'north east' for 'northeast'; a direction outside the active rule's set is invalid."""
     if not isinstance(text, str):
         return None
-    m = _ACTION_RE.search(text[:2000])
+    text = text[:2000]
+    m = _ACTION_RE.search(text)
+    while m and m.group(1) is None and (x := _turn_words(m.group(2))) is None:
+        m = _ACTION_RE.search(text, m.start() + 1)  # not an argument: read on, as a regex search would
     if not m:
         return None
     if m.group(1):
         return m.group(1).lower() + "()"
-    x = " ".join(m.group(2).lower().replace("_", " ").split())
     if absolute:
         x = x.replace(" ", "")
     return f"turn_direction({x})" if x in (DIRECTIONS if absolute else TURNS) else None
 
 
 def claims_intersection(text) -> bool:
-    """Whether an observation says the agent is at an intersection ('no intersection' says it is not)."""
-    return isinstance(text, str) and "intersection" in text.lower() and not _NEGATED_INTERSECTION_RE.search(text)
+    """Whether an observation says the agent is at an intersection: it says "intersection", and no clause
+    (clauses end at . ; ,) has a negation word (no, not, without, nor) before an "intersection" in it."""
+    if not isinstance(text, str) or "intersection" not in text.lower():
+        return False
+    negated = False
+    for m in _CLAIM_TOKEN_RE.finditer(text):
+        if m.group(1):
+            negated = False
+        elif m.group(2) is None:
+            negated = True
+        elif negated:
+            return False
+    return True
 
 
 @dataclass
@@ -580,15 +624,15 @@ def verify(text, pos: Position, absolute: bool, literal_intersection_check: bool
     cue; so a wrong answer naming a real intersection scores -1.5 and a missed one only -1."""
     answer = parse_answer(text, ANSWER_FIELDS)
     said = answer["current observation"]
-    observation_ok = claims_intersection(said) == pos.at_intersection
+    claimed = claims_intersection(said)
+    observation_ok = claimed == pos.at_intersection
     action = parse_action(answer["action"], absolute)
     if action == expected_action(pos, absolute):
         return Verdict("correct", REWARDS["correct"], f"Correct: {action}.", observation_ok)
+    claim_ok = observation_ok
     if literal_intersection_check:
         claimed = isinstance(said, str) and "intersection" in said
         claim_ok = claimed == any("intersection" in name for name, _ in pos.landmarks)
-    else:
-        claimed, claim_ok = claims_intersection(said), observation_ok
 
     def fail(outcome, reason):
         return Verdict(outcome, REWARDS[outcome], f"You failed this trial because {reason}.", observation_ok)
@@ -1039,7 +1083,7 @@ class NavigationEnv:
 # ---- demo ----
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="V-IRL: sample prompt, sample street-view grids, expert play.")
+    p = OneLineArgumentParser(description="V-IRL: sample prompt, sample street-view grids, expert play.")
     p.add_argument("--routes", default="synthetic:nyc", help='"synthetic:<city>", "mini" or a V-IRL route file')
     p.add_argument("--n-routes", type=int, default=1000, help="routes to draw for synthetic:<city>")
     p.add_argument("--relative", action="store_true", help="OOD rule: left/right/slightly actions")
@@ -1049,6 +1093,8 @@ def main(argv=None) -> int:
     p.add_argument("--ood-city", default="tokyo", choices=OOD_CITIES, help="the OOD city of the second sample grid")
     p.add_argument("--export", metavar="PATH", help="write the routes to a V-IRL route file and exit")
     args = p.parse_args(argv)
+    if args.episodes < 0:
+        fail(f"--episodes {args.episodes}: expected 0 or a positive integer")
     try:
         cfg = VirlConfig(routes=args.routes, n_routes=args.n_routes, absolute_actions=not args.relative)
         if args.export:
@@ -1056,15 +1102,22 @@ def main(argv=None) -> int:
             raw = (mini_benchmark() if spec == "mini" else
                    generate_routes(spec.split(":", 1)[1], cfg.n_routes, cfg.route_seed) if spec.startswith("synthetic:")
                    else load_routes(spec))
-            write_routes(args.export, raw)
+            try:
+                write_routes(args.export, raw)
+            except OSError as e:
+                cannot_write("--export", args.export, e, "write it", "a writable file in an existing folder")
             print(f"wrote {len(raw)} routes to {args.export}")
             return 0
+        try:  # before the work: a folder that cannot be made fails at once
+            os.makedirs(args.out_dir, exist_ok=True)
+        except OSError as e:
+            cannot_write("--out-dir", args.out_dir, e, "make it a folder",
+                         "a folder, existing or to create, that we may write in")
         env = NavigationEnv(cfg, seed=args.seed)
         print("---- V-IRL-L prompt ----")
         print(env.reset().text)
         print("---- expert answer ----")
         print(env.expert_response())
-        os.makedirs(args.out_dir, exist_ok=True)
         for city in (ID_CITY, args.ood_city):
             vl = NavigationEnv(VirlConfig(routes=f"synthetic:{city}", n_routes=1, vision=True), seed=args.seed)
             vl.reset()
@@ -1073,11 +1126,13 @@ def main(argv=None) -> int:
                     vl.reset()
                     break
             path = os.path.join(args.out_dir, f"virl_vl_{city}.png")
-            render_grid(vl.views(vl.position), vl.config.view_size).save(path)
+            try:
+                render_grid(vl.views(vl.position), vl.config.view_size).save(path)
+            except OSError as e:
+                cannot_write("--out-dir", args.out_dir, e, f"write {path}", "a folder that we may write in")
             print(f"---- V-IRL-VL grid in {city} ({observation_text(vl.position)}) written to {path} ----")
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:
+        fail(str(e))
 
     wins, steps, secs = play_expert(env, args.episodes)
     print(f"expert: {wins}/{args.episodes} routes completed ({100 * wins / max(1, args.episodes):.1f}%), "

@@ -2,6 +2,7 @@
 import doctest
 import itertools
 import json
+import operator
 import os
 import random
 import subprocess
@@ -199,17 +200,55 @@ def test_adversarial_answers_never_raise(cfg):
         assert isinstance(v.feedback, str) and v.feedback
 
 
+def repeated(units, most=5000):
+    """A unit written up to `most` times: the inputs on which a backtracking regex or big-int arithmetic blows up."""
+    return st.builds(operator.mul, st.sampled_from(units), st.integers(1, most))
+
+
+PATHOLOGICAL = st.one_of(
+    repeated(["9", "(", ")", '"', "'", "\\", "{", "[", "\n", " ", '{"formula": ', "formula: ", "formula:\n",
+              '"cards": [', "'formula': '", '{"x": [', "1,", "intersection no "]),
+    st.builds(lambda f: json.dumps({"formula": f}), repeated(["9", "(", ")", "(1+", "1/", "*99", "1+", "/7"], 400)),
+    st.builds(lambda digits: '{"formula": ' + digits + "}", repeated(["9", "12345"], 2000)),
+    st.builds(lambda item: '{"cards": [' + item + '], "formula": "1*2*3*4"}', repeated(['"A",', "1,", "[],"])),
+)
+
+
 @settings(max_examples=400, deadline=None)
 @given(st.one_of(
     st.text(),
     st.text(alphabet="0123456789+-*/() =.{}[]\"':,formulacards"),
     st.builds(lambda f, c: json.dumps({"cards": c, "formula": f}),
               st.text(alphabet="0123456789+-*/() ="), st.lists(st.sampled_from(E.RANKS + ("x", "", "11")))),
+    PATHOLOGICAL,
 ))
 def test_any_string_yields_one_outcome(text):
     for cfg in (ID, VL):
         v = verify(text, ["K", "2", "2", "A"], cfg)
         assert v.outcome in E.REWARDS and v.reward == E.REWARDS[v.outcome]
+
+
+@pytest.mark.parametrize("formula,outcome", [
+    ("9" * 10_000, "illegal_formula"),                        # longer than MAX_FORMULA_CHARS: never evaluated
+    ("9" * 509 + "+1", "wrong_numbers"),                      # the longest legal numbers: exact, and quick
+    ("*".join(["99"] * 170), "wrong_numbers"),                # a 340-digit product
+    ("/".join(["7"] * 256), "wrong_numbers"),                 # a 7^255 denominator
+    ("(" * 64 + "1" + ")" * 64 + "*2*3*4", "correct"),        # as deep as the parser goes
+    ("(" * 65 + "1" + ")" * 65 + "*2*3*4", "illegal_formula"),
+    ("(" * 250, "illegal_formula"),
+])
+def test_huge_and_deep_formulas_get_their_verdicts(formula, outcome):
+    assert verify(json.dumps({"formula": formula}), ["A", "2", "3", "4"], ID).outcome == outcome
+
+
+def test_long_pathological_answers_get_their_verdicts():
+    ranks = ["A", "2", "3", "4"]
+    assert verify('{"formula": ' + "9" * 5000 + "}", ranks, ID).outcome == "illegal_formula"  # past int()'s 4300
+    assert verify('{"x": [' * 16 + "1," * 24_000, ranks, ID).outcome == "illegal_formula"  # 16 decodes to the end
+    many = '{"cards": [' + '"A",' * 12_000 + '"2"], "formula": "1*2*3*4"}'
+    assert verify(many, ranks, VL).outcome == "wrong_cards"
+    assert verify("formula:" + "\n" * 49_000 + "1*2*3*4", ranks, ID).outcome == "correct"  # \s* crosses lines
+    assert verify('"formula": "' * 5000, ranks, ID).outcome == "illegal_formula"
 
 
 # ---- dealing and episodes ----
@@ -394,6 +433,7 @@ def test_vision_env_images_follow_the_seed():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"suits": "blue"}, "suits='blue'"), ({"verify_iter": 0}, "verify_iter=0"), ({"image_size": 10}, "image_size=10"),
+    ({"image_size": 4097}, "image_size=4097"),
 ])
 def test_bad_config_is_one_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -410,10 +450,28 @@ def test_cli_prints_prompt_writes_image_and_plays_expert(tmp_path):
     assert Image.open(img).size == (448, 448)
 
 
-def test_cli_bad_value_is_one_line():
-    out = subprocess.run([sys.executable, "env_points.py", "--image-size", "8"], cwd=ROOT,
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "image_size=8" in out.stderr
+@pytest.mark.parametrize("args,says", [
+    (["--image-size", "8"], "image_size=8: expected 64 to 4096"),
+    (["--image-size", "100000"], "image_size=100000: expected 64 to 4096"),  # once: killed for memory
+    (["--image", "x.xyz"], "Pillow writes no .xyz images; expected a file name ending in .png"),
+    (["--image", "x"], "no file extension"),
+    (["--image", "{tmp}/no/such/folder/x.png"], "cannot write it (No such file or directory); expected a writable"),
+    (["--image", "{tmp}/a_file/x.png"], "cannot write it (Not a directory)"),
+    (["--target", "100000"], "target=100000: no solvable hand in 100000 deals; expected a target"),
+    (["--episodes", "-1"], "--episodes -1: expected 0 or a positive integer"),
+    (["--episodes", "many"], "--episodes: invalid int value: 'many'"),
+    (["--suits", "blue"], "invalid choice: 'blue' (choose from"),
+    (["--seed"], "--seed: expected one argument"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_cli_bad_value_is_one_line(tmp_path, args, says):
+    (tmp_path / "a_file").write_text("")
+    args = [a.format(tmp=tmp_path) for a in args]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "env_points.py"), "--episodes", "1", *args],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and out.stderr.strip().count("\n") == 0, out.stderr
+    assert says in out.stderr
+    assert not any(tmp_path.glob("*.png"))
 
 
 def test_doctests():

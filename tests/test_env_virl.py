@@ -3,9 +3,11 @@ import doctest
 import hashlib
 import json
 import math
+import operator
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
 
@@ -441,13 +443,80 @@ def test_bad_strings_never_raise(absolute):
             assert v.outcome in V.REWARDS and v.feedback
 
 
+def repeated(units, most=5000):
+    """A unit written up to `most` times: the inputs on which a backtracking regex blows up."""
+    return st.builds(operator.mul, st.sampled_from(units), st.integers(1, most))
+
+
+PATHOLOGICAL = st.one_of(
+    repeated(["intersection no ", "no ", "not intersection ", "nor, ", "{", "[", '"', "'", "\\", " ", "\n",
+              '"action": ', "action: ", '"current observation": "', "turn_direction(", "turn_direction('a' 'b')",
+              "forward"]),
+    st.builds(lambda obs: answer(obs=obs, action="stop()"),
+              repeated(["intersection no ", "no ", "no intersection ", "without, intersection "])),
+    st.builds(lambda arg: answer(action="turn_direction(" + arg), repeated([" ", "\t", "' ", "a ", "_", "  '"])),
+)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.text(), st.text(alphabet="forwadstopun_ict()\"'{}:, intersection"),
-                 st.builds(answer, st.text(), st.text())))
+                 st.builds(answer, st.text(), st.text()), PATHOLOGICAL))
 def test_any_string_yields_one_outcome(text):
     for absolute in (True, False):
         v = V.verify(text, position(True, "turn", 10, 350), absolute)
         assert v.outcome in V.REWARDS and v.reward == V.REWARDS[v.outcome]
+
+
+# The regexes the linear parsers replaced, kept as the reference of what they must answer: on inputs this short
+# their backtracking is still quick.
+NEGATED_REFERENCE = re.compile(r"\b(no|not|without|nor)\b[^.;,]*\bintersection", re.IGNORECASE)
+ACTION_REFERENCE = re.compile(r"\b(forward|stop)\b\s*(?:\(\s*\))?"
+                              r"|\bturn_direction\s*\(\s*[\"']?\s*([a-z_ ]{1,40}?)\s*[\"']?\s*\)", re.IGNORECASE)
+
+
+def reference_action(text, absolute):
+    m = ACTION_REFERENCE.search(text)
+    if not m:
+        return None
+    if m.group(1):
+        return m.group(1).lower() + "()"
+    x = " ".join(m.group(2).lower().replace("_", " ").split())
+    x = x.replace(" ", "") if absolute else x
+    return f"turn_direction({x})" if x in (V.DIRECTIONS if absolute else V.TURNS) else None
+
+
+def pieces(*words, most=14):
+    return st.lists(st.sampled_from(words), max_size=most).map("".join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(pieces("turn_direction", "(", ")", " ", "  ", "\t", "\n", '"', "'", "_", "north", "east", "slightly", "left",
+              "right", "x", "forward", "stop", "\u017f", "\u212a", "a" * 38, "b" * 41, ".", "\u00a0", "()"),
+       pieces("no", "not", "nor", "without", "intersection", "Intersection", "intersections", " ", ".", ",", ";",
+              "x", "know", "nointersection", "NO", "\u017f", "\n", "-"))
+def test_linear_parsers_answer_as_the_regexes_they_replaced(action, observation):
+    for absolute in (True, False):
+        assert V.parse_action(action, absolute) == reference_action(action, absolute), action
+    said = "intersection" in observation.lower() and not NEGATED_REFERENCE.search(observation)
+    assert V.claims_intersection(observation) == said, observation
+
+
+def test_answers_that_were_quadratic_get_their_verdicts():
+    # once seconds to hours each: a negation retried to the clause's end; spaces an unclosed argument backtracked over
+    at, off = position(True, "turn", 0, 90), position()
+    claims = answer(obs="intersection " + "no " * 16_000, action="stop()")  # the negations follow it: a claim
+    assert V.verify(claims, at, True).outcome == "wrong_action"
+    assert V.verify(claims, off, True).outcome == "wrong_observation"
+    negated = answer(obs="no " * 16_000 + "intersection", action="stop()")
+    assert V.verify(negated, at, True).outcome == "wrong_observation"
+    assert V.verify(negated, off, True).outcome == "wrong_action"
+    assert V.claims_intersection("no " * 16_000 + "; intersection")  # a clause of its own
+    unclosed = answer(obs=V.INTERSECTION_CUE, action="turn_direction(" + " " * 49_000)
+    assert V.verify(unclosed, at, True).outcome == "invalid_action"
+    spaced = "turn_direction(" + " " * 1000 + "'east'" + "\t" * 900 + ")"
+    assert V.verify(answer(obs=V.INTERSECTION_CUE, action=spaced), at, True).outcome == "correct"
+    assert V.parse_action("turn_direction('a' 'b') " * 80 + "forward", True) == "forward()"
+    assert V.parse_action("turn_direction(" * 3000 + "stop", True) is None  # past the 2000 characters read
 
 
 # ---- rendering ----
@@ -560,7 +629,9 @@ def test_pano_map_refuses_code(tmp_path):
 
 @pytest.mark.parametrize("kwargs,match", [({"verify_iter": 0}, "verify_iter=0"), ({"drop_rate": 1.0}, "drop_rate=1.0"),
                                           ({"straight_line_length": 0}, "straight_line_length=0"),
-                                          ({"view_size": 8}, "view_size=8")])
+                                          ({"view_size": 8}, "view_size=8"),
+                                          ({"view_size": 4096}, "view_size=4096: expected 32 to 2048"),
+                                          ({"n_routes": 2_000_000}, "n_routes=2000000")])
 def test_bad_config_is_one_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         VirlConfig(**kwargs)
@@ -587,6 +658,34 @@ def test_cli_prints_prompt_writes_grids_and_plays_expert(tmp_path):
     bad = subprocess.run([sys.executable, "env_virl.py", "--routes", "synthetic:atlantis"], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "atlantis" in bad.stderr
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--episodes", "-1"], "--episodes -1: expected 0 or a positive integer"),
+    (["--n-routes", "0"], "n_routes=0: expected an integer from 1 to 1000000"),
+    (["--n-routes", "10000000"], "n_routes=10000000: expected an integer from 1 to 1000000"),
+    (["--n-routes", "some"], "--n-routes: invalid int value: 'some'"),
+    (["--routes", "{tmp}/none.json"], "none.json' not found"),
+    (["--routes", "{tmp}"], "is a folder: expected a V-IRL route file"),
+    (["--routes", "{tmp}/bad.json"], "bad.json: route 0: missing field start_place.relocated_geocode"),
+    (["--routes", "synthetic:atlantis"], "unknown city 'atlantis': expected one of nyc, london"),
+    (["--routes", "mini", "--export", "{tmp}/no/such/x.json"], "cannot write it (No such file or directory); expected"),
+    (["--routes", "mini", "--export", "{tmp}"], "cannot write it (Is a directory)"),
+    (["--out-dir", "{tmp}/a_file"], "cannot make it a folder (File exists); expected a folder"),
+    (["--out-dir", "{tmp}/a_file/sub"], "cannot make it a folder (Not a directory)"),
+    (["--ood-city", "nyc"], "--ood-city: invalid choice: 'nyc' (choose from 'london'"),
+    (["--seed", "x"], "--seed: invalid int value: 'x'"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_cli_bad_value_is_one_line(tmp_path, args, says):
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "bad.json").write_text('[[{"route_id": 1}], 1]')
+    args = [a.format(tmp=tmp_path) for a in args]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "env_virl.py"), "--n-routes", "5", "--episodes", "1",
+                          *args], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and out.stderr.strip().count("\n") == 0, out.stderr
+    assert says in out.stderr
+    assert not any(tmp_path.rglob("*.png"))
 
 
 def test_doctests():
