@@ -28,8 +28,9 @@ test: install
 DEMO          ?= runs/demo
 DEMO_EPISODES ?= 16
 demo: install
-	$(BIN)/python train_sft.py --task gp-l --examples 160 --save-every 20 --out $(DEMO)/sft
-	$(BIN)/python train_ppo.py --task gp-l --model $(DEMO)/sft --updates 2 --turns 16 --envs 4 --out $(DEMO)/ppo
+	$(BIN)/python train_sft.py --task gp-l --examples 160 --save-every 20 --out $(DEMO)/sft --overwrite
+	$(BIN)/python train_ppo.py --task gp-l --model $(DEMO)/sft --updates 2 --turns 16 --envs 4 --out $(DEMO)/ppo \
+		--overwrite
 	$(BIN)/python evaluate.py --task gp-l --model smollm2-135m,$(DEMO)/sft,$(DEMO)/ppo \
 		--episodes $(DEMO_EPISODES) --max-new-tokens 64 --out $(DEMO)
 

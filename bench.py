@@ -37,7 +37,7 @@ import torch
 
 import model as M
 import train_ppo as P
-from cli import fail, parse_config
+from cli import check_writable, fail, parse_config, require
 from env_points import GeneralPointsEnv, PointsConfig
 from env_virl import NavigationEnv, VirlConfig
 from rollout import make_envs, rollout
@@ -98,6 +98,15 @@ class BenchConfig:
             raise ValueError(f"batch={self.batch!r}: expected comma-separated positive integers") from None
         if any(b < 1 for b in sizes):
             raise ValueError(f"batch={self.batch!r}: expected comma-separated positive integers")
+        require(self, "max_new_tokens", lambda v: v >= 1, "a positive integer")
+        require(self, "baseline_episodes cache_tokens train_turns micro_batch", lambda v: v >= 0,
+                "0 (the default) or a positive integer")
+        require(self, "temperature env_seconds", lambda v: v > 0, "a positive number")
+        M.check_device(self.device)
+        if self.out:
+            if os.path.isdir(self.out):
+                raise ValueError(f"out={self.out!r} is a folder: expected a file to append the JSON lines to")
+            check_writable(os.path.dirname(os.path.abspath(self.out)))
 
 
 def emit(rows: list, out: str, figure: str, value: float, unit: str, **extra) -> None:
@@ -343,6 +352,8 @@ def run(cfg: BenchConfig) -> list:
     name = "tiny-text" if cfg.quick else cfg.model
     sections = cfg.sections.split(",")
     rows = []
+    if cfg.out:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     print(f"bench on {torch.cuda.get_device_name() if gpu else 'CPU'} ({torch.get_num_threads()} threads), model {name}")
     if "rollout" in sections:
         bench_rollout(M.load_policy(name, device=device, temperature=cfg.temperature, precision="auto"), cfg, rows, gpu)

@@ -1,7 +1,9 @@
-"""Command-line flags from a config dataclass, shared by every entry script.
+"""Command-line flags from a config dataclass, shared by every entry script, and the checks of their values.
 
 Every field becomes `--field-name VALUE` (booleans: `--flag` / `--no-flag`), its default and its
-comment (the `doc` metadata, else the field name) in --help. Bad values stop with one line.
+comment (the `doc` metadata, else the field name) in --help. Bad values stop with one line: a float
+that is not finite (nan, inf) here, ranges and paths in each config's `__post_init__` with `require`
+and `check_writable`.
 
     @dataclass
     class Config:
@@ -12,7 +14,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
+import os
 import sys
+import time
 import typing
 
 
@@ -41,13 +47,42 @@ def parse_config(cls, argv=None, description: str = None):
             parser.add_argument(flag, dest=f.name, type=convert, default=default,
                                 help=f"{doc} (default: {default})".strip())
     args = parser.parse_args(argv)
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"{name}={value}: expected a finite number")
     try:
         return cls(**vars(args))
     except ValueError as e:  # a config's own check (__post_init__): one line, as argparse does
         fail(str(e))
 
 
+def require(cfg, names: str, test, expected: str) -> None:
+    """ValueError naming the first of the space-separated fields `names` whose value fails `test` (None
+    passes: a default resolved later), and what would be accepted."""
+    for name in names.split():
+        value = getattr(cfg, name)
+        if value is not None and not test(value):
+            raise ValueError(f"{name}={value!r}: expected {expected}")
+
+
+def check_writable(path: str, what: str = "out") -> None:
+    """ValueError unless `path` is, or can be made, a folder we may write in; creates nothing."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{what}={path!r} is a file: expected a folder (existing or to create)")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{what}={path!r} lies under the file {parent!r}: expected a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}={path!r}: {parent!r} is not writable")
+
+
 def fail(message: str, code: int = 2):
-    """Stop with one line on stderr: what was wrong and what would be accepted."""
+    """Stop with one line on stderr: what was wrong and what would be accepted. Under torchrun the line also
+    goes to the launcher's error file, so that its failure report shows it instead of a pointer to the docs."""
     print(f"error: {message}", file=sys.stderr)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+            json.dump({"message": f"error: {message}", "timestamp": int(time.time())}, f)
     sys.exit(code)

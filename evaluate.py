@@ -13,8 +13,9 @@ the paper's: success for GP, per-step accuracy for V-IRL (route success beside i
     torchrun --nproc_per_node 8 evaluate.py --model runs/ppo-gp-vl --task gp-vl   # episodes split over ranks
 
 Writes, per run, <run>/eval_<task>.json (every metric of every checkpoint and setting) and
-<run>/eval_<task>_answers.jsonl (every answer with its verifier outcome), after each checkpoint; a
-later evaluation with the same settings reuses what is stored there (--no-reuse: play again). Into
+<run>/eval_<task>_answers.jsonl (every answer with its verifier outcome), after each checkpoint. Results
+accumulate: a later call adds or replaces only the (checkpoint, setting) results of its own evaluation
+settings, and reuses what is stored under them (--no-reuse: play them again); nothing else is dropped. Into
 --out: the markdown table, and the paper's figures: fig5_<task>.png (success vs training GFLOPs, ID
 and OOD, one line per run, one colour per arm; each curve starts at its initialization when that was
 evaluated too) and fig6_<task>.png / .md / .json (OOD change from the initialization to the last
@@ -23,6 +24,7 @@ interval).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -35,7 +37,7 @@ from typing import Optional
 import torch
 
 import model as M
-from cli import fail, parse_config
+from cli import check_writable, fail, parse_config, require
 from rollout import MALFORMED_OUTCOMES, SETTINGS, check_task, env_config, image_overrides, make_envs, rollout
 
 SETTING_NAMES = {"id": "ID", "ood_rule": "OOD rule", "ood_visual": "OOD visual", "id_heldout": "ID held-out routes"}
@@ -74,9 +76,12 @@ class EvalConfig:
             check_task(self.task, s)
         env_config(self.task, "id", **image_overrides(self.task, self.image_size))  # a bad image size fails here
         self.settings = ",".join(wanted)
-        for name in ("episodes", "virl_routes", "batch_size", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: expected a positive integer")
+        require(self, "episodes virl_routes batch_size max_new_tokens", lambda v: v >= 1, "a positive integer")
+        require(self, "verify_iter image_size", lambda v: v >= 0, "0 (the default) or a positive integer")
+        require(self, "temperature", lambda v: v >= 0, "0 (greedy) or a positive number")
+        require(self, "top_p", lambda v: 0 < v <= 1, "a share in (0, 1]")
+        M.check_device(self.device)
+        check_writable(self.out)
 
 
 # ---- checkpoints ----
@@ -90,8 +95,9 @@ def find_runs(spec: str, out: str) -> list:
             runs.append((item, os.path.join(out, item), [item]))
         elif os.path.exists(os.path.join(item, "config.json")):
             runs.append((os.path.basename(os.path.dirname(os.path.abspath(item))), os.path.dirname(os.path.abspath(item)), [item]))
-        elif os.path.isdir(item):
-            ckpts = [os.path.join(item, d) for d in os.listdir(item) if os.path.exists(os.path.join(item, d, "config.json"))]
+        elif os.path.isdir(item):  # its checkpoints; hidden folders are saves a kill left unfinished
+            ckpts = [os.path.join(item, d) for d in os.listdir(item)
+                     if not d.startswith(".") and os.path.exists(os.path.join(item, d, "config.json"))]
             if not ckpts:
                 raise ValueError(f"run folder {item!r} holds no checkpoints (subfolders with a config.json)")
             ckpts.sort(key=lambda c: (M.read_trainer_state(c).get("gflops", 0.0), M.read_trainer_state(c).get("step", 0), c))
@@ -339,19 +345,32 @@ RESULT_KEY_FIELDS = ("task", "episodes", "virl_routes", "max_new_tokens", "tempe
                      "image_size")
 
 
+def result_id(path: str, key: dict) -> tuple:
+    """What one stored result is of: a checkpoint under one evaluation key (the settings of RESULT_KEY_FIELDS)."""
+    return checkpoint_key(path), hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def stored_results(run_dir: str, task: str) -> tuple:
-    """(checkpoint entries by path key, answer lines by path key) of an earlier evaluation of the run."""
-    path = os.path.join(run_dir, f"eval_{task}.json")
-    if not os.path.exists(path):
-        return {}, {}
-    with open(path) as f:
-        entries = {checkpoint_key(ck["path"]): ck for ck in json.load(f).get("checkpoints", [])}
-    answers = {}
-    answers_path = os.path.join(run_dir, f"eval_{task}_answers.jsonl")
-    if os.path.exists(answers_path):
-        with open(answers_path) as f:
-            for line in f:
-                answers.setdefault(checkpoint_key(json.loads(line)["checkpoint"]), []).append(line)
+    """(checkpoint entries, answers) of the run's earlier evaluations, every answer tagged with its entry's id.
+    A file that cannot be read is set aside as <name>.unreadable-<time>, not overwritten."""
+    entries, answers = [], []
+    path, answers_path = (os.path.join(run_dir, f"eval_{task}{x}") for x in (".json", "_answers.jsonl"))
+    try:
+        if os.path.exists(path):
+            with open(path) as f:
+                entries = [e for e in json.load(f).get("checkpoints", []) if "key" in e]
+        ids = {checkpoint_key(e["path"]): result_id(e["path"], e["key"])[1] for e in entries}  # files before ids
+        if os.path.exists(answers_path):
+            with open(answers_path) as f:
+                answers = [json.loads(line) for line in f if line.strip()]
+            for a in answers:
+                a.setdefault("result", ids.get(checkpoint_key(a["checkpoint"]), ""))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        for p in (path, answers_path):
+            if os.path.exists(p):
+                os.replace(p, f"{p}.unreadable-{int(time.time())}")
+        print(f"warning: {run_dir}: stored evaluation results unreadable ({e}), set aside; evaluating afresh")
+        return [], []
     return entries, answers
 
 
@@ -359,23 +378,26 @@ def evaluate(cfg: EvalConfig) -> list:
     rank, world, dist_device = M.init_distributed(cfg.device)
     settings = cfg.settings.split(",")
     runs = find_runs(cfg.model, cfg.out)
+    for _, run_dir, _ in runs:  # before any model loads: results are written after every checkpoint
+        check_writable(run_dir, "run folder")
     key = {k: getattr(cfg, k) for k in RESULT_KEY_FIELDS}
     results = []
     for run_name, run_dir, ckpts in runs:
         run = {"run": run_name, "task": cfg.task, "config": asdict(cfg), "checkpoints": []}
-        old, old_answers = stored_results(run_dir, cfg.task) if cfg.reuse else ({}, {})
-        answers = []
+        stored, stored_answers = stored_results(run_dir, cfg.task)
+        old = {result_id(e["path"], e["key"]): e for e in stored}
+        answers = []  # of this call's entries: the stored ones kept, and the new ones
         for ckpt in ckpts:
             state = M.read_trainer_state(ckpt)
+            rid = result_id(ckpt, key)
             entry = {"path": ckpt, "step": state.get("step", 0), "gflops": float(state.get("gflops", 0.0)),
                      "key": key, "settings": {}}
-            before = old.get(checkpoint_key(ckpt), {})
-            if all(before.get(k) == entry[k] for k in ("step", "gflops", "key")):  # the same weights, the same test
-                entry["settings"] = {s: m for s, m in before.get("settings", {}).items() if s in settings}
-                entry["sampling"] = before.get("sampling")
-            todo = [s for s in settings if s not in entry["settings"]]
-            answers += [json.loads(line) for line in old_answers.get(checkpoint_key(ckpt), [])
-                        if json.loads(line)["setting"] in entry["settings"]]
+            before = old.get(rid, {})
+            if all(before.get(k) == entry[k] for k in ("step", "gflops")):  # the same weights: keep what is stored
+                entry["settings"], entry["sampling"] = dict(before.get("settings", {})), before.get("sampling")
+            todo = [s for s in settings if s not in entry["settings"] or not cfg.reuse]
+            answers += [a for a in stored_answers if (checkpoint_key(a["checkpoint"]), a["result"]) == rid
+                        and a["setting"] in entry["settings"] and a["setting"] not in todo]
             if todo:
                 policy = M.load_policy(ckpt, device=cfg.device or dist_device)
                 entry["sampling"] = sampling(policy, cfg)
@@ -392,12 +414,16 @@ def evaluate(cfg: EvalConfig) -> list:
                 entry["settings"][s]["seconds"] = round(time.perf_counter() - start, 2)
                 for k, e in played:
                     for a, ans in enumerate(e.answers):
-                        answers.append({"checkpoint": ckpt, "setting": s, "episode": k, "attempt": a + 1, **ans})
+                        answers.append({"checkpoint": ckpt, "result": rid[1], "setting": s, "episode": k,
+                                        "attempt": a + 1, **ans})
             if todo:
                 del policy
             run["checkpoints"].append(entry)
             if rank == 0:  # after every checkpoint: an interrupted evaluation loses at most the one in progress
-                write_run(run_dir, cfg.task, run, answers)
+                done = {result_id(e["path"], e["key"]) for e in run["checkpoints"]}
+                write_run(run_dir, cfg.task, {**run, "checkpoints": [
+                    e for e in stored if result_id(e["path"], e["key"]) not in done] + run["checkpoints"]},
+                    [a for a in stored_answers if (checkpoint_key(a["checkpoint"]), a["result"]) not in done] + answers)
         results.append(run)
     if rank == 0:
         table = markdown_table(results, settings, cfg.task)
@@ -419,7 +445,8 @@ def evaluate(cfg: EvalConfig) -> list:
 
 
 def write_run(run_dir: str, task: str, run: dict, answers: list) -> None:
-    """A run's results JSON and answers JSONL, each replaced whole (written beside, then renamed)."""
+    """A run's results JSON and answers JSONL, each written beside and renamed over the old one: a kill never
+    leaves half a file."""
     os.makedirs(run_dir, exist_ok=True)
     for name, lines in ((f"eval_{task}.json", [json.dumps(run, indent=1)]),
                         (f"eval_{task}_answers.jsonl", [json.dumps(a) for a in answers])):

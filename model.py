@@ -51,10 +51,12 @@ def cache_root() -> str:
 
 
 def _publish(tmp: str, final: str) -> None:
-    """Move a finished folder under its final name in one rename, replacing any older one."""
+    """Move a finished folder under its final name in one rename, replacing any older one (set aside under a
+    hidden name first, which every reader ignores, so a kill in between leaves no second checkpoint)."""
     old = None
     if os.path.exists(final):
-        old = f"{final}.old-{uuid.uuid4().hex[:8]}"
+        parent, name = os.path.split(os.path.abspath(final))
+        old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
         os.rename(final, old)
     os.rename(tmp, final)
     if old:
@@ -704,7 +706,7 @@ def load_policy(name_or_path: str, device=None, dtype: Optional[torch.dtype] = N
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
                               AutoTokenizer)
     folder = resolve(name_or_path)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(check_device(device) or ("cuda" if torch.cuda.is_available() else "cpu"))
     compute_dtype = compute_dtype_of(precision, device) if precision is not None else None
     if precision is not None:
         dtype = torch.float32
@@ -714,26 +716,56 @@ def load_policy(name_or_path: str, device=None, dtype: Optional[torch.dtype] = N
         # rollout's prompt widths all differ) and spends about 1 ms of CPU per call; flash and
         # memory-efficient attention need neither
         torch.backends.cuda.enable_cudnn_sdp(False)
-    try:
+    with _one_line_errors(f"model folder {folder!r}: unreadable config.json"):
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except ValueError as e:
-        raise ValueError(f"model folder {folder!r}: unreadable config ({str(e).splitlines()[0]})") from None
     is_vlm = _is_vlm_config(config)
     auto = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
-    model = auto.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
-    processor = (AutoProcessor if is_vlm else AutoTokenizer).from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with _one_line_errors(f"model folder {folder!r}: its weights cannot be loaded"):
+        model = auto.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
+    with _one_line_errors(f"model folder {folder!r}: its tokenizer or processor cannot be loaded"):
+        processor = (AutoProcessor if is_vlm else AutoTokenizer).from_pretrained(folder,
+                                                                               trust_remote_code=trust_remote_code)
     if gradient_checkpointing if gradient_checkpointing is not None else device.type == "cuda":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     head, value_state = os.path.join(folder, VALUE_HEAD_FILE), None
-    if os.path.exists(head):
-        from safetensors.torch import load_file
-        value_state = load_file(head, device=str(device))
-    # a saved head keeps the width it was trained with (before the paper-scaled default, 512)
-    width = value_state["net.0.weight"].shape[0] if value_state else 0
-    policy = Policy(model, processor, is_vlm, temperature, compute_dtype, value_width=width)
-    if value_state:
-        policy.value_head.load_state_dict(value_state)
+    with _one_line_errors(f"{head!r}: not a value head of this model (delete it to start a fresh one)"):
+        if os.path.exists(head):
+            from safetensors.torch import load_file
+            value_state = load_file(head, device=str(device))
+        # a saved head keeps the width it was trained with (before the paper-scaled default, 512)
+        width = value_state["net.0.weight"].shape[0] if value_state else 0
+        policy = Policy(model, processor, is_vlm, temperature, compute_dtype, value_width=width)
+        if value_state:
+            policy.value_head.load_state_dict(value_state)
     return policy
+
+
+@contextlib.contextmanager
+def _one_line_errors(what: str):
+    """Turn whatever a broken file raises inside the block (JSON, safetensors, shape and missing-file errors,
+    all different types) into one ValueError: `what`, then the first line of the original message."""
+    try:
+        yield
+    except Exception as e:
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{what} ({type(e).__name__}: {detail})") from None
+
+
+def check_device(device) -> Optional[str]:
+    """`device` itself when this machine has it (None or "" pass: automatic); ValueError otherwise."""
+    if not device:
+        return device or None
+    expected = f"device={device!r}: expected cpu, cuda or cuda:N (empty: the GPU when there is one)"
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(expected) from None
+    if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device={device!r}: no such CUDA GPU here ({torch.cuda.device_count()} visible); "
+                         "use --device cpu or leave it empty")
+    if d.type not in ("cpu", "cuda"):
+        raise ValueError(expected)
+    return str(device)
 
 
 def read_trainer_state(folder: str) -> dict:
@@ -754,6 +786,33 @@ def cosine_lr(step: int, peak: float, total: int, warmup: int = 0, floor: float 
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def remove_torn_saves(run: str) -> None:
+    """Delete what killed saves left in a run folder: the hidden `.<name>.tmp-*` folders of saves that never
+    finished and `.<name>.old-*` ones that a finished save had set aside."""
+    if os.path.isdir(run):
+        for name in os.listdir(run):
+            if name.startswith(".") and (".tmp-" in name or ".old-" in name):
+                shutil.rmtree(os.path.join(run, name), ignore_errors=True)
+
+
+def prepare_run_folder(run: str, resume: bool, overwrite: bool) -> None:
+    """Make `run` ready for a training run: torn saves removed; without `resume`, a folder that holds another
+    run's checkpoints is refused (mixing two runs' steps and logs), unless `overwrite` deletes them first.
+    Every rank may call it: only rank 0 deletes."""
+    steps = sorted(d for d in os.listdir(run) if d.startswith("step-")) if os.path.isdir(run) else []
+    if steps and not resume and not overwrite:
+        raise ValueError(f"run folder {run!r} already holds checkpoints ({steps[0]} ... {steps[-1]}): pass --resume to "
+                         "continue that run, --overwrite to delete them and start over, or another --out")
+    if _rank() != 0:
+        return
+    remove_torn_saves(run)
+    if steps and overwrite and not resume:
+        for d in steps:
+            shutil.rmtree(os.path.join(run, d))
+        if os.path.exists(os.path.join(run, "metrics.jsonl")):
+            os.remove(os.path.join(run, "metrics.jsonl"))
 
 
 def last_checkpoint(run: str):
@@ -783,14 +842,26 @@ def optimizer_state(policy, opt) -> dict:
     return get_optimizer_state_dict(policy, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def read_optimizer_file(path: str) -> dict:
+    """A saved optimizer state, read with torch.load(weights_only=True): tensors, numbers, strings and
+    containers only. A pickle that would build anything else (and could run code) is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path!r} is missing: the checkpoint is incomplete") from None
+    except Exception as e:  # an UnpicklingError for a pickle of code, anything else for a torn or foreign file
+        raise ValueError(f"{path!r} is not a plain optimizer state and was not loaded "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
 def load_optimizer_state(policy, opt, checkpoint: str) -> None:
     """Restore the optimizer state saved in a checkpoint's optimizer.pt (read on rank 0 and broadcast under FSDP)."""
     path = os.path.join(checkpoint, "optimizer.pt")
     if not _fsdp_modules(policy):
-        opt.load_state_dict(torch.load(path, weights_only=False))
+        opt.load_state_dict(read_optimizer_file(path))
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    state = torch.load(path, weights_only=False) if _rank() == 0 else {}
+    state = read_optimizer_file(path) if _rank() == 0 else {}
     set_optimizer_state_dict(policy, opt, optim_state_dict=state,
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 

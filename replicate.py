@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import model as M
-from cli import fail, parse_config
+from cli import check_writable, fail, parse_config, require
 from rollout import check_task
 
 # Sizes per scale. "cpu" runs the whole protocol on 2 CPU cores in one to two hours per task (a check of
@@ -85,9 +85,14 @@ class ReplicateConfig:
             raise ValueError(f"seeds={self.seeds!r}: expected comma-separated integers") from None
         if not self.seed_list or len(set(self.seed_list)) != len(self.seed_list):
             raise ValueError(f"seeds={self.seeds!r}: expected distinct comma-separated integers")
-        if self.checkpoints < 1 or self.rl_updates % self.checkpoints:
+        require(self, "init_examples init_steps init_batch rl_updates rl_turns rl_envs rl_minibatch rl_micro_batch "
+                "checkpoints eval_episodes eval_virl_routes max_new_tokens eval_batch", lambda v: v >= 1,
+                "a positive integer")
+        require(self, "init_lr sft_lr rl_lr", lambda v: v > 0, "a positive number")
+        if self.rl_updates % self.checkpoints:
             raise ValueError(f"rl_updates={self.rl_updates} is not a multiple of checkpoints={self.checkpoints}")
         self.out = self.out or os.path.join("runs", f"replicate-{self.task}-{self.scale}")
+        check_writable(self.out)
 
 
 # ---- phases ----

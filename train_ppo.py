@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 import model as M
-from cli import fail, parse_config
+from cli import check_writable, fail, parse_config, require
 from rollout import check_task, env_config, image_overrides, make_envs, rollout
 
 ACTION_FIELD = {"gp": "formula", "virl": "action"}  # the final field of an answer: the action itself
@@ -86,6 +86,7 @@ class PPOConfig:
     save_every: int = field(default=2, metadata={"doc": "checkpoint every N updates (and at the end)"})
     out: str = field(default="", metadata={"doc": "run folder; empty: runs/ppo-<task>"})
     resume: bool = field(default=False, metadata={"doc": "continue from the run folder's last complete checkpoint"})
+    overwrite: bool = field(default=False, metadata={"doc": "delete the checkpoints already in the run folder and start over"})
     seed: int = field(default=0, metadata={"doc": "seed of environments, sampling and minibatch order"})
     device: str = field(default="", metadata={"doc": "cuda, cpu, ...; empty: the GPU when there is one"})
     precision: str = field(default="auto", metadata={"doc": "auto (GPU: bf16, CPU: fp32), bf16 (over fp32 master weights) or fp32"})
@@ -93,20 +94,21 @@ class PPOConfig:
 
     def __post_init__(self):
         check_task(self.task)
-        for name in ("updates", "turns", "envs", "epochs", "minibatch", "micro_batch", "max_new_tokens", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: expected a positive integer")
-        if self.lr_max_steps < 0:
-            raise ValueError(f"lr_max_steps={self.lr_max_steps}: expected 0 (the task's) or a positive integer")
+        require(self, "updates turns envs epochs minibatch micro_batch max_new_tokens save_every", lambda v: v >= 1,
+                "a positive integer")
+        require(self, "lr_max_steps verify_iter image_size top_k", lambda v: v >= 0,
+                "0 (the default) or a positive integer")
+        require(self, "lr adam_eps clip temperature grad_clip", lambda v: v > 0, "a positive number")
+        require(self, "value_lr end_lr value_clip vf_coef ent_coef kl_coef pre_action_coef", lambda v: v >= 0,
+                "0 or a positive number")
+        require(self, "gamma lam", lambda v: 0 <= v <= 1, "a value between 0 and 1")
+        require(self, "top_p", lambda v: 0 < v <= 1, "a share in (0, 1]")
         if self.turns % self.minibatch:
             raise ValueError(f"turns={self.turns} is not a multiple of minibatch={self.minibatch}")
-        for name in ("gamma", "lam"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}={getattr(self, name)}: expected a value between 0 and 1")
-        if self.clip <= 0 or self.temperature <= 0:
-            raise ValueError(f"clip={self.clip}, temperature={self.temperature}: expected positive values")
         M.compute_dtype_of(self.precision, "cpu")  # a bad name fails here, before any work
+        M.check_device(self.device)
         self.out = self.out or os.path.join("runs", f"ppo-{self.task}")
+        check_writable(self.out)
 
 
 # ---- advantages ----
@@ -422,10 +424,13 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
     # ---- start: fresh, or the last complete checkpoint ----
     if os.path.isdir(cfg.model) and not os.path.exists(os.path.join(cfg.model, "config.json")):
         cfg.model = M.last_checkpoint(cfg.model) or cfg.model  # a run folder: its last checkpoint
+    M.prepare_run_folder(cfg.out, cfg.resume, cfg.overwrite)
     resume_from = M.last_checkpoint(cfg.out) if cfg.resume else None
     if cfg.resume and resume_from is None:
         raise ValueError(f"--resume: no complete checkpoint in {cfg.out!r}")
     state = M.read_trainer_state(resume_from or cfg.model)
+    if state.get("task", cfg.task) != cfg.task:
+        print0(f"warning: {resume_from or cfg.model} was trained on {state['task']}; this run trains on {cfg.task}")
     torch.manual_seed(cfg.seed)  # a fresh value head's initialization
     policy = M.load_policy(resume_from or cfg.model, device=device, temperature=cfg.temperature,
                            precision=cfg.precision)

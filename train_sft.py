@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 import model as M
-from cli import fail, parse_config
+from cli import check_writable, fail, parse_config, require
 from rollout import check_task, env_config, image_overrides
 
 # ---- config ----
@@ -53,6 +53,7 @@ class SFTConfig:
     save_every: int = field(default=10, metadata={"doc": "checkpoint every N steps (and at the end)"})
     out: str = field(default="", metadata={"doc": "run folder; empty: runs/sft-<task>"})
     resume: bool = field(default=False, metadata={"doc": "continue from the run folder's last complete checkpoint"})
+    overwrite: bool = field(default=False, metadata={"doc": "delete the checkpoints already in the run folder and start over"})
     seed: int = field(default=0, metadata={"doc": "data order and init seed"})
     device: str = field(default="", metadata={"doc": "cuda, cpu, ...; empty: the GPU when there is one"})
     precision: str = field(default="auto", metadata={"doc": "auto (GPU: bf16, CPU: fp32), bf16 (over fp32 master weights) or fp32"})
@@ -60,15 +61,19 @@ class SFTConfig:
     def __post_init__(self):
         check_task(self.task)
         M.compute_dtype_of(self.precision, "cpu")  # a bad name fails here, before any work
-        env_config(self.task, "id", **image_overrides(self.task, self.image_size))  # and a bad image size
-        for name in ("examples", "steps", "batch_size", "micro_batch", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: expected a positive integer")
-        if not 0.0 <= self.revision_frac <= 1.0:
-            raise ValueError(f"revision_frac={self.revision_frac}: expected a share between 0 and 1")
-        if self.data and not os.path.exists(self.data):
-            raise ValueError(f"data file {self.data!r} not found")
+        require(self, "examples steps batch_size micro_batch save_every", lambda v: v >= 1, "a positive integer")
+        require(self, "lr grad_clip", lambda v: v > 0, "a positive number")
+        require(self, "warmup_steps image_size", lambda v: v >= 0, "0 or a positive integer")
+        require(self, "weight_decay", lambda v: v >= 0, "0 or a positive number")
+        require(self, "revision_frac", lambda v: 0 <= v <= 1, "a share between 0 and 1")
+        env_config(self.task, "id", **image_overrides(self.task, self.image_size))  # the size itself
+        M.check_device(self.device)
+        if self.data and not os.path.isfile(self.data):
+            folder = " (it is a folder)" if os.path.isdir(self.data) else ""
+            raise ValueError(f"data file {self.data!r} not found{folder}")
         self.out = self.out or os.path.join("runs", f"sft-{self.task}")
+        check_writable(self.export_data and os.path.dirname(os.path.abspath(self.export_data)) or self.out,
+                       "export_data" if self.export_data else "out")
 
 
 # ---- data ----
@@ -132,19 +137,25 @@ def read_examples(path: str) -> list:
     """Examples from a JSONL file as written by write_examples; ValueError naming the bad line."""
     from PIL import Image
     base, out = os.path.dirname(os.path.abspath(path)), []
-    with open(path) as f:
+    expected = '{"messages": [{"role": "user" | "assistant" | "system", "content": str, "image": optional path}], ' \
+               '"response": str}'
+    with open(path, errors="replace") as f:
         for k, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 ex = json.loads(line)
+                messages, response = ex["messages"], ex["response"]
+                if not (isinstance(messages, list) and messages and isinstance(response, str)) or not all(
+                        isinstance(t, dict) and t.get("role") in ("user", "assistant", "system")
+                        and isinstance(t.get("content"), str) for t in messages):
+                    raise TypeError("wrong types")
                 turns = [{"role": t["role"], "content": t["content"],
                           "image": Image.open(os.path.join(base, t["image"])).convert("RGB") if t.get("image") else None}
-                         for t in ex["messages"]]
-                out.append({"messages": turns, "response": str(ex["response"])})
+                         for t in messages]
+                out.append({"messages": turns, "response": response})
             except (ValueError, KeyError, TypeError, OSError) as e:
-                raise ValueError(f"{path}:{k}: not an example ({e}); expected "
-                                 '{"messages": [{"role": ..., "content": ..., "image": optional path}], "response": ...}') from None
+                raise ValueError(f"{path}:{k}: not an example ({e}); expected {expected}") from None
     if not out:
         raise ValueError(f"{path}: no examples")
     return out
@@ -198,11 +209,14 @@ def train(cfg: SFTConfig) -> dict:
     print0 = print if rank == 0 else (lambda *a, **k: None)
 
     # ---- start: fresh, or the last complete checkpoint ----
+    M.prepare_run_folder(cfg.out, cfg.resume, cfg.overwrite)
     resume_from = M.last_checkpoint(cfg.out) if cfg.resume else None
     if cfg.resume and resume_from is None:
         raise ValueError(f"--resume: no complete checkpoint in {cfg.out!r}")
     init = resume_from or cfg.model
     state = M.read_trainer_state(init)
+    if state.get("task", cfg.task) != cfg.task:
+        print0(f"warning: {init} was trained on {state['task']}; this run trains on {cfg.task}")
     torch.manual_seed(cfg.seed)
     policy = M.load_policy(init, device=device, precision=cfg.precision)
     n_params = policy.model.num_parameters()
