@@ -1,7 +1,7 @@
 """GeneralPoints: the arithmetic card game of Chu et al. (2025), for text (GP-L) and images (GP-VL).
 
 Four cards are dealt; the player answers with one JSON object
-    {"cards": ["A", "7", "K", "3"], "number": [1, 7, 10, 3], "formula": "(7-3)*(10-1-3)"}
+    {"cards": ["A", "7", "K", "3"], "number": [1, 7, 10, 3], "formula": "1+10*3-7"}
 whose formula uses every card's number exactly once and evaluates to the target (24).
 
 Rules (ID vs OOD rule):  J, Q, K count as 10 (ID, `face_cards_as_10=True`) or as 11, 12, 13
@@ -28,6 +28,23 @@ answers are parsed tolerantly. The GP-VL image (`image_size` pixels a side, 448 
 official one is 1200) is drawn with Pillow shapes and its built-in font rather than pasted from
 photographed card art, on the official #35654d table green, every card inside the frame.
 
+The environment contract, which env_virl.py follows too, so that the trainers and the evaluator hold no
+fact of either environment:
+    env.reset(seed=None, episode=None) -> Observation   a new hand; `seed` restarts the dealing RNG. The
+        evaluation plays episode k of a setting as reset(seed=s, episode=k); a hand comes from the seed
+        alone, so GeneralPoints ignores `episode`.
+    env.step(answer) -> (Observation, reward, done, info)   verify one attempt
+    env.expert_response() -> str                          a correct answer (the SFT target)
+    ACTION_FIELD = "formula"   the answer's final field, the action itself (the PPO trainer weights the tokens
+        before it by `pre_action_coef` in the action's log-probability)
+    wrong_answer(expert: str, rng: random.Random) -> str   a plausible mistake made from an expert answer:
+        one operator of the formula changed (sequential-revision SFT data)
+
+This file copies out alone: it needs the standard library and Pillow, nothing else of the project. The V-IRL
+files reuse its environment-independent pieces: the answer parser (`parse_answer`), `Observation`, the
+feedback wording (`failure_feedback`, `retry_text`), Pillow's font (`default_font`), the expert self-check
+(`play_expert`) and the one-line command-line errors (`fail`, `OneLineArgumentParser`, `cannot_write`).
+
     python env_points.py                       # sample GP-L prompt, sample GP-VL image, expert play
     python env_points.py --ood-rule --suits red --episodes 5000
 """
@@ -45,8 +62,6 @@ from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Optional
-
-from cli import fail  # the project's one-line error for bad command-line values
 
 RANKS = ("A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K")
 FACE_CARDS = ("J", "Q", "K")          # ordered: the OOD deal draws from it with a seeded rng
@@ -96,6 +111,9 @@ def card_value(rank: str, face_cards_as_10: bool = True) -> int:
 #   products ("*", numerator factors, denominator factors)  a/(b/c) -> a*c/b
 #   numbers  ("n", digits)
 # Children are sorted tuples of their rendered strings, so a node is identified by its string.
+# Why not a brute force over every ordering, parenthesization and operator? It finds the same formulas
+# (tests/test_env_points.py checks it against one) but solves all 1820 hands in 13.5 s instead of 1.2 s,
+# a cost every new process pays as it deals (and the tests pay several times over).
 
 def _sum_parts(node):
     return (node[1], node[2]) if node[0] == "+" else ((node,), ())
@@ -324,6 +342,7 @@ def evaluate_formula(text: str) -> Fraction:
 # ---- answer extraction and verifier ----
 
 ANSWER_FIELDS = ("cards", "number", "formula")
+ACTION_FIELD = "formula"  # the final field, the action itself: the PPO trainer weights the tokens before it
 
 
 @functools.lru_cache(maxsize=None)
@@ -400,8 +419,13 @@ class Verdict:
     formula: Optional[str] = None
 
 
-def _fail(outcome: str, reason: str, cards_ok, formula=None) -> Verdict:
-    return Verdict(outcome, REWARDS[outcome], f"You failed this trial because {reason}.", cards_ok, formula)
+def failure_feedback(reason: str) -> str:
+    """The verifier's message for a failed attempt, the paper's wording (V-IRL's verifier says it too)."""
+    return f"You failed this trial because {reason}."
+
+
+def _failure(outcome: str, reason: str, cards_ok, formula=None) -> Verdict:
+    return Verdict(outcome, REWARDS[outcome], failure_feedback(reason), cards_ok, formula)
 
 
 def _formula_text(raw) -> tuple[Optional[str], Optional[str]]:
@@ -429,29 +453,29 @@ def verify(text, ranks, config: PointsConfig) -> Verdict:
         said = [normalize_rank(c) for c in said] if len(said) == len(ranks) else []  # another length: unread
         cards_ok = len(said) == len(ranks) and None not in said and sorted(said) == sorted(ranks)
         if not cards_ok:
-            return _fail("wrong_cards", "the cards you recognized are not the cards in the image", False)
+            return _failure("wrong_cards", "the cards you recognized are not the cards in the image", False)
     formula, reason = _formula_text(answer["formula"])
     if formula is None:
-        return _fail("illegal_formula", reason, cards_ok)
+        return _failure("illegal_formula", reason, cards_ok)
     lhs, eq, rhs = formula.partition("=")
     if eq and rhs.strip() != str(config.target):
-        return _fail("illegal_formula", f"only '={config.target}' may follow the formula, "
-                     f"not '={rhs.strip()[:40]}'", cards_ok, formula)
+        return _failure("illegal_formula", f"only '={config.target}' may follow the formula, "
+                        f"not '={rhs.strip()[:40]}'", cards_ok, formula)
     try:
         value, used = parse_formula(lhs)
     except (ValueError, RecursionError) as e:
-        return _fail("illegal_formula", f"your formula is not legal: {e}", cards_ok, formula)
+        return _failure("illegal_formula", f"your formula is not legal: {e}", cards_ok, formula)
     values = [card_value(r, config.face_cards_as_10) for r in ranks]
     if sorted(used) != sorted(values):
         extra = sorted((Counter(used) - Counter(values)).elements())
         missing = sorted((Counter(values) - Counter(used)).elements())
         parts = ([f"it uses {extra} which are not card numbers or are used too often"] if extra else []) + \
                 ([f"it does not use the card numbers {missing}"] if missing else [])
-        return _fail("wrong_numbers", "your formula must use each card's number exactly once, but "
-                     + " and ".join(parts), cards_ok, formula)
+        return _failure("wrong_numbers", "your formula must use each card's number exactly once, but "
+                        + " and ".join(parts), cards_ok, formula)
     if value != config.target:
-        return _fail("wrong_value", f"your formula evaluates to {value}, not {config.target}",
-                     cards_ok, formula)
+        return _failure("wrong_value", f"your formula evaluates to {value}, not {config.target}",
+                        cards_ok, formula)
     return Verdict("correct", REWARDS["correct"], f"Correct: {lhs.strip()} = {config.target}.",
                    cards_ok, formula)
 
@@ -483,7 +507,18 @@ def prompt_text(ranks, config: PointsConfig) -> str:
 
 
 def retry_text(feedback: str) -> str:
+    """A failed attempt's feedback as the next user turn (V-IRL's too): it asks for another answer."""
     return feedback + " Try again, answering with one JSON object in the same format."
+
+
+def wrong_answer(expert: str, rng: random.Random) -> str:
+    """A plausible mistake for sequential-revision SFT data: the expert answer with one operator of its
+    formula, drawn from `rng`, replaced by another one."""
+    answer = json.loads(expert)
+    formula = answer[ACTION_FIELD]
+    at = rng.choice([k for k, c in enumerate(formula) if c in "+-*/"])
+    answer[ACTION_FIELD] = formula[:at] + rng.choice([o for o in "+-*/" if o != formula[at]]) + formula[at + 1:]
+    return json.dumps(answer)
 
 
 # ---- rendering (GP-VL) ----
@@ -525,8 +560,9 @@ def _draw_suit(draw, suit: str, cx: float, cy: float, r: float, color) -> None:
         draw.polygon([(cx, cy), (cx - 0.35 * r, cy + r), (cx + 0.35 * r, cy + r)], fill=color)
 
 
-@functools.lru_cache(maxsize=32)
-def _font(px: int):
+@functools.lru_cache(maxsize=None)  # one font per pixel size in use: a few dozen at most
+def default_font(px: int):
+    """Pillow's built-in font at `px` pixels (also V-IRL-VL's street signs and labels, in streetview.py)."""
     from PIL import ImageFont
     try:
         return ImageFont.load_default(size=px)  # Pillow >= 10.1 with FreeType: a scalable font
@@ -537,7 +573,7 @@ def _font(px: int):
 def _text(draw, xy, text: str, px: int, color, anchor: str) -> None:
     # the built-in font is thin: a stroke of the ink's own colour keeps ranks bold after the
     # supersampled image is reduced
-    draw.text(xy, text, font=_font(px), fill=color, anchor=anchor,
+    draw.text(xy, text, font=default_font(px), fill=color, anchor=anchor,
               stroke_width=max(0, round(px / 24)), stroke_fill=color)
 
 
@@ -656,7 +692,9 @@ class GeneralPointsEnv:
         raise ValueError(f"target={cfg.target}: no solvable hand in 100000 deals; expected a target that four "
                          f"cards reach under this rule, such as 24 (all lie between -{top} and {top})")
 
-    def reset(self, seed: Optional[int] = None) -> Observation:
+    def reset(self, seed: Optional[int] = None, episode: Optional[int] = None) -> Observation:
+        """Deal a new hand; `seed` restarts the dealing RNG. `episode` is ignored: the hand comes from the seed
+        alone (it is there for the contract shared with V-IRL, whose evaluation picks a route by episode)."""
         if seed is not None:
             self.rng = random.Random(seed)
         self.cards, self.attempt, self.done = self.deal(), 0, False
@@ -697,8 +735,14 @@ def play_expert(env, episodes: int) -> tuple:
     return wins, answers, time.perf_counter() - start
 
 
+def fail(message: str):
+    """Stop with one line on stderr, what was wrong and what would be accepted, and exit status 2 (argparse's)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse whose bad values stop with the project's one line on stderr, not a usage block."""
+    """argparse whose bad values stop with one line on stderr (`fail`), not a usage block."""
 
     def error(self, message):
         fail(message)

@@ -34,17 +34,32 @@ The real V-IRL data (Google Street View) cannot be shipped: synthetic cities sta
 are written in the V-IRL route-file format, so `VirlConfig(routes=PATH)` reads the paper's own
 route files the same way (and their panoramas for vision, given `streetview_dir`).
 
+This file owns the navigation: cities' street maps and routes, route files, the rail of expected actions,
+the prompt, the verifier, the rewards and the expert. What the model sees in V-IRL-VL (the synthetic
+renderer, the 2x2 grid, real panoramas) is streetview.py's; the answer parser, the feedback wording and the
+command-line errors are shared with GeneralPoints (env_points.py).
+
+The environment contract, the same as GeneralPoints', so that the trainers and the evaluator hold no fact of
+either environment:
+    env.reset(seed=None, episode=None) -> Observation   a new route; `seed` restarts the RNG (start heading,
+        dropped forwards). The evaluation plays episode k of a setting as reset(seed=s, episode=k): route
+        k % len(env.routes). Without `episode` a route is drawn from the RNG (`route=i` picks one by index).
+    env.step(answer) -> (Observation, reward, done, info)   verify one attempt
+    env.expert_response() -> str                          the correct answer at the current position
+    ACTION_FIELD = "action"   the answer's final field, the action itself (the PPO trainer weights the tokens
+        before it by `pre_action_coef` in the action's log-probability)
+    wrong_answer(expert: str, rng: random.Random) -> str   a plausible mistake made from an expert answer:
+        another action from a fixed list (sequential-revision SFT data)
+
     python env_virl.py                         # sample prompt, sample ID and OOD view grids, expert play
     python env_virl.py --export routes.json --routes synthetic:nyc --n-routes 1000
 """
 from __future__ import annotations
 
 import functools
-import io
 import json
 import math
 import os
-import pickle
 import random
 import re
 import sys
@@ -52,17 +67,17 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Optional
 
-from PIL import Image, ImageDraw, ImageFont
-
-from cli import fail  # the project's one-line error for bad command-line values
-# the shared env contract, answer parser, self-check and command line
-from env_points import OneLineArgumentParser, Observation, cannot_write, parse_answer, play_expert
+# GeneralPoints' environment-independent pieces: observation, answer parser, feedback wording, self-check, CLI
+from env_points import (OneLineArgumentParser, Observation, cannot_write, fail, failure_feedback, parse_answer,
+                        play_expert, retry_text)
+from streetview import StreetViews, render_grid, synthetic_views
 
 DIRECTIONS = ("north", "northeast", "east", "southeast", "south", "southwest", "west", "northwest")
 RELATIONS = ("front", "right front", "right", "right behind", "behind", "left behind", "left", "left front")
 TURNS = ("left", "right", "slightly left", "slightly right")
 REWARDS = {"correct": 1.0, "wrong_observation": -1.5, "wrong_action": -1.0, "invalid_action": -1.0}
 ANSWER_FIELDS = ("current observation", "current instruction", "action")
+ACTION_FIELD = "action"  # the final field, the action itself: the PPO trainer weights the tokens before it
 EARTH_RADIUS_M = 6_371_000.0
 METERS_PER_DEG_LAT = 111_320.0
 MAX_ROUTES = 1_000_000  # synthetic routes per config: a thousand times the paper's, short of exhausting memory
@@ -442,16 +457,19 @@ def load_routes(path: str) -> list:
     return routes
 
 
-def routes_for(config: VirlConfig) -> list:
-    """The parsed routes a config names."""
+def raw_routes(config: VirlConfig) -> list:
+    """The routes a config names, as entries of a V-IRL route file (dicts)."""
     spec = config.routes
     if spec == "mini":
-        raw, where = mini_benchmark(), "mini"
-    elif spec.startswith("synthetic:"):
-        raw, where = generate_routes(spec.split(":", 1)[1], config.n_routes, config.route_seed), spec
-    else:
-        raw, where = load_routes(spec), spec
-    return [parse_route(r, f"{where}: route {i}") for i, r in enumerate(raw)]
+        return mini_benchmark()
+    if spec.startswith("synthetic:"):
+        return generate_routes(spec.split(":", 1)[1], config.n_routes, config.route_seed)
+    return load_routes(spec)
+
+
+def routes_for(config: VirlConfig) -> list:
+    """The parsed routes a config names."""
+    return [parse_route(r, f"{config.routes}: route {i}") for i, r in enumerate(raw_routes(config))]
 
 
 # ---- the rail: one expected action per position ----
@@ -607,6 +625,10 @@ class Verdict:
     observation_ok: bool          # the answer's intersection claim was right
 
 
+def _failure(outcome: str, reason: str, observation_ok: bool) -> Verdict:
+    return Verdict(outcome, REWARDS[outcome], failure_feedback(reason), observation_ok)
+
+
 def _choices(absolute: bool) -> str:
     return ", ".join(DIRECTIONS if absolute else TURNS)
 
@@ -634,316 +656,13 @@ def verify(text, pos: Position, absolute: bool, literal_intersection_check: bool
         claimed = isinstance(said, str) and "intersection" in said
         claim_ok = claimed == any("intersection" in name for name, _ in pos.landmarks)
 
-    def fail(outcome, reason):
-        return Verdict(outcome, REWARDS[outcome], f"You failed this trial because {reason}.", observation_ok)
-
     if not claim_ok:
-        return fail("wrong_observation", "you observed an intersection where there is none" if claimed
-                    else "you did not notice the intersection you are at")
+        return _failure("wrong_observation", "you observed an intersection where there is none" if claimed
+                        else "you did not notice the intersection you are at", observation_ok)
     if action is None:
-        return fail("invalid_action", 'your "action" is not one of forward(), turn_direction(x) with x one of '
-                    f"{_choices(absolute)}, or stop()")
-    return fail("wrong_action", f"{action} is not the right action for the current instruction")
-
-
-# ---- street-view rendering (synthetic cities) ----
-# The street is modelled in 3D (X right, Y up, Z forward, camera at X=0 looking along +Z) and projected
-# by a pinhole camera, so road, sidewalks and facades converge to one vanishing point. What the task
-# needs (signs and their side, the cross street) comes from the arguments; `seed` only drives
-# cosmetics (facade colours, heights, window shading), deterministically.
-
-CAM_Y, ROAD_W, WALK_W = 0.45, 0.8, 1.2  # eye height; half-width of the road; |X| of the facade line
-HORIZON = 0.62                         # vanishing point height as a fraction of the view: facades dominate
-NEAR, FAR, BLOCK_D = 0.5, 80.0, 40.0   # street drawn from NEAR to FAR; buildings are BLOCK_D deep
-CROSS = (2.2, 5.2)                     # Z span of the cross street (only when at an intersection)
-LOD_Z = 12.0                           # beyond this single windows are sub-pixel wide: one band per floor
-ZEBRA, BLACK, WHITE = (236, 236, 230), (0, 0, 0), (255, 255, 255)
-
-
-@functools.lru_cache(maxsize=None)
-def _font(n):
-    return ImageFont.load_default(size=n)
-
-
-def _mix(a, b, t):
-    return tuple(round(u + (v - u) * t) for u, v in zip(a, b))
-
-
-def _frange(a, b, step):
-    while a < b:
-        yield a
-        a += step
-
-
-def _camera(S):
-    """Pinhole projection with a 90-degree field of view; the vanishing point sits a bit above centre."""
-    f, cx, cy = S / 2, S / 2, HORIZON * S
-    return lambda X, Y, Z: (cx + f * X / Z, cy - f * (Y - CAM_Y) / Z)
-
-
-def _ground(d, P, S, style, cross):
-    quad = lambda x0, x1, z0, z1: [P(x0, 0, z0), P(x1, 0, z0), P(x1, 0, z1), P(x0, 0, z1)]
-    d.rectangle([0, HORIZON * S, S, S], fill=style["sidewalk"])
-    if cross:  # the cross street runs left-right through the whole view, its own sidewalks at the edges
-        d.polygon(quad(-100, 100, CROSS[0] + 0.4, CROSS[1] - 0.4), fill=style["road"])
-    d.polygon(quad(-ROAD_W, ROAD_W, NEAR, FAR), fill=style["road"])
-    for z in _frange(NEAR, 30, 2.0):  # dashed centre line, interrupted by the crossing
-        if not (cross and CROSS[0] - 0.8 < z + 1 and z < CROSS[1]):
-            d.polygon(quad(-0.04, 0.04, z, z + 1), fill=style["lane"])
-    if cross:  # zebra crossings: one over the main road, one over the cross street on each sidewalk
-        for x in _frange(0.1 - ROAD_W, ROAD_W - 0.2, 0.3):
-            d.polygon(quad(x, x + 0.15, CROSS[0] - 0.8, CROSS[0] - 0.15), fill=ZEBRA)
-        for z in _frange(CROSS[0] + 0.5, CROSS[1] - 0.6, 0.5):
-            for s in (-1, 1):
-                d.polygon(quad(s * (ROAD_W + 0.1), s * (WALK_W - 0.1), z, z + 0.25), fill=ZEBRA)
-
-
-def _blocks(rng, style, cross):
-    """Building segments (z0, z1, height, colour) along one side, far-to-near for painter's order."""
-    out, z = [], NEAR
-    while z < FAR:
-        z1 = nxt = z + rng.uniform(2.5, 6.0) * (1 + z / 15)  # far buildings longer: their detail is lost anyway
-        if cross and z1 > CROSS[0] and z < CROSS[1]:
-            z1, nxt = CROSS[0], CROSS[1]  # the block stops at the cross street and resumes beyond it
-        out.append((z, z1, rng.uniform(2.5, 9.0), rng.choice(style["facades"])))
-        z = nxt
-    return out[::-1]
-
-
-def _rect(y0, y1, za, zb):
-    return [(y0, za), (y1, za), (y1, zb), (y0, zb)]
-
-
-def _arch(y0, y1, za, zb):
-    """Window with a semicircular top, approximated by 6 segments."""
-    r, zc = (zb - za) / 2, (za + zb) / 2
-    return [(y0, za), (y0, zb)] + [(y1 - r + r * math.sin(t), zc + r * math.cos(t))
-                                   for t in (math.pi * i / 6 for i in range(7))]
-
-
-def _marks(pattern, z0, z1, h):
-    """Facade details in (y, z) wall coordinates, each tagged 'win', 'far' (a blurred window row) or 'line'."""
-    if pattern == "glass":  # curtain wall: all glass, thin mullions and floor lines
-        yield _rect(0.1, h - 0.1, z0 + 0.05, z1 - 0.05), "win"
-        if z0 < 2 * LOD_Z:
-            for z in _frange(z0 + 0.6, z1 - 0.3, 0.6):
-                yield [(0.1, z), (h - 0.1, z)], "line"
-        for y in _frange(1.0, h - 0.3, 1.0):
-            yield [(y, z0), (y, z1)], "line"
-        return
-    floors = list(_frange(1.0, h - 0.9, 1.0))
-    if pattern == "brick" and z0 < LOD_Z:  # mortar courses, only where they can be resolved
-        for y in _frange(0.3, h, 0.3):
-            yield [(y, z0), (y, z1)], "line"
-    if pattern == "bands" or z0 > LOD_Z:
-        for y in floors:
-            yield _rect(y + 0.15, y + 0.65, z0 + 0.2, z1 - 0.2), "win" if pattern == "bands" else "far"
-        return
-    step, w, wh = {"grid": (0.9, 0.45, 0.6), "brick": (1.3, 0.35, 0.45), "arches": (1.1, 0.45, 0.7)}[pattern]
-    shape = _arch if pattern == "arches" else _rect
-    for y in floors:
-        for z in _frange(z0 + 0.3, z1 - w - 0.2, step):
-            yield shape(y + 0.15, y + 0.15 + wh, z, z + w), "win"
-
-
-def _building(d, P, s, seg, style, rng):
-    z0, z1, h, col = seg
-    fog = min(0.6, z0 / FAR)  # atmospheric haze: conveys depth and calms the clutter at the vanishing point
-    col, win = _mix(col, style["sky"], fog), _mix(style["window"], style["sky"], fog)
-    X, far_x = s * WALK_W, s * (WALK_W + BLOCK_D)
-    # end wall facing the camera: seen above shorter buildings in front and across the cross street
-    d.polygon([P(X, 0, z0), P(far_x, 0, z0), P(far_x, h, z0), P(X, h, z0)], fill=_mix(col, BLACK, 0.25))
-    d.polygon([P(X, y, z) for y, z in _rect(0, h, z0, z1)], fill=col)
-    dark = _mix(col, BLACK, 0.35)
-    for pts, kind in _marks(style["pattern"], z0, z1, h):
-        xy = [P(X, y, z) for y, z in pts]
-        if kind == "line":
-            d.line(xy, fill=dark)
-        else:  # window jitter: some panes catch more light than others
-            d.polygon(xy, fill=_mix(win, col, 0.5) if kind == "far" else _mix(win, WHITE, 0.3 * rng.random()))
-    d.line([P(X, 0, z0), P(X, h, z0)], fill=dark)  # corner edge separates same-coloured neighbours
-
-
-def _wrap(text, font, maxw, banner):
-    """Banners stack one word per line; other boards use 1 line, or 2 balanced lines if too wide."""
-    words = text.split()
-    if banner:
-        return words
-    if len(words) == 1 or font.getlength(text) <= maxw:
-        return [text]
-    cuts = [(" ".join(words[:i]), " ".join(words[i:])) for i in range(1, len(words))]
-    return list(min(cuts, key=lambda c: max(map(font.getlength, c))))
-
-
-def _sign_layout(S, style, name, x, placed):
-    """A projecting shop sign sticks out from the facade, so it faces the camera as a flat board. Its depth
-    is where the facade line projects to x; its size shrinks with depth, but never below a readable font."""
-    ax = min(max(abs(x), 0.12), 1.0)
-    z = WALK_W / ax  # the facade line X=WALK_W projects to |x| at this depth (focal length S/2)
-    fs = round(max(S / 16, min(S / 10, S * 0.35 / z)))
-    font = _font(fs)
-    lines = _wrap(name, font, 0.42 * S, style["sign_shape"] == "banner")
-    pad, lh = fs * 0.35, fs * 1.2
-    w, h = max(map(font.getlength, lines)) + 2 * pad, len(lines) * lh + 2 * pad
-    cx = S / 2 + (ax if x >= 0 else -ax) * S / 2
-    cy = HORIZON * S - (S / 2) * (2.4 - CAM_Y) / z  # board centre ~2.4 units above the pavement
-    l, t = min(max(cx - w / 2, 2), S - 2 - w), min(max(cy - h / 2, 2), S - 2 - h)
-    for _ in placed:  # slide below (or else above) any nearer board it overlaps, so every name stays readable
-        hit = next((p for p in placed if l < p[2] and p[0] < l + w and t < p[3] and p[1] < t + h), None)
-        if hit is None:
-            break
-        t = hit[3] + 3 if hit[3] + 3 + h <= S - 2 else max(2, hit[1] - 3 - h)
-    return [l, t, l + w, t + h], font, lines, pad, lh
-
-
-def _draw_sign(d, S, style, box, font, lines, pad, lh):
-    l, t, r, b = box
-    edge, lw = _mix(style["sign_bg"], BLACK, 0.5), max(1, S // 112)
-    if style["sign_shape"] == "rounded":
-        d.rounded_rectangle(box, radius=(b - t) / 3, fill=style["sign_bg"], outline=edge, width=lw)
-    else:
-        if style["sign_shape"] == "banner":  # hanging rods make the vertical board read as a banner
-            for bx in ((3 * l + r) / 4, (l + 3 * r) / 4):
-                d.line([bx, t - font.size / 2, bx, t], fill=edge, width=lw)
-        d.rectangle(box, fill=style["sign_bg"], outline=edge, width=lw)
-    for i, line in enumerate(lines):
-        d.text(((l + r) / 2, t + pad + (i + 0.5) * lh), line, font=font, fill=style["sign_fg"], anchor="mm")
-
-
-def render_view(style: dict, signs: list, at_intersection: bool, size: int, seed: int):
-    """One size x size street view; signs are (name, x) with x in [-1, 1], x < 0 on the left facade."""
-    rng = random.Random(seed)
-    img = Image.new("RGB", (size, size), style["sky"])
-    d, P = ImageDraw.Draw(img), _camera(size)
-    _ground(d, P, size, style, at_intersection)
-    for s in (-1, 1):
-        for seg in _blocks(rng, style, at_intersection):
-            _building(d, P, s, seg, style, rng)
-    boards = []
-    for name, x in sorted(signs, key=lambda nx: -abs(nx[1])):  # nearer signs claim their spot first
-        boards.append(_sign_layout(size, style, name, x, [b[0] for b in boards]))
-    for board in reversed(boards):  # painter's order: far boards first
-        _draw_sign(d, size, style, *board)
-    return img
-
-
-def render_grid(views: list, size: int):
-    """Compose 4 views as [front, right / back, left] with separators and a label in each tile."""
-    grid = Image.new("RGB", (2 * size, 2 * size), WHITE)
-    for i, v in enumerate(views):
-        grid.paste(v, ((i % 2) * size, (i // 2) * size))
-    d, lw, font = ImageDraw.Draw(grid), max(1, size // 112), _font(max(9, size // 20))
-    d.rectangle([size - lw, 0, size + lw - 1, 2 * size], fill=WHITE)
-    d.rectangle([0, size - lw, 2 * size, size + lw - 1], fill=WHITE)
-    for i, label in enumerate(("front", "right", "back", "left")):  # bottom-left: ground, signs rarely reach it
-        x, y = (i % 2) * size + lw + 2, (i // 2 + 1) * size - lw - 2
-        tb = d.textbbox((x, y), label, font=font, anchor="ld")
-        d.rectangle([tb[0] - 2, tb[1] - 2, tb[2] + 2, tb[3] + 2], fill=BLACK)
-        d.text((x, y), label, font=font, fill=WHITE, anchor="ld")
-    return grid
-
-
-# ---- vision: the 2x2 grid [front, right / back, left] ----
-# The views face the headings the prompt names: front, right (+90), back (+180), left (+270).
-# (The paper's code cut diagonal views at -135, -45, +45, +135 while promising these four: fixed here.)
-
-VIEW_OFFSETS = (0, 90, 180, 270)  # front, right, back, left: the grid's reading order
-
-
-def signs_in_view(landmarks, view_heading: float) -> list:
-    """[(name, x)] of landmarks inside a 90-degree view; x in [-1, 1) from left edge to right edge.
-    Each bearing falls in exactly one view: [-45, 45) around the view's heading."""
-    out = []
-    for name, b in landmarks:
-        r = wrap180(b - view_heading)
-        if -45 <= r < 45:
-            out.append((name, math.tan(math.radians(r))))
-    return out
-
-
-def synthetic_views(route: Route, pos: Position, size: int) -> list:
-    """Four rendered street views of a synthetic city, in VIEW_OFFSETS order."""
-    style = CITIES[route.city]["style"]
-    spot = f"{route.route_id}:{pos.point[0]:.6f}:{pos.point[1]:.6f}"
-    return [render_view(style, signs_in_view(pos.landmarks, pos.heading + o), pos.at_intersection, size,
-                        _seed(spot, round(pos.heading + o) % 360)) for o in VIEW_OFFSETS]
-
-
-class _DataOnlyUnpickler(pickle.Unpickler):
-    """Unpickles plain data only (dicts, tuples, lists, numbers, strings): a pickle that names any
-    class or function, the way malicious pickles run code, is refused."""
-
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed: the street-view map must hold plain "
-                                     "dicts, tuples, floats and strings only")
-
-
-def load_pano_map(path: str) -> dict:
-    """{(lat, lng): pano_id} from the V-IRL street-view mapping pickle, loaded without running code."""
-    try:
-        with open(path, "rb") as f:
-            data = _DataOnlyUnpickler(io.BytesIO(f.read())).load()
-    except FileNotFoundError:
-        raise ValueError(f"street-view map {path!r} not found") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-        raise ValueError(f"street-view map {path!r} refused: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"street-view map {path!r}: expected a dict {{(lat, lng): pano_id}}, "
-                         f"got {type(data).__name__}")
-    try:
-        return {(float(k[0]), float(k[1])): str(v) for k, v in data.items()}
-    except (TypeError, ValueError, IndexError):
-        raise ValueError(f"street-view map {path!r}: keys must be (lat, lng) pairs") from None
-
-
-def perspective_view(pano, rotation: float, heading: float, size: int, fov: float = 90.0):
-    """A size x size pinhole view at `heading` cut from an equirectangular panorama (H, W, 3) array,
-    where compass heading h sits at column fraction ((h + rotation) mod 360) / 360."""
-    import numpy as np
-    h, w = pano.shape[:2]
-    f = (size / 2) / math.tan(math.radians(fov) / 2)
-    u = np.arange(size) - (size - 1) / 2                                   # (S,) pixel offsets from the centre
-    yaw = heading + np.degrees(np.arctan2(u, f))                           # (S,) compass heading per column
-    pitch = np.degrees(np.arctan2(-u[:, None], np.hypot(u[None, :], f)))   # (S, S) rows use the same offsets
-    cols = ((((yaw + rotation) % 360) / 360 * w).astype(int) % w)[None, :]  # (1, S)
-    rows = np.clip(((90 - pitch) / 180 * h).astype(int), 0, h - 1)        # (S, S)
-    return pano[rows, cols]                                                # (S, S, 3)
-
-
-class StreetViews:
-    """Real V-IRL street views: the panorama nearest a point (within 20 m), cut at four headings."""
-
-    def __init__(self, folder: str, map_path: str, max_meters: float = 20.0):
-        if not os.path.isdir(folder):
-            raise ValueError(f"street-view folder {folder!r} not found")
-        self.folder, self.max_meters = folder, max_meters
-        self.map = load_pano_map(map_path)
-        self.keys = list(self.map)
-        self._last = (None, None)
-
-    def pano_at(self, point) -> str:
-        best = min(self.keys, key=lambda k: haversine(k, point), default=None)
-        if best is None or haversine(best, point) > self.max_meters:
-            raise ValueError(f"no street view within {self.max_meters:.0f} m of {point[0]:.6f}, {point[1]:.6f}")
-        return self.map[best]
-
-    def pano(self, pano_id: str):
-        """(H, W, 3) panorama and its rotation; the last one is kept, as consecutive positions often share it."""
-        import numpy as np
-        if self._last[0] != pano_id:
-            image = os.path.join(self.folder, pano_id + ".jpg")
-            meta = os.path.join(self.folder, pano_id + ".metadata.json")
-            try:
-                with open(meta) as f:
-                    rotation = float(json.load(f)["rotation"])
-                self._last = (pano_id, (np.asarray(Image.open(image).convert("RGB")), rotation))
-            except (OSError, KeyError, ValueError, TypeError) as e:
-                raise ValueError(f"street view {pano_id}: cannot read {image} or its rotation in {meta}: {e}") from None
-        return self._last[1]
-
-    def views(self, pos: Position, size: int) -> list:
-        pano, rotation = self.pano(self.pano_at(pos.point))
-        return [Image.fromarray(perspective_view(pano, rotation, pos.heading + o, size)) for o in VIEW_OFFSETS]
+        return _failure("invalid_action", 'your "action" is not one of forward(), turn_direction(x) with x one of '
+                        f"{_choices(absolute)}, or stop()", observation_ok)
+    return _failure("wrong_action", f"{action} is not the right action for the current instruction", observation_ok)
 
 
 # ---- environment ----
@@ -975,8 +694,16 @@ def prompt_text(steps: list, history: list, current: str, absolute: bool, vision
     )
 
 
-def retry_text(feedback: str) -> str:
-    return feedback + " Try again, answering with one JSON object in the same format."
+# every kind of action, and a turn of each rule: under either rule, one of the turns is outside its action space
+WRONG_ACTIONS = ("forward()", "stop()", "turn_direction(north)", "turn_direction(left)")
+
+
+def wrong_answer(expert: str, rng: random.Random) -> str:
+    """A plausible mistake for sequential-revision SFT data: the expert answer with another action, drawn
+    from `rng` among WRONG_ACTIONS."""
+    answer = json.loads(expert)
+    answer[ACTION_FIELD] = rng.choice([a for a in WRONG_ACTIONS if a != answer[ACTION_FIELD]])
+    return json.dumps(answer)
 
 
 class NavigationEnv:
@@ -1004,7 +731,7 @@ class NavigationEnv:
             if not (self.config.streetview_dir and self.config.streetview_map):
                 raise ValueError("vision on real V-IRL routes needs their street views: set streetview_dir "
                                  "(the {pano_id}.jpg folder) and streetview_map (the (lat, lng) -> pano_id pickle)")
-            self.streetviews = StreetViews(self.config.streetview_dir, self.config.streetview_map)
+            self.streetviews = StreetViews(self.config.streetview_dir, self.config.streetview_map, haversine)
         self.route, self.rail, self.steps, self.history = None, [], [], []
         self.index = self.attempt = 0
         self.done = True
@@ -1013,10 +740,16 @@ class NavigationEnv:
     def position(self) -> Position:
         return self.rail[self.index]
 
-    def reset(self, seed: Optional[int] = None, route: Optional[int] = None) -> Observation:
-        """Start a route: `route` picks one by index (evaluation), else one is drawn from the seeded RNG."""
+    def reset(self, seed: Optional[int] = None, episode: Optional[int] = None,
+              route: Optional[int] = None) -> Observation:
+        """Start a route; `seed` restarts the RNG (start heading, dropped forwards). Episode k plays route
+        k % len(self.routes) (evaluation), `route` picks one by index; with neither, the RNG draws one."""
         if seed is not None:
             self.rng = random.Random(seed)
+        if episode is not None:
+            if route is not None:
+                raise ValueError(f"reset(episode={episode}, route={route}): expected one of them, not both")
+            route = episode % len(self.routes)
         if route is not None and not 0 <= route < len(self.routes):
             raise ValueError(f"route index {route} out of range: {len(self.routes)} routes loaded")
         self.route = self.routes[self.rng.randrange(len(self.routes)) if route is None else route]
@@ -1037,8 +770,10 @@ class NavigationEnv:
     def views(self, pos: Position) -> list:
         """The four street views (front, right, back, left) at a position."""
         if self.streetviews is not None:
-            return self.streetviews.views(pos, self.config.view_size)
-        return synthetic_views(self.route, pos, self.config.view_size)
+            return self.streetviews.views(pos.point, pos.heading, self.config.view_size)
+        spot = f"{self.route.route_id}:{pos.point[0]:.6f}:{pos.point[1]:.6f}"
+        return synthetic_views(CITIES[self.route.city]["style"], pos.landmarks, pos.heading, pos.at_intersection,
+                               self.config.view_size, spot)
 
     def _observation(self) -> Observation:
         pos = self.position
@@ -1098,10 +833,7 @@ def main(argv=None) -> int:
     try:
         cfg = VirlConfig(routes=args.routes, n_routes=args.n_routes, absolute_actions=not args.relative)
         if args.export:
-            spec = cfg.routes
-            raw = (mini_benchmark() if spec == "mini" else
-                   generate_routes(spec.split(":", 1)[1], cfg.n_routes, cfg.route_seed) if spec.startswith("synthetic:")
-                   else load_routes(spec))
+            raw = raw_routes(cfg)  # the file format keeps more than a parsed Route: write the entries themselves
             try:
                 write_routes(args.export, raw)
             except OSError as e:

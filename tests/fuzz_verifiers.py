@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import env_points as E  # noqa: E402  (after the path: run as a script from anywhere)
 import env_virl as V  # noqa: E402
 
-KEYS = ("cards", "number", "formula") + V.ANSWER_FIELDS
+KEYS = E.ANSWER_FIELDS + V.ANSWER_FIELDS
 PRINTABLE = string.printable
 
 

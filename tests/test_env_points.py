@@ -1,4 +1,4 @@
-"""GeneralPoints: solver, parser, verifier, dealing, episodes, rendering, CLI."""
+"""GeneralPoints: solver, parser, verifier, dealing, episodes, the environment contract, rendering, CLI."""
 import doctest
 import itertools
 import json
@@ -36,6 +36,40 @@ def naive_solvable(values, target=24):
                     return True
         return False
     return rec([Fraction(v) for v in values])
+
+
+def brute_force_solve(values, target=24):
+    """Reference for the solver's search: every ordering of the numbers, every parenthesization and every
+    operator, exactly; the solver's canonical form only names the formulas found, shortest first."""
+    def trees(numbers):  # [(value, (op, left, right) or number)]
+        if len(numbers) == 1:
+            return [(Fraction(numbers[0]), numbers[0])]
+        out = []
+        for cut in range(1, len(numbers)):
+            for x, left in trees(numbers[:cut]):
+                for y, right in trees(numbers[cut:]):
+                    out += [(v, (op, left, right)) for op, v in (("+", x + y), ("x-y", x - y), ("*", x * y),
+                                                                 ("x/y", x / y if y else None)) if v is not None]
+        return out
+
+    def canonical(tree):
+        if not isinstance(tree, tuple):
+            return ("n", str(tree), ())
+        op, left, right = tree
+        return dict(E._combine(canonical(left), canonical(right)))[op]
+
+    found = {E._render(canonical(tree)) for order in set(itertools.permutations(values))
+             for value, tree in trees(order) if value == target}
+    return sorted(found, key=lambda s: (len(s), s))
+
+
+def test_solver_finds_exactly_the_formulas_of_a_brute_force_search():
+    rng = random.Random(3)
+    cases = [([3, 3, 8, 8], 24), ([1, 5, 5, 5], 24), ([1, 2, 3, 4], 24), ([6, 6, 6, 6], 0), ([13], 13), ([2, 2], 4)]
+    cases += [([rng.randint(1, 13) for _ in range(rng.choice((2, 3, 4, 4, 4)))], rng.choice((24, 24, 0, 1, 10, -3)))
+              for _ in range(40)]
+    for hand, target in cases:
+        assert solve(hand, target) == brute_force_solve(hand, target), (hand, target)
 
 
 def test_solvable_counts_match_known_figures():
@@ -375,6 +409,48 @@ def test_success_after_a_failed_attempt_ends_the_episode():
     _, r1, d1, _ = env.step(answer("1+1"))
     _, r2, d2, info = env.step(env.expert_response())
     assert (r1, d1, r2, d2, info["attempt"], info["success"]) == (-2.0, False, 5.0, True, 2, True)
+
+
+# ---- the environment contract: what the trainers and the evaluator ask of it ----
+
+def test_action_field_is_the_answers_last_field():
+    assert E.ACTION_FIELD == "formula" == E.ANSWER_FIELDS[-1]
+    env = GeneralPointsEnv(ID, seed=0)
+    env.reset()
+    assert list(json.loads(env.expert_response()))[-1] == E.ACTION_FIELD
+
+
+def test_wrong_answer_changes_one_operator_drawn_as_before():
+    # pinned draws: the sequential-revision SFT data is made of them
+    expert = json.dumps({"cards": ["A", "7", "K", "3"], "number": [1, 7, 10, 3], "formula": "10*3-7+1"})
+    draws = [json.loads(E.wrong_answer(expert, random.Random(seed)))["formula"] for seed in range(4)]
+    assert draws == ["10*3*7+1", "10/3-7+1", "10+3-7+1", "10/3-7+1"]
+    env, rng = GeneralPointsEnv(OOD, seed=1), random.Random(0)
+    for _ in range(300):
+        env.reset()
+        right = json.loads(env.expert_response())
+        wrong = json.loads(E.wrong_answer(env.expert_response(), rng))
+        assert {**wrong, "formula": right["formula"]} == right  # only the formula changed
+        changed = [(a, b) for a, b in zip(right["formula"], wrong["formula"]) if a != b]
+        assert len(wrong["formula"]) == len(right["formula"]) and len(changed) == 1
+        assert all(c in "+-*/" for c in changed[0])
+
+
+def test_reset_ignores_episode_the_hand_comes_from_the_seed():
+    env = GeneralPointsEnv(ID, seed=0)
+    hands = {tuple(env.reset(seed=5, episode=k) and env.cards) for k in (None, 0, 1, 17)}
+    assert len(hands) == 1 and env.reset(seed=6, episode=0) and tuple(env.cards) not in hands
+
+
+def test_env_points_copies_out_alone(tmp_path):
+    """The file runs from a folder holding nothing else of the project, its one-line errors included."""
+    (tmp_path / "env_points.py").write_text(open(os.path.join(ROOT, "env_points.py")).read())
+    run = lambda *args: subprocess.run([sys.executable, "-I", "env_points.py", *args], cwd=tmp_path,
+                                       capture_output=True, text=True)
+    out = run("--episodes", "20", "--image", "hand.png")
+    assert out.returncode == 0 and "20/20 episodes solved" in out.stdout, out.stderr
+    bad = run("--episodes", "-1")
+    assert (bad.returncode, bad.stderr) == (2, "error: --episodes -1: expected 0 or a positive integer\n")
 
 
 # ---- prompts and rendering ----

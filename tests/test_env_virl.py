@@ -1,4 +1,6 @@
-"""V-IRL: geometry, synthetic world, route files, rail, verifier, episodes, rendering, real street views."""
+"""V-IRL: geometry, synthetic world, route files, rail, verifier, episodes, the environment contract, rendering and
+real street views (streetview.py)."""
+import ast
 import doctest
 import hashlib
 import json
@@ -16,6 +18,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import env_virl as V
+import streetview as S
 from env_virl import NavigationEnv, VirlConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -519,14 +522,63 @@ def test_answers_that_were_quadratic_get_their_verdicts():
     assert V.parse_action("turn_direction(" * 3000 + "stop", True) is None  # past the 2000 characters read
 
 
+# ---- the environment contract: what the trainers and the evaluator ask of it ----
+
+def test_action_field_is_the_answers_last_field():
+    assert V.ACTION_FIELD == "action" == V.ANSWER_FIELDS[-1]
+    env = NavigationEnv(VirlConfig(n_routes=3), seed=0)
+    env.reset()
+    assert list(json.loads(env.expert_response()))[-1] == V.ACTION_FIELD
+
+
+def test_wrong_answer_is_another_action_drawn_as_before():
+    # pinned draws: the sequential-revision SFT data is made of them
+    expert = json.dumps({"current observation": "x", "current instruction": "y", "action": "stop()"})
+    draws = [json.loads(V.wrong_answer(expert, random.Random(seed)))["action"] for seed in range(4)]
+    assert draws == ["turn_direction(north)", "forward()", "forward()", "forward()"]
+    rng = random.Random(0)
+    for absolute in (True, False):
+        env = NavigationEnv(VirlConfig(n_routes=5, absolute_actions=absolute), seed=0)
+        for route in range(5):
+            env.reset(route=route)
+            done = False
+            while not done:
+                expert = env.expert_response()
+                wrong = json.loads(V.wrong_answer(expert, rng))
+                right = json.loads(expert)
+                assert wrong["action"] in V.WRONG_ACTIONS and wrong["action"] != right["action"]
+                assert {**wrong, "action": right["action"]} == right  # only the action changed
+                assert V.verify(json.dumps(wrong), env.position, absolute).outcome != "correct"
+                done = env.step(expert)[2]
+
+
+def test_reset_episode_plays_route_episode_modulo_routes():
+    by_episode, by_route = NavigationEnv(VirlConfig(n_routes=4), seed=0), NavigationEnv(VirlConfig(n_routes=4), seed=9)
+    for k in range(10):
+        a, b = by_episode.reset(seed=100 + k, episode=k), by_route.reset(seed=100 + k, route=k % 4)
+        assert by_episode.route.route_id == by_route.route.route_id and a.text == b.text
+        assert by_episode.rail == by_route.rail
+    with pytest.raises(ValueError, match="not both"):
+        by_episode.reset(episode=1, route=1)
+
+
 # ---- rendering ----
+
+def test_streetview_never_imports_the_navigation():
+    """streetview.py takes plain values: it must not depend on env_virl.py, which depends on it."""
+    tree = ast.parse(open(os.path.join(ROOT, "streetview.py")).read())
+    modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for alias in node.names}
+    modules |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "env_virl" not in modules and modules <= set(sys.stdlib_module_names) | {"PIL", "numpy", "env_points"}
+
 
 def test_signs_fall_in_exactly_one_view():
     for b in range(0, 360, 5):
-        hits = [V.signs_in_view([("A", b)], 0 + o) for o in V.VIEW_OFFSETS]
+        hits = [S.signs_in_view([("A", b)], 0 + o) for o in S.VIEW_OFFSETS]
         assert sum(len(h) for h in hits) == 1
-    assert V.signs_in_view([("A", 90)], 90) == [("A", 0.0)]
-    (name, x), = V.signs_in_view([("A", 30)], 0)
+    assert S.signs_in_view([("A", 90)], 90) == [("A", 0.0)]
+    (name, x), = S.signs_in_view([("A", 30)], 0)
     assert x == pytest.approx(math.tan(math.radians(30)))
 
 
@@ -538,9 +590,9 @@ def test_rendering_is_deterministic_and_cities_differ():
     assert a.size == (192, 192) and a.tobytes() == b.tobytes()
     assert np.abs(np.asarray(a, dtype=int) - np.asarray(c, dtype=int)).mean() > 10
     style = V.CITIES["paris"]["style"]
-    plain = V.render_view(style, [], False, 96, 1)
-    cross = V.render_view(style, [], True, 96, 1)
-    signed = V.render_view(style, [("Maple Cafe", 0.5)], False, 96, 1)
+    plain = S.render_view(style, [], False, 96, 1)
+    cross = S.render_view(style, [], True, 96, 1)
+    signed = S.render_view(style, [("Maple Cafe", 0.5)], False, 96, 1)
     assert plain.tobytes() != cross.tobytes() and plain.tobytes() != signed.tobytes()
     # the sign lands on the right half of the view
     diff = np.abs(np.asarray(signed, dtype=int) - np.asarray(plain, dtype=int)).sum(axis=(0, 2))
@@ -560,7 +612,7 @@ def compass_panorama(width=720, height=360):
 @pytest.mark.parametrize("heading,rotation", [(0, 0), (90, 0), (200, 30), (350, 45)])
 def test_perspective_view_faces_the_asked_heading(heading, rotation):
     pano = compass_panorama()
-    view = V.perspective_view(pano, rotation, heading, 65)
+    view = S.perspective_view(pano, rotation, heading, 65)
     centre = view[32, 32]
     expected_col = int(((heading + rotation) % 360) / 360 * 720)
     assert abs(int(centre[0]) - int(expected_col * 256 // 720)) <= 1
@@ -616,13 +668,13 @@ def test_pano_map_refuses_code(tmp_path):
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps({(1.0, 2.0): Evil()}))
     with pytest.raises(ValueError, match="not allowed"):
-        V.load_pano_map(str(path))
+        S.load_pano_map(str(path))
     assert not (tmp_path / "pwned").exists()
     path.write_bytes(pickle.dumps([1, 2]))
     with pytest.raises(ValueError, match="expected a dict"):
-        V.load_pano_map(str(path))
+        S.load_pano_map(str(path))
     path.write_bytes(pickle.dumps({(40.0, -73.0): "abc"}))
-    assert V.load_pano_map(str(path)) == {(40.0, -73.0): "abc"}
+    assert S.load_pano_map(str(path)) == {(40.0, -73.0): "abc"}
 
 
 # ---- config, CLI, doctests ----
