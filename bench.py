@@ -12,7 +12,7 @@ the JSON lines to a file too. Figures:
   plain Hugging Face `generate` on one prompt: generated tokens/s and episodes/s of each and their
   ratio, on the same GeneralPoints episodes (same seeds), model, temperature and token limit.
   Ratios are measured inside one run, so a noisy machine cannot fake them.
-- train: a PPO epoch (`train_ppo.ppo_epochs`) over GeneralPoints turns: tokens/s; on a GPU also
+- train: a PPO epoch (`train_ppo.ppo_update`) over GeneralPoints turns: tokens/s; on a GPU also
   model FLOPs utilization, 6 x parameters x tokens / time / the GPU's dense bf16 peak, and peak memory;
   for the model and, on a GPU, a random-weight model of Llama-3.2-1B's shape (built locally).
 - env: GeneralPoints reset + verify per second, V-IRL steps per second, and images rendered per
@@ -31,16 +31,18 @@ import json
 import os
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 import model as M
+import model_zoo as Z
 import train_ppo as P
-from cli import check_writable, fail, parse_config, require
+from cli import check_writable, main, require
 from env_points import GeneralPointsEnv, PointsConfig
 from env_virl import NavigationEnv, VirlConfig
-from rollout import make_envs, rollout
+from rollout import rollout
+from tasks import action_field, make_envs
 
 # dense bf16 tensor-core peaks (FLOP/s) of the GPUs we may run on, from the vendors' datasheets
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -72,20 +74,34 @@ MEMORY_CASES = (("ppo, 1 GPU", "", 1, 16 * 512, 16 * 128),
 @dataclass
 class BenchConfig:
     """Throughput benchmarks: rollouts, PPO training steps, environments."""
-    sections: str = field(default="rollout,train,env,memory", metadata={"doc": "comma-separated subset of " + SECTIONS})
-    model: str = field(default="smollm2-135m", metadata={"doc": "model name or folder for rollout and train"})
-    batch: str = field(default="", metadata={"doc": "rollout batch sizes, comma-separated; empty: 32 on CPU, 128,512 on a GPU"})
-    baseline_episodes: int = field(default=0, metadata={"doc": "episodes of the one-at-a-time loop; 0: 8 on CPU, 32 on a GPU"})
-    max_new_tokens: int = field(default=64, metadata={"doc": "longest answer, the same in both rollouts"})
-    cache_tokens: int = field(default=32768, metadata={"doc": "prefix cache of the batched rollout, in tokens; 0: off"})
-    temperature: float = field(default=0.2, metadata={"doc": "sampling temperature (the paper's)"})
-    train_turns: int = field(default=0, metadata={"doc": "turns in the timed PPO epoch; 0: 16 on CPU, 256 on a GPU"})
-    micro_batch: int = field(default=0, metadata={"doc": "turns per forward in training; 0: 4 on CPU, 32 on a GPU"})
-    llama_1b: bool = field(default=True, metadata={"doc": "on a GPU, also time training on a random Llama-3.2-1B-shaped model"})
-    env_seconds: float = field(default=3.0, metadata={"doc": "seconds per environment figure"})
-    quick: bool = field(default=False, metadata={"doc": "tiny model and small sizes: every figure in under a minute on CPU"})
-    out: str = field(default="", metadata={"doc": "also append the JSON lines to this file"})
-    device: str = field(default="", metadata={"doc": "cuda, cpu; empty: the GPU when there is one"})
+    sections: str = "rollout,train,env,memory"
+    """comma-separated subset of rollout, train, env, memory"""
+    model: str = "smollm2-135m"
+    """model name or folder for rollout and train"""
+    batch: str = ""
+    """rollout batch sizes, comma-separated; empty: 32 on CPU, 128,512 on a GPU"""
+    baseline_episodes: int = 0
+    """episodes of the one-at-a-time loop; 0: 8 on CPU, 32 on a GPU"""
+    max_new_tokens: int = 64
+    """longest answer, the same in both rollouts"""
+    cache_tokens: int = 32768
+    """prefix cache of the batched rollout, in tokens; 0: off"""
+    temperature: float = 0.2
+    """sampling temperature (the paper's)"""
+    train_turns: int = 0
+    """turns in the timed PPO epoch; 0: 16 on CPU, 256 on a GPU"""
+    micro_batch: int = 0
+    """turns per forward in training; 0: 4 on CPU, 32 on a GPU"""
+    llama_1b: bool = True
+    """on a GPU, also time training on a random Llama-3.2-1B-shaped model"""
+    env_seconds: float = 3.0
+    """seconds per environment figure"""
+    quick: bool = False
+    """tiny model and small sizes: every figure in under a minute on CPU"""
+    out: str = ""
+    """also append the JSON lines to this file"""
+    device: str = ""
+    """cuda, cpu; empty: the GPU when there is one"""
 
     def __post_init__(self):
         wanted = [s.strip() for s in self.sections.split(",") if s.strip()]
@@ -200,9 +216,10 @@ def gp_turns(policy, n: int) -> P.Batch:
         prompts.append(policy.encode([{"role": "user", "content": obs.text}]))
         responses.append(policy.response_ids(env.expert_response()))
     old, _ = P.score_turns(policy, prompts, responses, micro_batch=8)
-    weights = [P.action_weights(policy.tokenizer, r, "formula", 0.5) for r in responses]
+    weights = [P.action_weights(policy.tokenizer, r, action_field("gp-l"), 0.5) for r in responses]
     g = torch.Generator().manual_seed(0)
-    return P.Batch(prompts, responses, old, weights, torch.zeros(n), torch.randn(n, generator=g), torch.randn(n, generator=g))
+    advantages, returns = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    return P.Batch(prompts, responses, old, weights, torch.zeros(n), advantages, returns)
 
 
 def bench_train(name: str, label: str, cfg: BenchConfig, rows: list, device, gpu: bool) -> None:
@@ -215,7 +232,7 @@ def bench_train(name: str, label: str, cfg: BenchConfig, rows: list, device, gpu
     batch = gp_turns(policy, turns)
     opt = P.build_optimizer(policy, ppo)
     policy.train()
-    P.ppo_epochs(policy, opt, P.Batch(*[x[:micro] for x in (batch.prompts, batch.responses, batch.old_logprobs,
+    P.ppo_update(policy, opt, P.Batch(*[x[:micro] for x in (batch.prompts, batch.responses, batch.old_logprobs,
                                                              batch.weights, batch.old_values, batch.advantages,
                                                              batch.returns)]),
                  P.PPOConfig(model=name, turns=micro, minibatch=micro, micro_batch=micro, epochs=1, out="unused"),
@@ -224,7 +241,7 @@ def bench_train(name: str, label: str, cfg: BenchConfig, rows: list, device, gpu
         torch.cuda.reset_peak_memory_stats()
     synchronize(device)
     start = time.perf_counter()
-    sums = P.ppo_epochs(policy, opt, batch, ppo, update=1, world=1)
+    sums = P.ppo_update(policy, opt, batch, ppo, update=1, world=1)
     synchronize(device)
     secs = time.perf_counter() - start
     tokens = sums["trained_tokens"]
@@ -354,13 +371,15 @@ def run(cfg: BenchConfig) -> list:
     rows = []
     if cfg.out:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    print(f"bench on {torch.cuda.get_device_name() if gpu else 'CPU'} ({torch.get_num_threads()} threads), model {name}")
+    where = torch.cuda.get_device_name() if gpu else "CPU"
+    print(f"bench on {where} ({torch.get_num_threads()} threads), model {name}")
     if "rollout" in sections:
         bench_rollout(M.load_policy(name, device=device, temperature=cfg.temperature, precision="auto"), cfg, rows, gpu)
     if "train" in sections:
         bench_train(name, os.path.basename(name.rstrip("/")), cfg, rows, device, gpu)
         if gpu and cfg.llama_1b and not cfg.quick:
-            bench_train(M.random_llama_folder("llama-1b-shape", **LLAMA_1B_SHAPE), "llama-1b-shape", cfg, rows, device, gpu)
+            llama_1b = Z.random_llama_folder("llama-1b-shape", **LLAMA_1B_SHAPE)
+            bench_train(llama_1b, "llama-1b-shape", cfg, rows, device, gpu)
     if "env" in sections:
         bench_env(cfg, rows)
     if "memory" in sections:
@@ -369,13 +388,5 @@ def run(cfg: BenchConfig) -> list:
     return rows
 
 
-def main(argv=None):
-    cfg = parse_config(BenchConfig, argv)
-    try:
-        run(cfg)
-    except ValueError as e:
-        fail(str(e))
-
-
 if __name__ == "__main__":
-    main()
+    main(BenchConfig, run)

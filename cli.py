@@ -1,20 +1,24 @@
 """Command-line flags from a config dataclass, shared by every entry script, and the checks of their values.
 
-Every field becomes `--field-name VALUE` (booleans: `--flag` / `--no-flag`), its default and its
-comment (the `doc` metadata, else the field name) in --help. Bad values stop with one line: a float
-that is not finite (nan, inf) here, ranges and paths in each config's `__post_init__` with `require`
-and `check_writable`.
+Every field becomes `--field-name VALUE` (booleans: `--flag` / `--no-flag`), with its default and the
+docstring under it in --help, as cleanrl writes its Args. Bad values stop with one line: a float that
+is not finite (nan, inf) here, ranges and paths in each config's `__post_init__` with `require` and
+`check_writable`; `main` runs an entry script and turns its ValueErrors into that line.
 
     @dataclass
     class Config:
-        lr: float = 1e-5          # shown in --help when given as field(metadata={"doc": ...})
-    cfg = parse_config(Config)    # sys.argv[1:]
+        lr: float = 1e-5
+        '''peak learning rate'''
+    main(Config, train)           # parses sys.argv[1:], then train(cfg)
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
 import json
+import textwrap
 import math
 import os
 import sys
@@ -30,16 +34,24 @@ def _kind(tp):
     return tp, False
 
 
+def field_docs(cls) -> dict:
+    """{field name: the string literal written under it in the class body}."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+            and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)}
+
+
 def parse_config(cls, argv=None, description: str = None):
     """An instance of dataclass `cls` with defaults overridden by command-line flags."""
-    hints = typing.get_type_hints(cls)
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
     summary = (cls.__doc__ or "").strip().splitlines()
     parser = argparse.ArgumentParser(description=description or (summary[0] if summary else None))
     for f in dataclasses.fields(cls):
         tp, optional = _kind(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        doc = f.metadata.get("doc", "")
+        doc = docs.get(f.name, "")
         if tp is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=doc)
         else:
@@ -76,6 +88,16 @@ def check_writable(path: str, what: str = "out") -> None:
         raise ValueError(f"{what}={path!r} lies under the file {parent!r}: expected a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{what}={path!r}: {parent!r} is not writable")
+
+
+def main(cls, run, argv=None):
+    """An entry script's main: its config from the command line, then `run(cfg)`; a ValueError from either
+    (a bad value, a missing file, a refused run folder) stops with one line."""
+    cfg = parse_config(cls, argv)
+    try:
+        return run(cfg)
+    except ValueError as e:
+        fail(str(e))
 
 
 def fail(message: str, code: int = 2):

@@ -31,15 +31,19 @@ import os
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 
 import model as M
-from cli import check_writable, fail, parse_config, require
-from rollout import MALFORMED_OUTCOMES, SETTINGS, check_task, env_config, image_overrides, make_envs, rollout
+import runs as R
+from cli import check_writable, main, require
+from rollout import CONTEXT_OUTCOME, rollout
+from tasks import SETTINGS, check_task, env_config, evaluation_episodes, image_overrides, make_envs
 
+# outcomes of answers that are not well-formed (no readable formula / action): what SFT teaches first
+MALFORMED = ("illegal_formula", "invalid_action", CONTEXT_OUTCOME)
 SETTING_NAMES = {"id": "ID", "ood_rule": "OOD rule", "ood_visual": "OOD visual", "id_heldout": "ID held-out routes"}
 
 
@@ -52,22 +56,38 @@ def headline(task: str) -> str:
 @dataclass
 class EvalConfig:
     """Evaluate checkpoints on a task's ID and OOD settings."""
-    model: str = field(default="smollm2-135m", metadata={"doc": "model name, checkpoint folder or run folder; several separated by commas"})
-    task: str = field(default="gp-l", metadata={"doc": "gp-l, gp-vl, virl-l or virl-vl"})
-    settings: str = field(default="all", metadata={"doc": "comma-separated subset of id, ood_rule, ood_visual, or all"})
-    episodes: int = field(default=234, metadata={"doc": "GeneralPoints hands per setting (the paper: 234)"})
-    virl_routes: int = field(default=48, metadata={"doc": "V-IRL routes per setting (the paper: 48; ood_visual: the 18-route mini benchmark)"})
-    batch_size: int = field(default=64, metadata={"doc": "episodes played at once (per rank)"})
-    max_new_tokens: int = field(default=256, metadata={"doc": "longest answer (the official evaluation: 256)"})
-    temperature: Optional[float] = field(default=None, metadata={"doc": "sampling temperature, 0: greedy; default: the checkpoint's generation config"})
-    top_p: float = field(default=1.0, metadata={"doc": "nucleus sampling mass, with --temperature"})
-    verify_iter: int = field(default=0, metadata={"doc": "attempts per episode / position; 0: the task's (GP 5, V-IRL 2)"})
-    image_size: int = field(default=0, metadata={"doc": "VL tasks: image side in pixels (GP cards, each V-IRL view); 0: the default"})
-    seed: int = field(default=0, metadata={"doc": "episode seed: the same for every checkpoint"})
-    out: str = field(default="runs/eval", metadata={"doc": "folder for the table and plots"})
-    plots: bool = field(default=True, metadata={"doc": "draw the PNG plots (needs matplotlib)"})
-    reuse: bool = field(default=True, metadata={"doc": "reuse a run's stored results for checkpoints already evaluated with the same settings"})
-    device: str = field(default="", metadata={"doc": "cuda, cpu, ...; empty: the GPU when there is one"})
+    model: str = "smollm2-135m"
+    """model name, checkpoint folder or run folder; several separated by commas"""
+    task: str = "gp-l"
+    """gp-l, gp-vl, virl-l or virl-vl"""
+    settings: str = "all"
+    """comma-separated subset of the task's settings (id, ood_rule, ood_visual, id_heldout), or all"""
+    episodes: int = 234
+    """GeneralPoints hands per setting (the paper: 234)"""
+    virl_routes: int = 48
+    """V-IRL routes per setting (the paper: 48; ood_visual: the 18-route mini benchmark)"""
+    batch_size: int = 64
+    """episodes played at once (per rank)"""
+    max_new_tokens: int = 256
+    """longest answer (the official evaluation: 256)"""
+    temperature: Optional[float] = None
+    """sampling temperature, 0: greedy; default: the checkpoint's generation config"""
+    top_p: float = 1.0
+    """nucleus sampling mass, with --temperature"""
+    verify_iter: int = 0
+    """attempts per episode / position; 0: the task's (GP 5, V-IRL 2)"""
+    image_size: int = 0
+    """VL tasks: image side in pixels (GP cards, each V-IRL view); 0: the default"""
+    seed: int = 0
+    """episode seed: the same for every checkpoint"""
+    out: str = "runs/eval"
+    """folder for the table and plots"""
+    plots: bool = True
+    """draw the PNG plots (needs matplotlib)"""
+    reuse: bool = True
+    """reuse a run's stored results for checkpoints already evaluated with the same settings"""
+    device: str = ""
+    """cuda, cpu, ...; empty: the GPU when there is one"""
 
     def __post_init__(self):
         check_task(self.task)
@@ -94,13 +114,15 @@ def find_runs(spec: str, out: str) -> list:
         if item in M.BUILTIN_NAMES:
             runs.append((item, os.path.join(out, item), [item]))
         elif os.path.exists(os.path.join(item, "config.json")):
-            runs.append((os.path.basename(os.path.dirname(os.path.abspath(item))), os.path.dirname(os.path.abspath(item)), [item]))
+            run_dir = os.path.dirname(os.path.abspath(item))
+            runs.append((os.path.basename(run_dir), run_dir, [item]))
         elif os.path.isdir(item):  # its checkpoints; hidden folders are saves a kill left unfinished
             ckpts = [os.path.join(item, d) for d in os.listdir(item)
                      if not d.startswith(".") and os.path.exists(os.path.join(item, d, "config.json"))]
             if not ckpts:
                 raise ValueError(f"run folder {item!r} holds no checkpoints (subfolders with a config.json)")
-            ckpts.sort(key=lambda c: (M.read_trainer_state(c).get("gflops", 0.0), M.read_trainer_state(c).get("step", 0), c))
+            state = {c: R.read_trainer_state(c) for c in ckpts}
+            ckpts.sort(key=lambda c: (state[c].get("gflops", 0.0), state[c].get("step", 0), c))
             runs.append((os.path.basename(os.path.abspath(item)), item, ckpts))
         else:
             M.resolve(item)  # raises the one-line error that lists what is accepted
@@ -132,7 +154,7 @@ def summarize(episodes: list, task: str) -> dict:
     out = {"episodes": n, "success": p, "success_se": math.sqrt(p * (1 - p) / n) if n else 0.0,
            "success_ci95": list(wilson(wins, n)), "mean_attempts": attempts / n if n else 0.0,
            "mean_reward": sum(e.total_reward for e in episodes) / n if n else 0.0,
-           "format_valid": sum(v for k, v in outcomes.items() if k not in MALFORMED_OUTCOMES) / attempts if attempts else 0.0,
+           "format_valid": sum(v for k, v in outcomes.items() if k not in MALFORMED) / attempts if attempts else 0.0,
            "outcomes": dict(sorted(outcomes.items()))}
     if task.startswith("virl"):  # every attempt is one sample, as in the paper
         correct = outcomes.get("correct", 0)
@@ -146,24 +168,15 @@ def summarize(episodes: list, task: str) -> dict:
 
 # ---- playing one setting ----
 
-def episode_reset(task: str, seed: int, setting: str, ranks_episodes: list):
+def episode_reset(seed: int, setting: str, ranks_episodes: list):
     """reset(env, j) for rollout: local episode j is global episode ranks_episodes[j], whose hand or
     route and RNG depend only on (seed, setting, global index)."""
     salt = {"id": 0, "ood_rule": 1, "ood_visual": 2, "id_heldout": 3}[setting]
 
     def reset(env, j):
         k = ranks_episodes[j]
-        episode_seed = seed * 1_000_003 + salt * 100_003 + k
-        if task.startswith("virl"):
-            return env.reset(seed=episode_seed, route=k % len(env.routes))
-        return env.reset(seed=episode_seed)
+        return env.reset(seed=seed * 1_000_003 + salt * 100_003 + k, episode=k)
     return reset
-
-
-def n_episodes(cfg: EvalConfig, setting: str) -> int:
-    if cfg.task.startswith("gp"):
-        return cfg.episodes
-    return 18 if setting == "ood_visual" else cfg.virl_routes
 
 
 def sampling(policy, cfg: EvalConfig) -> dict:
@@ -177,7 +190,7 @@ def sampling(policy, cfg: EvalConfig) -> dict:
 
 def play_setting(policy, cfg: EvalConfig, setting: str, rank: int, world: int) -> list:
     """This rank's share of a setting's episodes, as (global index, Episode) pairs."""
-    total = n_episodes(cfg, setting)
+    total = evaluation_episodes(cfg.task, setting, cfg.episodes, cfg.virl_routes)
     mine = list(range(rank, total, world))
     if not mine:
         return []
@@ -187,7 +200,7 @@ def play_setting(policy, cfg: EvalConfig, setting: str, rank: int, world: int) -
         overrides["n_routes"] = cfg.virl_routes
     envs = make_envs(cfg.task, setting, min(cfg.batch_size, len(mine)), seed=cfg.seed, **overrides)
     torch.manual_seed(cfg.seed)  # the same sampling noise for every checkpoint
-    result = rollout(policy, envs, n_episodes=len(mine), reset=episode_reset(cfg.task, cfg.seed, setting, mine),
+    result = rollout(policy, envs, n_episodes=len(mine), reset=episode_reset(cfg.seed, setting, mine),
                      max_new_tokens=cfg.max_new_tokens, **sampling(policy, cfg), progress=rank == 0,
                      desc=f"{cfg.task} {setting}")
     return [(mine[e.id], e) for e in result.episodes]
@@ -205,7 +218,8 @@ def with_initializations(results: list) -> list:
     out = []
     for run in results:
         first = run["checkpoints"][0]["path"]
-        init = M.read_trainer_state(first).get("config", {}).get("model")
+        state = R.read_trainer_state(first)
+        init = state.get("init") or state.get("config", {}).get("model")  # the checkpoint it started from
         if init and checkpoint_key(init) in evaluated and checkpoint_key(init) != checkpoint_key(first):
             run = {**run, "checkpoints": [{**evaluated[checkpoint_key(init)], "init": True}] + run["checkpoints"]}
         out.append(run)
@@ -375,7 +389,7 @@ def stored_results(run_dir: str, task: str) -> tuple:
 
 
 def evaluate(cfg: EvalConfig) -> list:
-    rank, world, dist_device = M.init_distributed(cfg.device)
+    rank, world, dist_device = R.init_distributed(cfg.device)
     settings = cfg.settings.split(",")
     runs = find_runs(cfg.model, cfg.out)
     for _, run_dir, _ in runs:  # before any model loads: results are written after every checkpoint
@@ -388,7 +402,7 @@ def evaluate(cfg: EvalConfig) -> list:
         old = {result_id(e["path"], e["key"]): e for e in stored}
         answers = []  # of this call's entries: the stored ones kept, and the new ones
         for ckpt in ckpts:
-            state = M.read_trainer_state(ckpt)
+            state = R.read_trainer_state(ckpt)
             rid = result_id(ckpt, key)
             entry = {"path": ckpt, "step": state.get("step", 0), "gflops": float(state.get("gflops", 0.0)),
                      "key": key, "settings": {}}
@@ -456,13 +470,5 @@ def write_run(run_dir: str, task: str, run: dict, answers: list) -> None:
         os.replace(path + ".tmp", path)
 
 
-def main(argv=None):
-    cfg = parse_config(EvalConfig, argv)
-    try:
-        evaluate(cfg)
-    except ValueError as e:
-        fail(str(e))
-
-
 if __name__ == "__main__":
-    main()
+    main(EvalConfig, evaluate)

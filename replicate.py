@@ -23,12 +23,13 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import model as M
-from cli import check_writable, fail, parse_config, require
-from rollout import check_task
+import runs as R
+from cli import check_writable, main, require
+from tasks import check_task
 
 # Sizes per scale. "cpu" runs the whole protocol on 2 CPU cores in one to two hours per task (a check of
 # the pipeline, far too small to move a policy much); "gpu" is the one-GPU replication; "tiny" is the
@@ -49,28 +50,50 @@ SCALES = {
 @dataclass
 class ReplicateConfig:
     """SFT vs RL from one SFT initialization, at matched compute, over seeds."""
-    task: str = field(default="gp-l", metadata={"doc": "gp-l, gp-vl, virl-l or virl-vl"})
-    scale: str = field(default="cpu", metadata={"doc": "size preset: tiny, cpu or gpu (each value below overrides it)"})
-    seeds: str = field(default="0,1,2", metadata={"doc": "seeds of each arm, comma-separated"})
-    out: str = field(default="", metadata={"doc": "folder of the whole study; empty: runs/replicate-<task>-<scale>"})
-    model: Optional[str] = field(default=None, metadata={"doc": "base model (a VLM for the -vl tasks)"})
-    init_examples: Optional[int] = field(default=None, metadata={"doc": "expert examples of the SFT initialization"})
-    init_steps: Optional[int] = field(default=None, metadata={"doc": "optimizer steps of the SFT initialization"})
-    init_batch: Optional[int] = field(default=None, metadata={"doc": "examples per SFT step (initialization and continued SFT)"})
-    init_lr: Optional[float] = field(default=None, metadata={"doc": "learning rate of the SFT initialization"})
-    sft_lr: Optional[float] = field(default=None, metadata={"doc": "learning rate of continued SFT (the paper's grid: 1e-4 ... 1e-7)"})
-    rl_updates: Optional[int] = field(default=None, metadata={"doc": "PPO updates of each RL run"})
-    rl_turns: Optional[int] = field(default=None, metadata={"doc": "answers per PPO update"})
-    rl_envs: Optional[int] = field(default=None, metadata={"doc": "environments played at once in PPO"})
-    rl_minibatch: Optional[int] = field(default=None, metadata={"doc": "turns per PPO optimizer step"})
-    rl_micro_batch: Optional[int] = field(default=None, metadata={"doc": "turns per forward pass in PPO"})
-    rl_lr: Optional[float] = field(default=None, metadata={"doc": "PPO learning rate (the paper: 1e-6)"})
-    checkpoints: Optional[int] = field(default=None, metadata={"doc": "checkpoints per arm run, at equal compute fractions"})
-    eval_episodes: Optional[int] = field(default=None, metadata={"doc": "GeneralPoints hands per evaluation setting"})
-    eval_virl_routes: Optional[int] = field(default=None, metadata={"doc": "V-IRL held-out routes per evaluation setting"})
-    max_new_tokens: Optional[int] = field(default=None, metadata={"doc": "longest answer, in PPO and evaluation"})
-    eval_batch: Optional[int] = field(default=None, metadata={"doc": "episodes played at once in evaluation"})
-    dry_run: bool = field(default=False, metadata={"doc": "print the commands of the phases still to run, run nothing"})
+    task: str = "gp-l"
+    """gp-l, gp-vl, virl-l or virl-vl"""
+    scale: str = "cpu"
+    """size preset: tiny, cpu or gpu (each value below overrides it)"""
+    seeds: str = "0,1,2"
+    """seeds of each arm, comma-separated"""
+    out: str = ""
+    """folder of the whole study; empty: runs/replicate-<task>-<scale>"""
+    model: Optional[str] = None
+    """base model (a VLM for the -vl tasks)"""
+    init_examples: Optional[int] = None
+    """expert examples of the SFT initialization"""
+    init_steps: Optional[int] = None
+    """optimizer steps of the SFT initialization"""
+    init_batch: Optional[int] = None
+    """examples per SFT step (initialization and continued SFT)"""
+    init_lr: Optional[float] = None
+    """learning rate of the SFT initialization"""
+    sft_lr: Optional[float] = None
+    """learning rate of continued SFT (the paper's grid: 1e-4 ... 1e-7)"""
+    rl_updates: Optional[int] = None
+    """PPO updates of each RL run"""
+    rl_turns: Optional[int] = None
+    """answers per PPO update"""
+    rl_envs: Optional[int] = None
+    """environments played at once in PPO"""
+    rl_minibatch: Optional[int] = None
+    """turns per PPO optimizer step"""
+    rl_micro_batch: Optional[int] = None
+    """turns per forward pass in PPO"""
+    rl_lr: Optional[float] = None
+    """PPO learning rate (the paper: 1e-6)"""
+    checkpoints: Optional[int] = None
+    """checkpoints per arm run, at equal compute fractions"""
+    eval_episodes: Optional[int] = None
+    """GeneralPoints hands per evaluation setting"""
+    eval_virl_routes: Optional[int] = None
+    """V-IRL held-out routes per evaluation setting"""
+    max_new_tokens: Optional[int] = None
+    """longest answer, in PPO and evaluation"""
+    eval_batch: Optional[int] = None
+    """episodes played at once in evaluation"""
+    dry_run: bool = False
+    """print the commands of the phases still to run, run nothing"""
 
     def __post_init__(self):
         check_task(self.task)
@@ -99,8 +122,8 @@ class ReplicateConfig:
 
 def finished(run: str, steps: int) -> Optional[str]:
     """The run's checkpoint at `steps` if it has reached it, else None."""
-    last = M.last_checkpoint(run)
-    return last if last and M.read_trainer_state(last)["step"] >= steps else None
+    last = R.last_checkpoint(run)
+    return last if last and R.read_trainer_state(last)["step"] >= steps else None
 
 
 def run_phase(name: str, args: list, run: str, steps: int, cfg: ReplicateConfig) -> None:
@@ -108,7 +131,7 @@ def run_phase(name: str, args: list, run: str, steps: int, cfg: ReplicateConfig)
     if finished(run, steps):
         print(f"[{name}] done: {run}")
         return
-    resume = ["--resume"] if M.last_checkpoint(run) else []
+    resume = ["--resume"] if R.last_checkpoint(run) else []
     command(name, args + resume, cfg)
 
 
@@ -123,9 +146,9 @@ def command(name: str, args: list, cfg: ReplicateConfig) -> None:
 def matched_sft_steps(init: str, rl_runs: list, cfg: ReplicateConfig) -> int:
     """Continued-SFT steps whose compute matches the RL arm's mean: at the initialization's compute per
     step (continued SFT uses its batch), rounded to a multiple of the checkpoint count."""
-    start = M.read_trainer_state(init)["gflops"]
-    per_step = (start - M.read_trainer_state(cfg.model).get("gflops", 0.0)) / cfg.init_steps
-    rl = sum(M.read_trainer_state(M.last_checkpoint(r))["gflops"] - start for r in rl_runs) / len(rl_runs)
+    start = R.read_trainer_state(init)["gflops"]
+    per_step = (start - R.read_trainer_state(cfg.model).get("gflops", 0.0)) / cfg.init_steps
+    rl = sum(R.read_trainer_state(R.last_checkpoint(r))["gflops"] - start for r in rl_runs) / len(rl_runs)
     n = cfg.checkpoints
     return max(n, round(rl / per_step / n) * n)
 
@@ -183,13 +206,5 @@ def replicate(cfg: ReplicateConfig) -> dict:
     return {"init": init, "rl": rl_runs, "sft": sft_runs, "sft_steps": steps}
 
 
-def main(argv=None):
-    cfg = parse_config(ReplicateConfig, argv)
-    try:
-        replicate(cfg)
-    except ValueError as e:
-        fail(str(e))
-
-
 if __name__ == "__main__":
-    main()
+    main(ReplicateConfig, replicate)

@@ -6,78 +6,21 @@ round answers all of them; each environment steps on its answer. A feedback obse
 (`continues=False`) starts a new conversation. Finished episodes are replaced by new ones until the
 requested number of turns or episodes is reached.
 
-Also the task table: which environment and config each task (gp-l, gp-vl, virl-l, virl-vl) and
-setting (id, ood_rule, ood_visual) plays, so training and evaluation cannot disagree about it.
+The environments come in (`tasks.make_envs`); the policy is anything with `encode` and `generate`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
 
-from env_points import GeneralPointsEnv, PointsConfig
-from env_virl import NavigationEnv, VirlConfig
-from model import PrefixCache
-
-# ---- tasks ----
-
-TASKS = ("gp-l", "gp-vl", "virl-l", "virl-vl")
-SETTINGS = {"gp-l": ("id", "ood_rule"), "gp-vl": ("id", "ood_rule", "ood_visual"),
-            "virl-l": ("id", "ood_rule", "id_heldout"), "virl-vl": ("id", "ood_rule", "ood_visual", "id_heldout")}
-VIRL_TRAIN_SEED, VIRL_HELDOUT_SEED = 0, 1  # the training routes and other routes of the ID city
-
-
-def check_task(task: str, setting: str = "id") -> None:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
-    if setting not in SETTINGS[task]:
-        raise ValueError(f"task {task} has no setting {setting!r}: expected one of {', '.join(SETTINGS[task])}")
-
-
-def env_config(task: str, setting: str = "id", **overrides):
-    """The environment class and config of a task in a setting.
-
-    GP:    id = J/Q/K are 10, black suits; ood_rule = J/Q/K are 11/12/13 (a face card in every
-           hand); ood_visual = red suits.
-    V-IRL: id = compass actions on the training routes in "nyc" (as the paper evaluates: memorizing
-           them shows); ood_rule = relative actions on the same routes; ood_visual = the 18-route mini
-           benchmark in nine other cities; id_heldout = compass actions on routes of "nyc" never trained on.
-    `overrides` set config fields (verify_iter, n_routes, route_seed, ...)."""
-    check_task(task, setting)
-    vision = task.endswith("-vl")
-    if task.startswith("gp"):
-        cfg = PointsConfig(vision=vision, face_cards_as_10=setting != "ood_rule",
-                           suits="red" if setting == "ood_visual" else "black")
-        return GeneralPointsEnv, replace(cfg, face_card_required=None, **overrides)
-    cfg = VirlConfig(vision=vision, absolute_actions=setting != "ood_rule",
-                     routes="mini" if setting == "ood_visual" else "synthetic:nyc",
-                     route_seed=VIRL_HELDOUT_SEED if setting == "id_heldout" else VIRL_TRAIN_SEED)
-    return NavigationEnv, replace(cfg, **overrides)
-
-
-def image_overrides(task: str, size: int) -> dict:
-    """The config override that sets a VL task's image side in pixels (GP: the card image; V-IRL: each street
-    view of the 2x2 grid); none for a text task or size 0 (the environment's default)."""
-    if not size or not task.endswith("-vl"):
-        return {}
-    return {"image_size": size} if task.startswith("gp") else {"view_size": size}
-
-
-def make_envs(task: str, setting: str, n: int, seed: int, **overrides) -> list:
-    """n environments of a task, seeded seed, seed + 1, ...; V-IRL ones share one parsed route list."""
-    env_cls, cfg = env_config(task, setting, **overrides)
-    first = env_cls(cfg, seed=seed)
-    share = {"routes": first.routes} if env_cls is NavigationEnv else {}
-    return [first] + [env_cls(cfg, seed=seed + i, **share) for i in range(1, n)]
-
+from generation import PrefixCache
 
 # ---- records ----
 
 CONTEXT_OUTCOME = "context_exceeded"  # the conversation no longer fits the model: the episode fails
-# outcomes of answers that are not well-formed (no readable formula / action): what SFT teaches first
-MALFORMED_OUTCOMES = ("illegal_formula", "invalid_action", CONTEXT_OUTCOME)
 
 
 @dataclass
@@ -182,7 +125,8 @@ def rollout(policy, envs: list, *, n_turns: Optional[int] = None, n_episodes: Op
             ep = episodes[ep_id]
             obs, reward, done, info = envs[i].step(sample.text)
             out.tokens += sample.prompt["input_ids"].shape[1] + len(sample.response_ids)
-            out.turns.append(Turn(sample.prompt, sample.response_ids, sample.logprobs, sample.value, reward, done, ep_id))
+            out.turns.append(Turn(sample.prompt, sample.response_ids, sample.logprobs, sample.value, reward, done,
+                                  ep_id))
             ep.total_reward += reward
             ep.outcomes.append(info["outcome"])
             ep.recognized.append(info.get("recognized"))

@@ -31,7 +31,7 @@ import os
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -39,10 +39,11 @@ import torch
 from tqdm import tqdm
 
 import model as M
-from cli import check_writable, fail, parse_config, require
-from rollout import check_task, env_config, image_overrides, make_envs, rollout
+import runs as R
+from cli import check_writable, main, require
+from rollout import rollout
+from tasks import action_field, check_task, env_config, image_overrides, make_envs
 
-ACTION_FIELD = {"gp": "formula", "virl": "action"}  # the final field of an answer: the action itself
 # the official runs' cosine period in updates (CosineAnnealingLR T_max): GP 100 over 20 updates (the rate stays
 # near 1e-6), V-IRL 20 over 15 updates (scripts/*_training/*.sh of the paper's code)
 LR_MAX_STEPS = {"gp": 100, "virl": 20}
@@ -53,44 +54,82 @@ LR_MAX_STEPS = {"gp": 100, "virl": 20}
 @dataclass
 class PPOConfig:
     """PPO with GAE and sequential revision, from an SFT checkpoint or a model name."""
-    task: str = field(default="gp-l", metadata={"doc": "gp-l, gp-vl, virl-l or virl-vl (trains on the ID setting)"})
-    model: str = field(default="smollm2-135m", metadata={"doc": "checkpoint, run folder (its last checkpoint) or model name to start from (normally SFT)"})
-    updates: int = field(default=4, metadata={"doc": "PPO updates (rollout + epochs)"})
-    turns: int = field(default=32, metadata={"doc": "answers collected per update, all ranks together"})
-    envs: int = field(default=8, metadata={"doc": "environments played at once on one rank (the generation batch); fewer than turns, so revisions happen"})
-    epochs: int = field(default=4, metadata={"doc": "PPO epochs over each update's turns"})
-    minibatch: int = field(default=16, metadata={"doc": "turns per optimizer step, all ranks together"})
-    micro_batch: int = field(default=4, metadata={"doc": "turns per forward pass on one rank (gradient accumulation)"})
-    lr: float = field(default=1e-6, metadata={"doc": "Adam learning rate at the first update (the paper's 1e-6)"})
-    lr_max_steps: int = field(default=0, metadata={"doc": "updates for the cosine from lr to end_lr; 0: the task's (GP 100, V-IRL 20)"})
-    end_lr: float = field(default=1e-9, metadata={"doc": "learning rate at the end of the cosine (the official 1e-9)"})
-    adam_eps: float = field(default=1e-7, metadata={"doc": "Adam epsilon (the official 1e-7)"})
-    value_lr: float = field(default=0.0, metadata={"doc": "learning rate of the value head; 0: the same as lr (the paper)"})
-    gamma: float = field(default=0.9, metadata={"doc": "discount between the turns of an episode"})
-    lam: float = field(default=0.95, metadata={"doc": "GAE lambda"})
-    clip: float = field(default=0.1, metadata={"doc": "PPO ratio clip"})
-    value_clip: float = field(default=0.1, metadata={"doc": "value clip around the rollout's value; 0: unclipped"})
-    vf_coef: float = field(default=0.5, metadata={"doc": "value loss coefficient"})
-    ent_coef: float = field(default=0.0, metadata={"doc": "entropy bonus coefficient (the paper: off)"})
-    kl_coef: float = field(default=0.0, metadata={"doc": "KL penalty to the initial policy (the paper: off; on keeps a frozen copy)"})
-    grad_clip: float = field(default=0.01, metadata={"doc": "max gradient norm"})
-    pre_action_coef: float = field(default=0.5, metadata={"doc": "weight of the tokens before the action field in the response's log-prob"})
-    token_level: bool = field(default=False, metadata={"doc": "one ratio per token instead of the paper's one per response"})
-    recompute_logprobs: Optional[bool] = field(default=None, metadata={"doc": "re-score rollouts with the training forward; default: with bf16"})
-    temperature: float = field(default=0.2, metadata={"doc": "sampling temperature (the paper's 0.2); log-probs are of the scaled distribution"})
-    top_p: Optional[float] = field(default=None, metadata={"doc": "nucleus sampling mass; default: the checkpoint's generation config, as the official code (Llama-3.2-Vision: 0.9)"})
-    top_k: Optional[int] = field(default=None, metadata={"doc": "top-k sampling, 0: off; default: the checkpoint's generation config (Llama-3.2-Vision: 50)"})
-    max_new_tokens: int = field(default=512, metadata={"doc": "longest answer (the official 512)"})
-    verify_iter: int = field(default=0, metadata={"doc": "attempts per episode / position; 0: the task's (GP 5, V-IRL 2)"})
-    image_size: int = field(default=0, metadata={"doc": "VL tasks: image side in pixels (GP cards, each V-IRL view); 0: the default"})
-    save_every: int = field(default=2, metadata={"doc": "checkpoint every N updates (and at the end)"})
-    out: str = field(default="", metadata={"doc": "run folder; empty: runs/ppo-<task>"})
-    resume: bool = field(default=False, metadata={"doc": "continue from the run folder's last complete checkpoint"})
-    overwrite: bool = field(default=False, metadata={"doc": "delete the checkpoints already in the run folder and start over"})
-    seed: int = field(default=0, metadata={"doc": "seed of environments, sampling and minibatch order"})
-    device: str = field(default="", metadata={"doc": "cuda, cpu, ...; empty: the GPU when there is one"})
-    precision: str = field(default="auto", metadata={"doc": "auto (GPU: bf16, CPU: fp32), bf16 (over fp32 master weights) or fp32"})
-    wandb: str = field(default="", metadata={"doc": "log to this Weights & Biases project too (needs `pip install wandb`)"})
+    task: str = "gp-l"
+    """gp-l, gp-vl, virl-l or virl-vl (trains on the ID setting)"""
+    model: str = "smollm2-135m"
+    """checkpoint, run folder (its last checkpoint) or model name to start from (normally SFT)"""
+    updates: int = 4
+    """PPO updates (rollout + epochs)"""
+    turns: int = 32
+    """answers collected per update, all ranks together"""
+    envs: int = 8
+    """environments played at once on one rank (the generation batch); fewer than turns, so revisions happen"""
+    epochs: int = 4
+    """PPO epochs over each update's turns"""
+    minibatch: int = 16
+    """turns per optimizer step, all ranks together"""
+    micro_batch: int = 4
+    """turns per forward pass on one rank (gradient accumulation)"""
+    lr: float = 1e-6
+    """Adam learning rate at the first update (the paper's 1e-6)"""
+    lr_max_steps: int = 0
+    """updates for the cosine from lr to end_lr; 0: the task's (GP 100, V-IRL 20)"""
+    end_lr: float = 1e-9
+    """learning rate at the end of the cosine (the official 1e-9)"""
+    adam_eps: float = 1e-7
+    """Adam epsilon (the official 1e-7)"""
+    value_lr: float = 0.0
+    """learning rate of the value head; 0: the same as lr (the paper)"""
+    gamma: float = 0.9
+    """discount between the turns of an episode"""
+    lam: float = 0.95
+    """GAE lambda"""
+    clip: float = 0.1
+    """PPO ratio clip"""
+    value_clip: float = 0.1
+    """value clip around the rollout's value; 0: unclipped"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    ent_coef: float = 0.0
+    """entropy bonus coefficient (the paper: off)"""
+    kl_coef: float = 0.0
+    """KL penalty to the initial policy (the paper: off; on keeps a frozen copy)"""
+    grad_clip: float = 0.01
+    """max gradient norm"""
+    pre_action_coef: float = 0.5
+    """weight of the tokens before the action field in the response's log-prob"""
+    token_level: bool = False
+    """one ratio per token instead of the paper's one per response"""
+    recompute_logprobs: Optional[bool] = None
+    """re-score rollouts with the training forward; default: with bf16"""
+    temperature: float = 0.2
+    """sampling temperature (the paper's 0.2); log-probs are of the scaled distribution"""
+    top_p: Optional[float] = None
+    """nucleus sampling mass; default: the checkpoint's generation config (Llama-3.2-Vision: 0.9)"""
+    top_k: Optional[int] = None
+    """top-k sampling, 0: off; default: the checkpoint's generation config (Llama-3.2-Vision: 50)"""
+    max_new_tokens: int = 512
+    """longest answer (the official 512)"""
+    verify_iter: int = 0
+    """attempts per episode / position; 0: the task's (GP 5, V-IRL 2)"""
+    image_size: int = 0
+    """VL tasks: image side in pixels (GP cards, each V-IRL view); 0: the default"""
+    save_every: int = 2
+    """checkpoint every N updates (and at the end)"""
+    out: str = ""
+    """run folder; empty: runs/ppo-<task>"""
+    resume: bool = False
+    """continue from the run folder's last complete checkpoint"""
+    overwrite: bool = False
+    """delete the checkpoints already in the run folder and start over"""
+    seed: int = 0
+    """seed of environments, sampling and minibatch order"""
+    device: str = ""
+    """cuda, cpu, ...; empty: the GPU when there is one"""
+    precision: str = "auto"
+    """auto (GPU: bf16, CPU: fp32), bf16 (over fp32 master weights) or fp32"""
+    wandb: str = ""
+    """log to this Weights & Biases project too (needs `pip install wandb`)"""
 
     def __post_init__(self):
         check_task(self.task)
@@ -111,7 +150,7 @@ class PPOConfig:
         check_writable(self.out)
 
 
-# ---- advantages ----
+# ---- pure helpers: advantages and losses ----
 
 def gae(rewards: list, values: list, dones: list, episodes: list, bootstrap: dict, gamma: float, lam: float):
     """Returns and advantages of turns listed in collection order (episodes interleaved).
@@ -125,10 +164,10 @@ def gae(rewards: list, values: list, dones: list, episodes: list, bootstrap: dic
     for i, ep in enumerate(episodes):
         by_episode.setdefault(ep, []).append(i)
     for ep, idx in by_episode.items():
-        next_value, next_adv = (0.0 if dones[idx[-1]] else bootstrap.get(ep, 0.0)), 0.0
+        next_value, next_adv = bootstrap.get(ep, 0.0), 0.0  # a finished episode has no bootstrap entry
         for i in reversed(idx):
-            if dones[i]:  # the episode ended here (only ever its last turn)
-                next_value, next_adv = 0.0, 0.0
+            if dones[i]:  # the turn that ended the episode: nothing after it
+                next_value = next_adv = 0.0
             delta = rewards[i] + gamma * next_value - values[i]
             next_adv = delta + gamma * lam * next_adv
             adv[i], next_value = next_adv, values[i]
@@ -138,13 +177,22 @@ def gae(rewards: list, values: list, dones: list, episodes: list, bootstrap: dic
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """(x - mean) / std over all ranks' elements together."""
-    n = M.all_reduce_sum(float(x.numel()))
-    mean = M.all_reduce_sum(float(x.sum())) / n
-    var = M.all_reduce_sum(float(((x - mean) ** 2).sum())) / max(n - 1, 1)
+    n = R.all_reduce_sum(float(x.numel()))
+    mean = R.all_reduce_sum(float(x.sum())) / n
+    var = R.all_reduce_sum(float(((x - mean) ** 2).sum())) / max(n - 1, 1)
     return (x - mean) / (math.sqrt(var) + 1e-8)
 
 
-# ---- the action log-probability ----
+def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> Optional[float]:
+    """1 - Var(returns - values) / Var(returns) over all ranks' turns (cleanrl's): 1 is a perfect value
+    function, 0 no better than a constant; None when the returns do not vary."""
+    n = R.all_reduce_sum(float(returns.numel()))
+    error = returns - values
+    moments = [R.all_reduce_sum(float(t.sum())) for t in (returns, returns ** 2, error, error ** 2)]
+    var_y = moments[1] / n - (moments[0] / n) ** 2
+    var_e = moments[3] / n - (moments[2] / n) ** 2
+    return None if var_y <= 1e-12 else 1 - var_e / var_y
+
 
 def action_weights(tokenizer, response_ids: torch.Tensor, field_name: str, coef: float) -> torch.Tensor:
     """(R,) weights of the paper's action log-prob: `coef` for the tokens before the answer's last
@@ -166,8 +214,14 @@ def action_weights(tokenizer, response_ids: torch.Tensor, field_name: str, coef:
     return weights
 
 
+def clipped_surrogate(logratio: torch.Tensor, advantages: torch.Tensor, clip: float) -> torch.Tensor:
+    """PPO's objective to minimize, per element: -min(r A, clip(r, 1 - c, 1 + c) A), r = exp(logratio)."""
+    ratio = logratio.exp()
+    return -torch.min(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
+
+
 def policy_loss(new_logprobs, old_logprobs, weights, mask, advantages, clip: float, token_level: bool):
-    """Clipped-surrogate terms of a micro-batch, as (sum to minimize, count it is a sum over, ratios).
+    """Summed clipped-surrogate terms of a micro-batch and its ratios.
 
     new/old_logprobs, weights, mask: (B, R) per response token; advantages: (B,).
     Paper (token_level False): one ratio per response, of its weighted log-prob sum_t w_t log p_t.
@@ -175,16 +229,9 @@ def policy_loss(new_logprobs, old_logprobs, weights, mask, advantages, clip: flo
     if token_level:
         logratio = (new_logprobs - old_logprobs) * mask                                     # (B, R)
         terms = clipped_surrogate(logratio, advantages[:, None], clip) * mask               # (B, R)
-        return terms.sum(), mask.sum(), logratio.exp()[mask.bool()]
+        return terms.sum(), logratio.exp()[mask.bool()]
     logratio = ((new_logprobs - old_logprobs) * weights * mask).sum(1)                      # (B,)
-    terms = clipped_surrogate(logratio, advantages, clip)                                  # (B,)
-    return terms.sum(), torch.tensor(float(len(terms))), logratio.exp()
-
-
-def clipped_surrogate(logratio: torch.Tensor, advantages: torch.Tensor, clip: float) -> torch.Tensor:
-    """PPO's objective to minimize, per element: -min(r A, clip(r, 1 - c, 1 + c) A), r = exp(logratio)."""
-    ratio = logratio.exp()
-    return -torch.min(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
+    return clipped_surrogate(logratio, advantages, clip).sum(), logratio.exp()
 
 
 def clipped_value_loss(values, old_values, returns, clip: float) -> torch.Tensor:
@@ -197,120 +244,10 @@ def clipped_value_loss(values, old_values, returns, clip: float) -> torch.Tensor
     return 0.5 * loss
 
 
-# ---- one update ----
-
-@dataclass
-class Batch:
-    """An update's turns on this rank, ready to train on."""
-    prompts: list                 # encoded prompts
-    responses: list               # (R,) token ids each
-    old_logprobs: list            # (R,) each, at sampling time
-    weights: list                 # (R,) each, action_weights
-    old_values: torch.Tensor      # (T,)
-    advantages: torch.Tensor      # (T,) normalized
-    returns: torch.Tensor         # (T,)
-    ref_logprobs: Optional[list] = None  # (R,) each, under the initial policy (KL penalty only)
-
-
-def stack(rows: list, width: int) -> torch.Tensor:
-    """(B, width) of 1-D tensors, right-padded with zeros."""
-    out = torch.zeros(len(rows), width)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return out
-
-
-@torch.no_grad()
-def score_turns(policy, prompts: list, responses: list, micro_batch: int):
-    """Per-token log-probs of given responses and V(prompt), no gradient, with the training forward's
-    numerics (old log-probs and values, or the reference's log-probs). Under FSDP the weights are
-    gathered once for all micro-batches and released after. -> ([(R,) each], values (T,))"""
-    logprobs, values = [], []
-    with M.gathered(policy):
-        for i in range(0, len(prompts), micro_batch):
-            scored = policy(policy.collate(prompts[i:i + micro_batch], responses[i:i + micro_batch]))
-            logprobs += [lp[:len(r)].float().cpu() for lp, r in zip(scored["logprobs"], responses[i:i + micro_batch])]
-            values.append(scored["values"].float().cpu())
-    return logprobs, torch.cat(values) if values else torch.zeros(0)
-
-
-def logprob_gap(generated: list, scored: list) -> dict:
-    """How far the log-probs recorded at generation are from the training forward's, per response token,
-    over all ranks: bf16 rounds differently in cached decoding and in one full pass."""
-    diff = torch.cat([(g - s).abs() for g, s in zip(generated, scored)] + [torch.zeros(0)])  # (tokens,)
-    n = M.all_reduce_sum(float(diff.numel()))
-    return {"logprob_gap_mean": M.all_reduce_sum(float(diff.sum())) / max(n, 1),
-            "logprob_gap_max": M.all_reduce_max(float(diff.max()) if diff.numel() else 0.0)}
-
-
-def ppo_epochs(policy, opt, batch: Batch, cfg: PPOConfig, update: int, world: int) -> dict:
-    """cfg.epochs passes over the batch in shuffled minibatches, one optimizer step each. A minibatch
-    whose loss or gradient is not finite on any rank is skipped (counted), never applied."""
-    n = len(batch.prompts)
-    per_rank = cfg.minibatch // world
-    rng = random.Random(update_seed(cfg.seed, update, rank=0, purpose=1))  # the same order on every rank
-    sums = Counter()
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for _ in range(cfg.epochs):
-        order = list(range(n))
-        rng.shuffle(order)
-        for start in range(0, n, per_rank):
-            # longest first within a minibatch: micro-batches of similar lengths waste less padding
-            mb = sorted(order[start:start + per_rank], key=lambda i: -(batch.prompts[i]["input_ids"].shape[1]
-                                                                        + len(batch.responses[i])))
-            # denominators over all ranks, so sharded runs average exactly like one process
-            n_turns = M.all_reduce_sum(len(mb)) / world
-            n_tokens = M.all_reduce_sum(sum(len(batch.responses[i]) for i in mb)) / world
-            finite = True
-            for k in range(0, len(mb), cfg.micro_batch):
-                idx = mb[k:k + cfg.micro_batch]
-                terms = micro_batch_loss(policy, batch, idx, cfg)
-                loss = (terms["pg"] / (n_tokens if cfg.token_level else n_turns)
-                        + cfg.vf_coef * terms["vf"] / n_turns
-                        - cfg.ent_coef * terms["entropy"] / n_tokens
-                        + cfg.kl_coef * terms["kl"] / n_tokens)
-                finite = M.all_reduce_sum(float(not torch.isfinite(loss))) == 0 and finite
-                if not finite:  # every rank skips together: FSDP's backward is a collective
-                    break
-                loss.backward()
-                for key in ("pg", "vf", "entropy", "kl"):
-                    sums[key] += float(terms[key].detach())
-                sums["clipped"] += float(((terms["ratios"] - 1).abs() > cfg.clip).sum())
-                sums["approx_kl"] += float(((terms["ratios"] - 1) - terms["ratios"].log()).sum())
-                sums["ratios"] += terms["ratios"].numel()
-                sums["turns"] += len(idx)
-                sums["tokens"] += float(terms["mask_sum"])
-                sums["trained_tokens"] += terms["seen"]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if finite else torch.tensor(float("nan"))
-            if finite and torch.isfinite(grad_norm):
-                opt.step()
-                sums["steps"] += 1
-                sums["grad_norm"] += float(grad_norm)
-            else:
-                sums["skipped"] += 1
-            opt.zero_grad(set_to_none=True)
-    return dict(sums)
-
-
-def micro_batch_loss(policy, batch: Batch, idx: list, cfg: PPOConfig) -> dict:
-    """Summed loss terms of turns `idx`: pg (policy), vf (value), entropy, kl, and what the log needs."""
-    responses = [batch.responses[i] for i in idx]
-    width = max(len(r) for r in responses)
-    collated = policy.collate([batch.prompts[i] for i in idx], responses)
-    out = policy(collated)
-    mask = out["response_mask"].float()                                                     # (B, R)
-    old = stack([batch.old_logprobs[i] for i in idx], width).to(mask.device)                # (B, R)
-    weights = stack([batch.weights[i] for i in idx], width).to(mask.device)                 # (B, R)
-    adv = batch.advantages[idx].to(mask.device)                                             # (B,)
-    pg, _, ratios = policy_loss(out["logprobs"], old, weights, mask, adv, cfg.clip, cfg.token_level)
-    vf = clipped_value_loss(out["values"], batch.old_values[idx].to(mask.device), batch.returns[idx].to(mask.device),
-                            cfg.value_clip).sum()
-    kl = torch.zeros((), device=mask.device)
-    if batch.ref_logprobs is not None:  # k3 estimate of KL(policy || initial), per token: low variance, >= 0
-        log_r = stack([batch.ref_logprobs[i] for i in idx], width).to(mask.device) - out["logprobs"]
-        kl = ((log_r.exp() - log_r - 1) * mask).sum()
-    return {"pg": pg, "vf": vf, "entropy": (out["entropy"] * mask).sum(), "kl": kl, "ratios": ratios.detach(),
-            "mask_sum": mask.sum().detach(), "seen": int(collated["attention_mask"].sum())}
+def k3_kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Summed per-token k3 estimate of KL(policy || reference): low variance, never negative. (B, R) -> ()"""
+    log_r = ref_logprobs - logprobs                                                         # (B, R)
+    return ((log_r.exp() - log_r - 1) * mask).sum()
 
 
 # ---- rollouts ----
@@ -357,6 +294,116 @@ def rollout_stats(ro, task: str) -> dict:
     return out
 
 
+# ---- one update ----
+
+@dataclass
+class Batch:
+    """An update's turns on this rank, ready to train on."""
+    prompts: list                 # encoded prompts
+    responses: list               # (R,) token ids each
+    old_logprobs: list            # (R,) each, at sampling time (or re-scored)
+    weights: list                 # (R,) each, action_weights
+    old_values: torch.Tensor      # (T,)
+    advantages: torch.Tensor      # (T,) normalized
+    returns: torch.Tensor         # (T,)
+    ref_logprobs: Optional[list] = None  # (R,) each, under the initial policy (KL penalty only)
+
+
+def pad(rows: list, width: int, device) -> torch.Tensor:
+    """(B, width) of 1-D tensors, right-padded with zeros. Example: [1 2], [3] -> [[1 2] [3 0]]"""
+    out = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out.to(device)
+
+
+@torch.no_grad()
+def score_turns(policy, prompts: list, responses: list, micro_batch: int):
+    """Per-token log-probs of given responses and V(prompt), no gradient, with the training forward's
+    numerics (old log-probs and values, or the reference's log-probs). Under FSDP the weights are
+    gathered once for all micro-batches and released after. -> ([(R,) each], values (T,))"""
+    logprobs, values = [], []
+    with M.gathered(policy):
+        for i in range(0, len(prompts), micro_batch):
+            scored = policy(policy.collate(prompts[i:i + micro_batch], responses[i:i + micro_batch]))
+            logprobs += [lp[:len(r)].float().cpu() for lp, r in zip(scored["logprobs"], responses[i:i + micro_batch])]
+            values.append(scored["values"].float().cpu())
+    return logprobs, torch.cat(values) if values else torch.zeros(0)
+
+
+def logprob_gap(generated: list, scored: list) -> dict:
+    """How far the log-probs recorded at generation are from the training forward's, per response token,
+    over all ranks: bf16 rounds differently in cached decoding and in one full pass."""
+    diff = torch.cat([(g - s).abs() for g, s in zip(generated, scored)] + [torch.zeros(0)])  # (tokens,)
+    n = R.all_reduce_sum(float(diff.numel()))
+    return {"logprob_gap_mean": R.all_reduce_sum(float(diff.sum())) / max(n, 1),
+            "logprob_gap_max": R.all_reduce_max(float(diff.max()) if diff.numel() else 0.0)}
+
+
+def minibatches(batch: Batch, cfg: PPOConfig, update: int, world: int):
+    """This rank's minibatches of one epoch after another, each a list of turn indices, longest first (so that
+    micro-batches of similar lengths waste less padding). The order is the same on every rank."""
+    rng = random.Random(update_seed(cfg.seed, update, rank=0, purpose=1))
+    per_rank, n = cfg.minibatch // world, len(batch.prompts)
+    for _ in range(cfg.epochs):
+        order = list(range(n))
+        rng.shuffle(order)
+        for start in range(0, n, per_rank):
+            yield sorted(order[start:start + per_rank],
+                         key=lambda i: -(batch.prompts[i]["input_ids"].shape[1] + len(batch.responses[i])))
+
+
+def tally(sums: Counter, pg, vf, entropy, kl, ratio, clip: float, turns: int, tokens: float, trained: int) -> None:
+    """Add one micro-batch's summed loss terms and ratio statistics to the update's log sums."""
+    sums.update(pg=float(pg), vf=float(vf), entropy=float(entropy), kl=float(kl), turns=turns, tokens=tokens,
+                trained_tokens=trained, ratios=ratio.numel(), clipped=float(((ratio - 1).abs() > clip).sum()),
+                approx_kl=float(((ratio - 1) - ratio.log()).sum()))
+
+
+def ppo_update(policy, opt, batch: Batch, cfg: PPOConfig, update: int, world: int) -> Counter:
+    """cfg.epochs passes over the batch in shuffled minibatches, one optimizer step each; returns the sums the
+    log needs. A minibatch whose loss or gradient is not finite on any rank is skipped (counted), never applied."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    sums = Counter()
+    for mb in minibatches(batch, cfg, update, world):
+        # the loss is a mean over all ranks' turns (tokens for per-token terms) of the minibatch
+        n_turns = R.all_reduce_sum(len(mb)) / world
+        n_tokens = R.all_reduce_sum(sum(len(batch.responses[i]) for i in mb)) / world
+        finite = True
+        for k in range(0, len(mb), cfg.micro_batch):
+            idx = mb[k:k + cfg.micro_batch]
+            collated = policy.collate([batch.prompts[i] for i in idx], [batch.responses[i] for i in idx])
+            out = policy(collated)
+            mask = out["response_mask"].float()                                              # (B, R)
+            width, dev = mask.shape[1], mask.device
+            old_logprobs = pad([batch.old_logprobs[i] for i in idx], width, dev)             # (B, R)
+            weights = pad([batch.weights[i] for i in idx], width, dev)                       # (B, R)
+            advantages = batch.advantages[idx].to(dev)                                       # (B,)
+            pg_sum, ratio = policy_loss(out["logprobs"], old_logprobs, weights, mask, advantages, cfg.clip,
+                                        cfg.token_level)
+            v_sum = clipped_value_loss(out["values"], batch.old_values[idx].to(dev), batch.returns[idx].to(dev),
+                                       cfg.value_clip).sum()
+            entropy_sum = (out["entropy"] * mask).sum()
+            kl_sum = (k3_kl(pad([batch.ref_logprobs[i] for i in idx], width, dev), out["logprobs"], mask)
+                      if batch.ref_logprobs is not None else torch.zeros((), device=dev))
+            loss = (pg_sum / (n_tokens if cfg.token_level else n_turns) + cfg.vf_coef * v_sum / n_turns
+                    - cfg.ent_coef * entropy_sum / n_tokens + cfg.kl_coef * kl_sum / n_tokens)
+            finite = finite and R.all_reduce_sum(float(not torch.isfinite(loss))) == 0
+            if not finite:  # every rank skips together: FSDP's backward is a collective
+                break
+            loss.backward()
+            tally(sums, pg_sum.detach(), v_sum.detach(), entropy_sum.detach(), kl_sum.detach(), ratio.detach(),
+                  cfg.clip, turns=len(idx), tokens=float(mask.sum()), trained=int(collated["attention_mask"].sum()))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if finite else torch.tensor(float("nan"))
+        if finite and torch.isfinite(grad_norm):
+            opt.step()
+            sums.update(steps=1, grad_norm=float(grad_norm))
+        else:
+            sums.update(skipped=1)
+        opt.zero_grad(set_to_none=True)
+    return sums
+
+
 # ---- main ----
 
 def build_optimizer(policy, cfg: PPOConfig):
@@ -370,7 +417,7 @@ def build_optimizer(policy, cfg: PPOConfig):
 def lr_at(update: int, peak: float, cfg: PPOConfig) -> float:
     """The official schedule: torch's CosineAnnealingLR stepped once per update, from `peak` at update 0 toward
     end_lr at lr_max_steps (the task's when 0), which may lie beyond the run's last update."""
-    return M.cosine_lr(update, peak, cfg.lr_max_steps or LR_MAX_STEPS[cfg.task.split("-")[0]], floor=cfg.end_lr)
+    return R.cosine_lr(update, peak, cfg.lr_max_steps or LR_MAX_STEPS[cfg.task.split("-")[0]], floor=cfg.end_lr)
 
 
 def gather_counters(c: Counter, world: int) -> Counter:
@@ -385,35 +432,43 @@ def gather_counters(c: Counter, world: int) -> Counter:
     return total
 
 
-def metrics_of(update: int, roll: Counter, train: Counter, gflops: float, tokens: int, secs: dict, lr: float,
-               token_level: bool, world: int) -> dict:
-    """One metrics.jsonl line from the rollout's and the epochs' sums over all ranks (every rank counts
-    the same optimizer steps and global gradient norms, hence the division by world)."""
-    answers = max(roll["answers"], 1)
+def rollout_metrics(roll: Counter) -> dict:
+    """The rollout's keys of a metrics.jsonl line, from its sums over all ranks."""
     outcomes = {k.split("/", 1)[1]: v for k, v in roll.items() if k.startswith("outcome/")}
     total = max(sum(outcomes.values()), 1)
-    steps_tried = max(train["steps"] + train["skipped"], 1)
-    out = {"step": update, "reward_mean": roll["reward"] / answers,
+    out = {"reward_mean": roll["reward"] / max(roll["answers"], 1),
            "success_rate": roll["successes"] / roll["episodes"] if roll["episodes"] else None,
            "episodes": roll["episodes"], "answers": roll["answers"],
-           "outcomes": {k: v / total for k, v in sorted(outcomes.items())},
-           "policy_loss": train["pg"] / max(train["tokens"] if token_level else train["turns"], 1),
-           "value_loss": train["vf"] / max(train["turns"], 1),
-           "entropy": train["entropy"] / max(train["tokens"], 1), "kl_to_init": train["kl"] / max(train["tokens"], 1),
-           "clip_frac": train["clipped"] / max(train["ratios"], 1), "approx_kl": train["approx_kl"] / max(train["ratios"], 1),
-           "grad_norm": train["grad_norm"] / max(train["steps"], 1), "skipped_minibatches": int(train["skipped"]) // world,
-           "optimizer_steps": int(train["steps"]) // world, "lr": lr, "gflops": gflops, "tokens": tokens,
-           "rollout_s": secs["rollout"], "train_s": secs["train"],
-           "tokens_per_s": (roll["rollout_tokens"] + train["trained_tokens"]) / max(secs["rollout"] + secs["train"], 1e-9)}
+           "outcomes": {k: v / total for k, v in sorted(outcomes.items())}}
     if roll["recognition_checks"]:
         out["recognition_accuracy"] = roll["recognized"] / roll["recognition_checks"]
-    out["skipped_share"] = train["skipped"] / steps_tried
     return out
+
+
+def training_metrics(train: Counter, token_level: bool, world: int) -> dict:
+    """The epochs' keys of a metrics.jsonl line, from their sums over all ranks (every rank counts the same
+    optimizer steps and global gradient norms, hence the division by world)."""
+    per = lambda key, count: train[key] / max(train[count], 1)  # noqa: E731
+    return {"policy_loss": per("pg", "tokens" if token_level else "turns"), "value_loss": per("vf", "turns"),
+            "entropy": per("entropy", "tokens"), "kl_to_init": per("kl", "tokens"),
+            "clip_frac": per("clipped", "ratios"), "approx_kl": per("approx_kl", "ratios"),
+            "grad_norm": per("grad_norm", "steps"), "optimizer_steps": int(train["steps"]) // world,
+            "skipped_minibatches": int(train["skipped"]) // world,
+            "skipped_share": train["skipped"] / max(train["steps"] + train["skipped"], 1)}
+
+
+def start_wandb(cfg: PPOConfig):
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError(f"--wandb {cfg.wandb}: wandb is not installed (pip install wandb), "
+                         "or leave --wandb empty") from None
+    return wandb.init(project=cfg.wandb, config=asdict(cfg), name=os.path.basename(cfg.out))
 
 
 def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
     """Run PPO. `env_factory(update, rank) -> envs` replaces the task's environments (tests use a toy one)."""
-    rank, world, device = M.init_distributed(cfg.device)
+    rank, world, device = R.init_distributed(cfg.device)
     if cfg.turns % world or cfg.minibatch % world:
         raise ValueError(f"turns={cfg.turns} and minibatch={cfg.minibatch} must both be divisible by the {world} ranks")
     per_rank = cfg.turns // world
@@ -422,19 +477,19 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
     wandb_run = start_wandb(cfg) if cfg.wandb and rank == 0 else None
 
     # ---- start: fresh, or the last complete checkpoint ----
-    if os.path.isdir(cfg.model) and not os.path.exists(os.path.join(cfg.model, "config.json")):
-        cfg.model = M.last_checkpoint(cfg.model) or cfg.model  # a run folder: its last checkpoint
-    M.prepare_run_folder(cfg.out, cfg.resume, cfg.overwrite)
-    resume_from = M.last_checkpoint(cfg.out) if cfg.resume else None
+    init = cfg.model  # a run folder starts from its last checkpoint
+    if os.path.isdir(init) and not os.path.exists(os.path.join(init, "config.json")):
+        init = R.last_checkpoint(init) or init
+    R.prepare_run_folder(cfg.out, cfg.resume, cfg.overwrite)
+    resume_from = R.last_checkpoint(cfg.out) if cfg.resume else None
     if cfg.resume and resume_from is None:
         raise ValueError(f"--resume: no complete checkpoint in {cfg.out!r}")
-    state = M.read_trainer_state(resume_from or cfg.model)
+    state = R.read_trainer_state(resume_from or init)
     if state.get("task", cfg.task) != cfg.task:
-        print0(f"warning: {resume_from or cfg.model} was trained on {state['task']}; this run trains on {cfg.task}")
+        print0(f"warning: {resume_from or init} was trained on {state['task']}; this run trains on {cfg.task}")
     torch.manual_seed(cfg.seed)  # a fresh value head's initialization
-    policy = M.load_policy(resume_from or cfg.model, device=device, temperature=cfg.temperature,
-                           precision=cfg.precision)
-    reference = (M.load_policy(cfg.model, device=device, temperature=cfg.temperature, precision=cfg.precision).eval()
+    policy = M.load_policy(resume_from or init, device=device, temperature=cfg.temperature, precision=cfg.precision)
+    reference = (M.load_policy(init, device=device, temperature=cfg.temperature, precision=cfg.precision).eval()
                  if cfg.kl_coef else None)
     # bf16 numerics differ between generation and the training forward: re-score unless told not to
     rescore = cfg.recompute_logprobs if cfg.recompute_logprobs is not None else policy.compute_dtype is not None
@@ -442,8 +497,8 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
     update = state.get("step", 0) if resume_from else 0
     gflops = state.get("gflops", 0.0)  # the SFT initialization's compute carries over: one axis
     tokens = state.get("tokens", 0) if resume_from else 0
-    field_name = ACTION_FIELD[cfg.task.split("-")[0]]
-    print0(f"ppo {cfg.task}: {n_params / 1e6:.1f}M parameters from {resume_from or cfg.model}, {world} rank(s), "
+    field_name = action_field(cfg.task)
+    print0(f"ppo {cfg.task}: {n_params / 1e6:.1f}M parameters from {resume_from or init}, {world} rank(s), "
            f"{'bf16' if policy.compute_dtype else 'fp32'} compute over fp32 weights, {cfg.turns} turns per update, "
            f"start at update {update}")
     if M.is_distributed():
@@ -452,12 +507,12 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
             M.shard(reference)
     opt = build_optimizer(policy, cfg)
     if resume_from:
-        M.load_optimizer_state(policy, opt, resume_from)
+        R.load_optimizer_state(policy, opt, resume_from)
 
     os.makedirs(cfg.out, exist_ok=True)
     log_path = os.path.join(cfg.out, "metrics.jsonl")
     if rank == 0:
-        M.rewind_log(log_path, update)
+        R.rewind_log(log_path, update)
     bar = tqdm(total=cfg.updates, initial=update, desc=f"ppo {cfg.task}", disable=rank != 0)
     while update < cfg.updates:
         seed = update_seed(cfg.seed, update, rank)
@@ -489,16 +544,19 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(update, g["peak"], cfg)
         policy.train()
-        trained = ppo_epochs(policy, opt, batch, cfg, update, world)
+        trained = gather_counters(ppo_update(policy, opt, batch, cfg, update, world), world)
         t2 = time.perf_counter()
 
+        # ---- log and checkpoint ----
         roll = gather_counters(rollout_stats(ro, cfg.task), world)
-        trained = gather_counters(Counter(trained), world)
         update += 1
         gflops += (2 * n_params * roll["rollout_tokens"] + 6 * n_params * trained["trained_tokens"]) / 1e9
         tokens += int(trained["trained_tokens"])
-        metrics = metrics_of(update, roll, trained, gflops, tokens, {"rollout": t1 - t0, "train": t2 - t1},
-                             opt.param_groups[0]["lr"], cfg.token_level, world) | gap
+        metrics = {"step": update, **rollout_metrics(roll), **training_metrics(trained, cfg.token_level, world),
+                   "explained_variance": explained_variance(old_values, returns), **gap,
+                   "lr": opt.param_groups[0]["lr"], "gflops": gflops, "tokens": tokens,
+                   "rollout_s": t1 - t0, "train_s": t2 - t1,
+                   "tokens_per_s": (roll["rollout_tokens"] + trained["trained_tokens"]) / max(t2 - t0, 1e-9)}
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -509,9 +567,9 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
         bar.update(1)
         if update % cfg.save_every == 0 or update == cfg.updates:
             trainer_state = {"step": update, "tokens": tokens, "gflops": gflops, "kind": "ppo", "task": cfg.task,
-                             "config": asdict(cfg)}
+                             "init": init, "config": asdict(cfg)}
             policy.save(os.path.join(cfg.out, f"step-{update:06d}"),
-                        extras={"trainer_state.json": trainer_state, "optimizer.pt": M.optimizer_state(policy, opt)})
+                        extras={"trainer_state.json": trainer_state, "optimizer.pt": R.optimizer_state(policy, opt)})
     bar.close()
     if wandb_run:
         wandb_run.finish()
@@ -520,21 +578,5 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
     return {"step": update, "gflops": gflops, "tokens": tokens}
 
 
-def start_wandb(cfg: PPOConfig):
-    try:
-        import wandb
-    except ImportError:
-        raise ValueError(f"--wandb {cfg.wandb}: wandb is not installed (pip install wandb), or leave --wandb empty") from None
-    return wandb.init(project=cfg.wandb, config=asdict(cfg), name=os.path.basename(cfg.out))
-
-
-def main(argv=None):
-    cfg = parse_config(PPOConfig, argv)
-    try:
-        train(cfg)
-    except ValueError as e:
-        fail(str(e))
-
-
 if __name__ == "__main__":
-    main()
+    main(PPOConfig, train)

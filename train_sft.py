@@ -8,8 +8,8 @@ the same format (see README), so you can bring your own.
 
     python train_sft.py --task gp-l                                  # the embedded default, CPU or one GPU
     python train_sft.py --task gp-l --resume                         # continue an interrupted run
-    torchrun --nproc_per_node 8 train_sft.py --task gp-vl --model /data/llama-3.2-11b-vision \\
-        --lr 1e-6 --batch-size 64 --micro-batch 4 --steps 800        # paper scale (lr grid: 1e-4 ... 1e-7)
+    torchrun --nproc_per_node 8 train_sft.py --task gp-vl --model /data/Llama-3.2-11B-Vision-Instruct \\
+        --lr 5e-7 --batch-size 128 --micro-batch 16 --steps 800      # paper scale (the official GP-VL rate)
 
 Simplifications relative to the paper: its SFT data came from a fixed expert dataset; here the
 environments' experts generate them on the fly from a seed (the same expert answers, any amount).
@@ -20,14 +20,15 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
 
 import model as M
-from cli import check_writable, fail, parse_config, require
-from rollout import check_task, env_config, image_overrides
+import runs as R
+from cli import check_writable, main, require
+from tasks import check_task, env_config, image_overrides, wrong_answer
 
 # ---- config ----
 
@@ -35,28 +36,50 @@ from rollout import check_task, env_config, image_overrides
 @dataclass
 class SFTConfig:
     """Supervised fine-tuning on expert answers."""
-    task: str = field(default="gp-l", metadata={"doc": "gp-l, gp-vl, virl-l or virl-vl (ID rule and visuals only)"})
-    model: str = field(default="smollm2-135m", metadata={"doc": "model name or checkpoint folder to start from"})
-    data: str = field(default="", metadata={"doc": "JSONL of expert conversations; empty: generate them"})
-    export_data: str = field(default="", metadata={"doc": "write the generated examples to this JSONL (images beside it) and exit"})
-    examples: int = field(default=2000, metadata={"doc": "generated examples (with --data empty)"})
-    data_seed: int = field(default=0, metadata={"doc": "seed of the generated examples"})
-    revision_frac: float = field(default=0.0, metadata={"doc": "share of examples with a wrong answer and feedback first"})
-    image_size: int = field(default=0, metadata={"doc": "VL tasks: image side in pixels (GP cards, each V-IRL view); 0: the default"})
-    steps: int = field(default=20, metadata={"doc": "optimizer steps"})
-    batch_size: int = field(default=8, metadata={"doc": "examples per optimizer step, all ranks together"})
-    micro_batch: int = field(default=8, metadata={"doc": "examples per forward pass on one rank (gradient accumulation)"})
-    lr: float = field(default=1e-4, metadata={"doc": "peak learning rate (the paper's grid: 1e-4, 1e-5, 1e-6, 5e-7, 1e-7)"})
-    warmup_steps: int = field(default=2, metadata={"doc": "linear warmup, then cosine decay to 0"})
-    weight_decay: float = field(default=0.0, metadata={"doc": "AdamW weight decay"})
-    grad_clip: float = field(default=1.0, metadata={"doc": "max gradient norm"})
-    save_every: int = field(default=10, metadata={"doc": "checkpoint every N steps (and at the end)"})
-    out: str = field(default="", metadata={"doc": "run folder; empty: runs/sft-<task>"})
-    resume: bool = field(default=False, metadata={"doc": "continue from the run folder's last complete checkpoint"})
-    overwrite: bool = field(default=False, metadata={"doc": "delete the checkpoints already in the run folder and start over"})
-    seed: int = field(default=0, metadata={"doc": "data order and init seed"})
-    device: str = field(default="", metadata={"doc": "cuda, cpu, ...; empty: the GPU when there is one"})
-    precision: str = field(default="auto", metadata={"doc": "auto (GPU: bf16, CPU: fp32), bf16 (over fp32 master weights) or fp32"})
+    task: str = "gp-l"
+    """gp-l, gp-vl, virl-l or virl-vl (ID rule and visuals only)"""
+    model: str = "smollm2-135m"
+    """model name or checkpoint folder to start from"""
+    data: str = ""
+    """JSONL of expert conversations; empty: generate them"""
+    export_data: str = ""
+    """write the generated examples to this JSONL (images beside it) and exit"""
+    examples: int = 2000
+    """generated examples (with --data empty)"""
+    data_seed: int = 0
+    """seed of the generated examples"""
+    revision_frac: float = 0.0
+    """share of examples with a wrong answer and feedback first"""
+    image_size: int = 0
+    """VL tasks: image side in pixels (GP cards, each V-IRL view); 0: the default"""
+    steps: int = 20
+    """optimizer steps"""
+    batch_size: int = 8
+    """examples per optimizer step, all ranks together"""
+    micro_batch: int = 8
+    """examples per forward pass on one rank (gradient accumulation)"""
+    lr: float = 1e-4
+    """peak learning rate (the paper's grid: 1e-4, 1e-5, 1e-6, 5e-7, 1e-7)"""
+    warmup_steps: int = 2
+    """linear warmup, then cosine decay to 0"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    grad_clip: float = 1.0
+    """max gradient norm"""
+    save_every: int = 10
+    """checkpoint every N steps (and at the end)"""
+    out: str = ""
+    """run folder; empty: runs/sft-<task>"""
+    resume: bool = False
+    """continue from the run folder's last complete checkpoint"""
+    overwrite: bool = False
+    """delete the checkpoints already in the run folder and start over"""
+    seed: int = 0
+    """data order and init seed"""
+    device: str = ""
+    """cuda, cpu, ...; empty: the GPU when there is one"""
+    precision: str = "auto"
+    """auto (GPU: bf16, CPU: fp32), bf16 (over fp32 master weights) or fp32"""
 
     def __post_init__(self):
         check_task(self.task)
@@ -78,20 +101,6 @@ class SFTConfig:
 
 # ---- data ----
 
-def _wrong_answer(expert: str, rng: random.Random) -> str:
-    """A plausible mistake: the expert's answer with its formula or action changed."""
-    answer = json.loads(expert)
-    if "formula" in answer:
-        f = answer["formula"]
-        ops = [i for i, c in enumerate(f) if c in "+-*/"]
-        i = rng.choice(ops)
-        answer["formula"] = f[:i] + rng.choice([o for o in "+-*/" if o != f[i]]) + f[i + 1:]
-    else:
-        answer["action"] = rng.choice([a for a in ("forward()", "stop()", "turn_direction(north)",
-                                                   "turn_direction(left)") if a != answer["action"]])
-    return json.dumps(answer)
-
-
 def expert_examples(task: str, n: int, seed: int, revision_frac: float = 0.0, image_size: int = 0) -> list:
     """n examples {"messages": [turns], "response": expert answer} from the task's ID setting.
     GP: one per hand; V-IRL: one per position of a route. With revision_frac, that share first shows
@@ -104,7 +113,7 @@ def expert_examples(task: str, n: int, seed: int, revision_frac: float = 0.0, im
             messages = [{"role": "user", "content": obs.text, "image": obs.image}]
             expert = env.expert_response()
             if rng.random() < revision_frac:
-                wrong = _wrong_answer(expert, rng)
+                wrong = wrong_answer(task, expert, rng)
                 feedback, _, _, info = env.step(wrong)
                 if info["outcome"] != "correct" and feedback.continues:
                     messages += [{"role": "assistant", "content": wrong}, {"role": "user", "content": feedback.text}]
@@ -151,7 +160,8 @@ def read_examples(path: str) -> list:
                         and isinstance(t.get("content"), str) for t in messages):
                     raise TypeError("wrong types")
                 turns = [{"role": t["role"], "content": t["content"],
-                          "image": Image.open(os.path.join(base, t["image"])).convert("RGB") if t.get("image") else None}
+                          "image": Image.open(os.path.join(base, t["image"])).convert("RGB")
+                          if t.get("image") else None}
                          for t in messages]
                 out.append({"messages": turns, "response": response})
             except (ValueError, KeyError, TypeError, OSError) as e:
@@ -191,7 +201,7 @@ def sft_loss(policy, batch: dict, total_tokens: int):
 
 def lr_at(step: int, cfg: SFTConfig) -> float:
     """Linear warmup to cfg.lr, then cosine decay to 0 at cfg.steps."""
-    return M.cosine_lr(step, cfg.lr, cfg.steps, cfg.warmup_steps)
+    return R.cosine_lr(step, cfg.lr, cfg.steps, cfg.warmup_steps)
 
 
 # ---- main ----
@@ -202,19 +212,19 @@ def train(cfg: SFTConfig) -> dict:
                                                         cfg.image_size))
         print(f"wrote {cfg.examples} examples to {cfg.export_data}")
         return {}
-    rank, world, device = M.init_distributed(cfg.device)
+    rank, world, device = R.init_distributed(cfg.device)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {world} ranks")
     per_rank = cfg.batch_size // world
     print0 = print if rank == 0 else (lambda *a, **k: None)
 
     # ---- start: fresh, or the last complete checkpoint ----
-    M.prepare_run_folder(cfg.out, cfg.resume, cfg.overwrite)
-    resume_from = M.last_checkpoint(cfg.out) if cfg.resume else None
+    R.prepare_run_folder(cfg.out, cfg.resume, cfg.overwrite)
+    resume_from = R.last_checkpoint(cfg.out) if cfg.resume else None
     if cfg.resume and resume_from is None:
         raise ValueError(f"--resume: no complete checkpoint in {cfg.out!r}")
     init = resume_from or cfg.model
-    state = M.read_trainer_state(init)
+    state = R.read_trainer_state(init)
     if state.get("task", cfg.task) != cfg.task:
         print0(f"warning: {init} was trained on {state['task']}; this run trains on {cfg.task}")
     torch.manual_seed(cfg.seed)
@@ -236,13 +246,13 @@ def train(cfg: SFTConfig) -> dict:
     opt = torch.optim.AdamW([p for n, p in policy.named_parameters() if not n.startswith("value_head.")],
                             lr=cfg.lr, weight_decay=cfg.weight_decay)
     if resume_from:
-        M.load_optimizer_state(policy, opt, resume_from)
+        R.load_optimizer_state(policy, opt, resume_from)
         torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
 
     # ---- loop ----
     os.makedirs(cfg.out, exist_ok=True)
     if rank == 0:
-        M.rewind_log(os.path.join(cfg.out, "metrics.jsonl"), step)
+        R.rewind_log(os.path.join(cfg.out, "metrics.jsonl"), step)
     log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=step, desc=f"sft {cfg.task}", disable=rank != 0)
     policy.train()
@@ -250,7 +260,7 @@ def train(cfg: SFTConfig) -> dict:
         t0 = time.perf_counter()
         order = data_order(len(encoded), cfg.seed, step * cfg.batch_size, cfg.batch_size)
         mine = [encoded[i] for i in order[rank * per_rank:(rank + 1) * per_rank]]
-        step_tokens = M.all_reduce_sum(sum(len(r) for _, r in mine))
+        step_tokens = R.all_reduce_sum(sum(len(r) for _, r in mine))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         nll_sum, seen = 0.0, 0
@@ -265,10 +275,10 @@ def train(cfg: SFTConfig) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        step_seen = M.all_reduce_sum(seen)
+        step_seen = R.all_reduce_sum(seen)
         tokens += int(step_seen)
         gflops += 6 * n_params * step_seen / 1e9
-        loss_mean = M.all_reduce_sum(nll_sum) / step_tokens
+        loss_mean = R.all_reduce_sum(nll_sum) / step_tokens
         secs = time.perf_counter() - t0
         metrics = {"step": step, "loss": loss_mean, "lr": lr_at(step - 1, cfg), "grad_norm": float(grad_norm),
                    "tokens": tokens, "gflops": gflops, "tokens_per_s": step_seen / secs}
@@ -279,22 +289,14 @@ def train(cfg: SFTConfig) -> dict:
         bar.update(1)
         if step % cfg.save_every == 0 or step == cfg.steps:
             trainer_state = {"step": step, "tokens": tokens, "gflops": gflops, "kind": "sft", "task": cfg.task,
-                             "config": asdict(cfg), "rng": torch.get_rng_state().tolist()}
+                             "init": cfg.model, "config": asdict(cfg), "rng": torch.get_rng_state().tolist()}
             policy.save(os.path.join(cfg.out, f"step-{step:06d}"),
-                        extras={"trainer_state.json": trainer_state, "optimizer.pt": M.optimizer_state(policy, opt)})
+                        extras={"trainer_state.json": trainer_state, "optimizer.pt": R.optimizer_state(policy, opt)})
     bar.close()
     if M.is_distributed():
         torch.distributed.destroy_process_group()
     return {"step": step, "gflops": gflops, "tokens": tokens}
 
 
-def main(argv=None):
-    cfg = parse_config(SFTConfig, argv)
-    try:
-        train(cfg)
-    except ValueError as e:
-        fail(str(e))
-
-
 if __name__ == "__main__":
-    main()
+    main(SFTConfig, train)

@@ -1,7 +1,7 @@
 """Kill -9 a training run, at a random moment or (every other trial) the moment a save's temporary folder
 appears, then check that every reader copes: no hidden half-save is taken for a checkpoint, every checkpoint
-listed loads, and --resume finishes the run with one log line per step and no torn save left. Not a test (pytest collects test_*.py only): a measurement for
-docs/reliability.md.
+listed loads, and --resume finishes the run with one log line per step and no torn save left. Not a test
+(pytest collects test_*.py only): a measurement for docs/reliability.md.
 
     python tests/kill_trials.py --trials 20           # prints one JSON line per trial, then a summary
 """
@@ -21,6 +21,7 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("SFTRL_CACHE", os.path.join(ROOT, ".cache", "models"))
 import evaluate as EV  # noqa: E402
 import model as M  # noqa: E402
+import runs as R
 
 STEPS = 6
 ARGS = ["train_sft.py", "--model", "tiny-text", "--examples", "8", "--steps", str(STEPS), "--batch-size", "2",
@@ -41,13 +42,14 @@ def trial(k: int, out: str, rng: random.Random) -> dict:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     hidden = sorted(d for d in os.listdir(out) if d.startswith(".")) if os.path.isdir(out) else []
-    listed = EV.find_runs(out, os.path.join(out, "eval"))[0][2] if M.last_checkpoint(out) else []
+    listed = EV.find_runs(out, os.path.join(out, "eval"))[0][2] if R.last_checkpoint(out) else []
     loads = all(M.load_policy(c) is not None for c in listed)
-    resumed = subprocess.run([sys.executable, *ARGS, "--out", out, "--resume" if M.last_checkpoint(out) else "--overwrite"],
-                             cwd=ROOT, capture_output=True, text=True)
+    again = "--resume" if R.last_checkpoint(out) else "--overwrite"
+    resumed = subprocess.run([sys.executable, *ARGS, "--out", out, again], cwd=ROOT, capture_output=True, text=True)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         steps = [json.loads(line)["step"] for line in f]
-    return {"trial": k, "aim": "save" if k % 2 else "random", "killed_after_s": round(delay, 2), "hidden_left": hidden, "checkpoints": len(listed),
+    return {"trial": k, "aim": "save" if k % 2 else "random", "killed_after_s": round(delay, 2),
+            "hidden_left": hidden, "checkpoints": len(listed),
             "all_load": loads, "resume_rc": resumed.returncode, "log_steps": steps,
             "ok": loads and resumed.returncode == 0 and steps == list(range(1, STEPS + 1))
             and not any(d.startswith(".") for d in os.listdir(out))}

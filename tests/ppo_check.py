@@ -1,4 +1,4 @@
-"""Run under `torchrun --nproc_per_node 2` (gloo, CPU): two PPO updates (ppo_epochs) on a fixed batch of
+"""Run under `torchrun --nproc_per_node 2` (gloo, CPU): two PPO updates (ppo_update) on a fixed batch of
 turns, sharded with FSDP2 (each rank holds half of the turns) and in one unsharded process (all of them),
 from the same weights. Rank 0 prints one JSON line of measured differences for tests/test_train_ppo.py.
 
@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
+import runs as R
 import train_ppo as P  # noqa: E402
 
 
@@ -32,7 +33,7 @@ def make_batch(policy, n: int, seed: int = 0, rows=None) -> P.Batch:
 
 def two_updates(policy, batch, cfg, world):
     opt = P.build_optimizer(policy, cfg)
-    sums = [P.ppo_epochs(policy, opt, batch, cfg, update=u, world=world) for u in range(2)]
+    sums = [P.ppo_update(policy, opt, batch, cfg, update=u, world=world) for u in range(2)]
     return sums
 
 
@@ -60,12 +61,13 @@ def main():
     sums = two_updates(policy, mine, cfg, world)
     state = M.full_state_dict(policy)
 
-    pg = [M.all_reduce_sum(s["pg"]) for s in sums]
+    pg = [R.all_reduce_sum(s["pg"]) for s in sums]
     if rank == 0:
         d_weights = max(float((state[k] - ref_state[k]).abs().max()) for k in ref_state)
         moved = max(float((ref_state[k] - M.full_state_dict(M.load_policy("tiny-text"))[k]).abs().max())
                     for k in ref_state if not k.startswith("value_head."))
-        print(json.dumps({"weights": d_weights, "moved": moved, "pg": max(abs(a - s["pg"]) for a, s in zip(pg, ref_sums)),
+        d_pg = max(abs(a - s["pg"]) for a, s in zip(pg, ref_sums))
+        print(json.dumps({"weights": d_weights, "moved": moved, "pg": d_pg,
                           "steps": [s.get("steps", 0) for s in sums], "clipped": sum(s["clipped"] for s in ref_sums),
                           "world": world}))
     dist.barrier()

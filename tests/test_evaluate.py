@@ -45,7 +45,8 @@ def test_evaluate_writes_results_answers_table_and_plots(run_folder, tmp_path, c
     # the same seed deals the same hands to both checkpoints, and identical weights answer identically
     by_ck = {}
     for a in answers:
-        by_ck.setdefault(a["checkpoint"], []).append((a["setting"], a["episode"], a["attempt"], a["observation"], a["response"]))
+        by_ck.setdefault(a["checkpoint"], []).append((a["setting"], a["episode"], a["attempt"], a["observation"],
+                                                       a["response"]))
     first, second = by_ck.values()
     assert first == second and len(first) >= 12  # 6 episodes x 2 settings, at least one attempt each
     ood_obs = {a["observation"] for a in answers if a["setting"] == "ood_rule" and a["attempt"] == 1}
@@ -74,7 +75,7 @@ def test_vl_and_virl_metrics(tmp_path):
 
 
 def test_id_evaluation_routes_are_training_routes_and_held_out_ones_are_not():
-    from rollout import make_envs
+    from tasks import make_envs
     train = make_envs("virl-l", "id", 1, seed=0)[0].routes
     assert [r.route_id for r in make_envs("virl-l", "ood_rule", 1, seed=0)[0].routes] == [r.route_id for r in train]
     held = make_envs("virl-l", "id_heldout", 1, seed=0, n_routes=48)[0].routes
@@ -95,7 +96,8 @@ def test_sampling_follows_the_checkpoints_generation_config_unless_a_temperature
 def test_summary_counts_well_formed_answers_and_attempts():
     from rollout import Episode
     eps = [Episode(0, success=True, total_reward=4.0, outcomes=["illegal_formula", "correct"]),
-           Episode(1, total_reward=-7.0, outcomes=["wrong_numbers", "wrong_value", "illegal_formula", "context_exceeded"])]
+           Episode(1, total_reward=-7.0,
+                   outcomes=["wrong_numbers", "wrong_value", "illegal_formula", "context_exceeded"])]
     m = EV.summarize(eps, "gp-l")
     assert m["success"] == 0.5 and m["mean_attempts"] == 3.0 and m["mean_reward"] == -1.5
     assert m["format_valid"] == pytest.approx(3 / 6) and m["outcomes"]["illegal_formula"] == 2
@@ -157,11 +159,13 @@ def test_seeds_pool_into_arms_with_a_t_interval():
     assert [EV.arm_of(n) for n in ("ppo-s2", "sft-seed10", "sft-gp-l", "init")] == ["ppo", "sft", "sft-gp-l", "init"]
     mean, (lo, hi) = EV.mean_ci95([1.0, 2.0, 6.0])
     # mean 3, sample sd sqrt(7), t(2) = 4.303: 3 -+ 4.303 * sqrt(7 / 3)
-    assert mean == 3.0 and lo == pytest.approx(3 - 4.303 * math.sqrt(7 / 3)) and hi == pytest.approx(3 + 4.303 * math.sqrt(7 / 3))
+    half = 4.303 * math.sqrt(7 / 3)
+    assert mean == 3.0 and lo == pytest.approx(3 - half) and hi == pytest.approx(3 + half)
     assert EV.mean_ci95([4.0]) == (4.0, None)
 
     def run(name, init_ood, last_ood):
-        ck = lambda p: {"path": name, "gflops": 0.0, "settings": {"id": {"success": 0.5}, "ood_rule": {"success": p}}}  # noqa: E731
+        ck = lambda p: {"path": name, "gflops": 0.0,  # noqa: E731
+                        "settings": {"id": {"success": 0.5}, "ood_rule": {"success": p}}}
         return {"run": name, "checkpoints": [ck(init_ood), ck(0.3), ck(last_ood)]}
     changes = EV.ood_changes([run("ppo-s0", 0.10, 0.15), run("ppo-s1", 0.10, 0.12), run("sft-s0", 0.10, 0.02)],
                              ["id", "ood_rule"], "gp-l")
@@ -175,7 +179,8 @@ def test_seeds_pool_into_arms_with_a_t_interval():
 
     def virl_run(name, first, last):  # V-IRL: per-step accuracy moves, route success does not
         ck = lambda q: {"path": name, "gflops": 0.0,  # noqa: E731
-                        "settings": {s: {"success": 0.0, "per_step_accuracy": q} for s in ("id", "ood_rule", "id_heldout")}}
+                        "settings": {s: {"success": 0.0, "per_step_accuracy": q}
+                                     for s in ("id", "ood_rule", "id_heldout")}}
         return {"run": name, "checkpoints": [ck(first), ck(last)]}
     changes = EV.ood_changes([virl_run("rl-s0", 0.80, 0.91)], ["id", "ood_rule", "id_heldout"], "virl-l")
     assert [(c["setting"], c["metric"]) for c in changes] == [("ood_rule", "per_step_accuracy")]  # held-out is ID

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import generation as G
 import model as M
 import train_ppo as P
 import train_sft as S
@@ -76,7 +77,7 @@ def test_bf16_generate_and_score_agree_and_the_cache_changes_nothing(name):
     print(f"{name}: bf16 |generate - score| log-prob difference per token: max {diffs.max():.4f}, "
           f"mean {diffs.mean():.4f}")
     assert diffs.max() < 0.25  # cached decoding and one full pass round differently; PPO re-scores anyway
-    cache = M.PrefixCache()
+    cache = G.PrefixCache()
     first = policy.generate(convs, max_new_tokens=16, greedy=True, cache=cache)
     follow = [c + [{"role": "assistant", "content": s.text}, {"role": "user", "content": "Try again."}]
               for c, s in zip(convs, first)]

@@ -13,14 +13,16 @@ from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idef
                           Qwen2VLImageProcessorPil, Qwen2VLProcessor)
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
+import generation as G
 import model as M
+import model_zoo as Z
 
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=4096)
 
 
 def tokenizer(*special_tokens):
-    tok = M.smollm2_tokenizer()
+    tok = Z.smollm2_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": list(special_tokens)})
     return tok
 
@@ -31,7 +33,7 @@ def text_config(tok, **extra):
 
 
 def chat_template(placeholder):
-    return M.VLM_CHAT_TEMPLATE.replace("<|image|>", placeholder)
+    return Z.VLM_CHAT_TEMPLATE.replace("<|image|>", placeholder)
 
 
 def llava():

@@ -108,7 +108,8 @@ def test_bf16_ppo_resume_reproduces_the_uninterrupted_run(tmp_path, killed_after
         P.train(ppo(tmp_path / "b", updates=2, save_every=1, lr=1e-4, grad_clip=1.0))
     P.train(ppo(tmp_path / "b", updates=2, save_every=1, lr=1e-4, grad_clip=1.0, resume=True))
     keys = ("reward_mean", "policy_loss", "value_loss", "logprob_gap_mean")
-    assert [[m[k] for k in keys] for m in metrics(tmp_path / "a")] == [[m[k] for k in keys] for m in metrics(tmp_path / "b")]
+    logged = [[[m[k] for k in keys] for m in metrics(tmp_path / run)] for run in ("a", "b")]
+    assert logged[0] == logged[1]
     a = load_file(str(tmp_path / "a" / "step-000002" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "step-000002" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

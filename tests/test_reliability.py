@@ -14,7 +14,8 @@ import torch
 import bench as B
 import evaluate as EV
 import model as M
-import replicate as R
+import replicate as RE
+import runs as R
 import train_ppo as P
 import train_sft as S
 from cli import parse_config
@@ -69,7 +70,7 @@ def test_a_torn_save_is_ignored_by_evaluation_and_removed_by_the_next_run(tmp_pa
     shutil.copytree(tmp_path / "run" / "step-000002", tmp_path / "run" / ".step-000001.old-dead")
     runs = EV.find_runs(str(tmp_path / "run"), str(tmp_path / "eval"))
     assert [os.path.basename(c) for c in runs[0][2]] == ["step-000001", "step-000002"]
-    assert M.last_checkpoint(str(tmp_path / "run")).endswith("step-000002")
+    assert R.last_checkpoint(str(tmp_path / "run")).endswith("step-000002")
     S.train(sft(tmp_path / "run", steps=3, resume=True))
     assert sorted(os.listdir(tmp_path / "run")) == ["metrics.jsonl", "step-000001", "step-000002", "step-000003"]
 
@@ -126,7 +127,7 @@ def test_a_new_run_into_a_used_run_folder_is_refused_unless_resumed_or_overwritt
     (B.BenchConfig, ["--env-seconds", "-1"], "env_seconds=-1.0"),
     (B.BenchConfig, ["--cache-tokens", "-1"], "cache_tokens=-1"),
     (B.BenchConfig, ["--baseline-episodes", "-1"], "baseline_episodes=-1"),
-    (R.ReplicateConfig, ["--rl-lr", "0"], "rl_lr=0.0: expected a positive number"),
+    (RE.ReplicateConfig, ["--rl-lr", "0"], "rl_lr=0.0: expected a positive number"),
 ])
 def test_bad_numbers_stop_with_one_line(cls, argv, match, capsys):
     assert match in one_line_error(cls, argv, capsys)

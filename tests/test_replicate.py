@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import model as M
+import runs as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,18 +19,20 @@ def replicate(out, *extra):
 def test_tiny_replication_matches_compute_pools_seeds_and_resumes(tmp_path):
     run = replicate(tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    gflops = lambda r: M.read_trainer_state(M.last_checkpoint(str(tmp_path / r)))["gflops"]  # noqa: E731
+    gflops = lambda r: R.read_trainer_state(R.last_checkpoint(str(tmp_path / r)))["gflops"]  # noqa: E731
     init = gflops("init")
     rl = [gflops(f"rl-s{k}") - init for k in (0, 1)]
     sft = [gflops(f"sft-s{k}") - init for k in (0, 1)]
     per_sft_step = init / 2                                   # the initialization: 2 steps from a base model
-    assert all(r > 0 for r in rl) and all(abs(s - sum(rl) / 2) <= 2 * per_sft_step for s in sft), (rl, sft, per_sft_step)
+    assert all(r > 0 for r in rl), rl
+    assert all(abs(s - sum(rl) / 2) <= 2 * per_sft_step for s in sft), (rl, sft, per_sft_step)
     for arm in ("rl", "sft"):                                 # two checkpoints per run, every run starts at init
         for k in (0, 1):
             ckpts = sorted(os.listdir(tmp_path / f"{arm}-s{k}"))
             assert len([c for c in ckpts if c.startswith("step-")]) == 2
             first = sorted(c for c in ckpts if c.startswith("step-"))[0]
-            assert M.read_trainer_state(str(tmp_path / f"{arm}-s{k}" / first))["config"]["model"].endswith("init/step-000002")
+            state = R.read_trainer_state(str(tmp_path / f"{arm}-s{k}" / first))
+            assert state["config"]["model"].endswith("init/step-000002")
     changes = json.loads((tmp_path / "fig6_gp-l.json").read_text())
     assert [(c["arm"], c["setting"], c["seeds"]) for c in changes] == [("rl", "ood_rule", 2), ("sft", "ood_rule", 2)]
     assert (tmp_path / "fig5_gp-l.png").exists() and (tmp_path / "fig6_gp-l.png").exists()
@@ -46,5 +49,6 @@ def test_bad_flags_are_one_line():
     for args, match in ((["--scale", "huge"], "scale='huge'"), (["--seeds", "0,x"], "seeds='0,x'"),
                         (["--task", "chess"], "unknown task 'chess'"),
                         (["--rl-updates", "3", "--checkpoints", "2"], "rl_updates=3 is not a multiple")):
-        out = subprocess.run([sys.executable, "replicate.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        out = subprocess.run([sys.executable, "replicate.py", *args], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120)
         assert out.returncode == 2 and match in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr

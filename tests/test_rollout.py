@@ -7,7 +7,8 @@ import torch
 
 import env_points as E
 import model as M
-from rollout import CONTEXT_OUTCOME, env_config, make_envs, rollout
+from rollout import CONTEXT_OUTCOME, rollout
+from tasks import env_config, make_envs
 
 WRONG = '{"formula": "1+1"}'
 

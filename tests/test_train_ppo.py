@@ -14,6 +14,7 @@ import torch
 
 import env_points as E
 import model as M
+import runs as R
 import train_ppo as P
 import train_sft as S
 
@@ -117,17 +118,17 @@ def test_paper_and_token_level_log_probs_on_a_known_response():
     weights = torch.tensor([[0.5, 1.0, 1.0], [0.5, 1.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     adv = torch.tensor([1.0, -1.0])
-    total, count, ratios = P.policy_loss(new, old, weights, mask, adv, clip=0.1, token_level=False)
+    total, ratios = P.policy_loss(new, old, weights, mask, adv, clip=0.1, token_level=False)
     lr0 = 0.5 * 0.1 + 1.0 * 0.0 + 1.0 * -0.2      # weighted sums of log-prob differences
     lr1 = 0.5 * 0.1 + 1.0 * 0.1
     r0, r1 = math.exp(lr0), math.exp(lr1)
     expect = -min(r0 * 1, min(max(r0, 0.9), 1.1) * 1) - min(r1 * -1, min(max(r1, 0.9), 1.1) * -1)
-    assert float(total) == pytest.approx(expect, abs=1e-6) and float(count) == 2
+    assert float(total) == pytest.approx(expect, abs=1e-6) and len(ratios) == 2
     assert ratios.tolist() == pytest.approx([r0, r1], abs=1e-6)
-    total, count, ratios = P.policy_loss(new, old, weights, mask, adv, clip=0.1, token_level=True)
+    total, ratios = P.policy_loss(new, old, weights, mask, adv, clip=0.1, token_level=True)
     per_token = [(0.1, 1), (0.0, 1), (-0.2, 1), (0.1, -1), (0.1, -1)]
     expect = sum(-min(math.exp(d) * a, min(max(math.exp(d), 0.9), 1.1) * a) for d, a in per_token)
-    assert float(total) == pytest.approx(expect, abs=1e-6) and float(count) == 5 and len(ratios) == 5
+    assert float(total) == pytest.approx(expect, abs=1e-6) and len(ratios) == 5
 
 
 # ---- learning a toy task ----
@@ -151,7 +152,8 @@ class SayYes:
 def test_ppo_raises_the_reward_of_a_toy_task(tmp_path):
     # SFT first, as in the paper: the tiny model learns to answer "yes" or "no", half and half
     data = tmp_path / "yes_no.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "Answer yes or no."}], "response": r}) + "\n"
+    question = [{"role": "user", "content": "Answer yes or no."}]
+    data.write_text("".join(json.dumps({"messages": question, "response": r}) + "\n"
                             for r in ("yes", "no")))
     S.train(S.SFTConfig(model="tiny-text", data=str(data), steps=30, batch_size=2, micro_batch=2, lr=1e-2,
                         warmup_steps=1, save_every=30, out=str(tmp_path / "sft")))
@@ -203,7 +205,7 @@ def test_train_ppo_under_torchrun_runs_two_updates_and_saves(tmp_path):
             sum(share * E.REWARDS[o] for o, share in m["outcomes"].items()))
     assert log[1]["gflops"] > log[0]["gflops"] > 0 and log[0]["optimizer_steps"] == 4 * 8 // 4
     loaded = M.load_policy(str(tmp_path / "run" / "step-000002"))  # a sharded save loads unsharded
-    assert M.read_trainer_state(str(tmp_path / "run" / "step-000002"))["kind"] == "ppo" and loaded.value_head
+    assert R.read_trainer_state(str(tmp_path / "run" / "step-000002"))["kind"] == "ppo" and loaded.value_head
 
 
 def test_resume_continues_with_the_same_next_update(tmp_path, killed_after_save):
@@ -228,22 +230,15 @@ def test_non_finite_minibatch_is_skipped_and_counted(monkeypatch):
     batch = make_batch(policy, 8)
     cfg = P.PPOConfig(model="tiny-text", turns=8, minibatch=4, micro_batch=2, epochs=1, lr=1e-3, grad_clip=1.0, out="x")
     opt = P.build_optimizer(policy, cfg)
-    real, calls = P.micro_batch_loss, []
-
-    def poisoned_first(*args):
-        terms = real(*args)
-        calls.append(1)
-        if len(calls) == 1:
-            terms["pg"] = terms["pg"] * float("nan")
-        return terms
-    monkeypatch.setattr(P, "micro_batch_loss", poisoned_first)
-    sums = P.ppo_epochs(policy, opt, batch, cfg, update=0, world=1)
+    batch.advantages[0] = float("nan")    # poisons the loss of the one minibatch that holds turn 0
+    sums = P.ppo_update(policy, opt, batch, cfg, update=0, world=1)
     assert sums["skipped"] == 1 and sums["steps"] == 1
     assert all(torch.isfinite(p).all() for p in policy.parameters())
 
 
 @pytest.mark.parametrize("args,match", [(["--task", "chess"], "unknown task 'chess'"),
-                                        (["--turns", "10", "--minibatch", "4"], "turns=10 is not a multiple of minibatch=4"),
+                                        (["--turns", "10", "--minibatch", "4"],
+                                         "turns=10 is not a multiple of minibatch=4"),
                                         (["--gamma", "1.5"], "gamma=1.5"), (["--updates", "0"], "updates=0"),
                                         (["--model", "gpt-17"], "neither a known name"),
                                         (["--wandb", "proj"], "wandb is not installed")])
@@ -257,7 +252,7 @@ def test_bad_config_is_one_line(args, match, tmp_path):
 def test_rewind_log_drops_the_steps_after_the_checkpoint(tmp_path):
     log = tmp_path / "metrics.jsonl"
     log.write_text("".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in (1, 2, 3, 4)))
-    M.rewind_log(str(log), 2)  # a run killed after logging steps 3 and 4 resumes from its step-2 checkpoint
+    R.rewind_log(str(log), 2)  # a run killed after logging steps 3 and 4 resumes from its step-2 checkpoint
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2]
 
 
@@ -274,3 +269,11 @@ def test_the_official_learning_rate_schedule_and_adam_epsilon():
     policy = M.load_policy("tiny-text")
     assert all(g["eps"] == 1e-7 for g in P.build_optimizer(policy, gp).param_groups)
     assert gp.max_new_tokens == 512 and gp.ent_coef == 0.0
+
+
+def test_explained_variance_is_cleanrls():
+    returns = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert P.explained_variance(returns, returns) == pytest.approx(1.0)
+    assert P.explained_variance(torch.full((4,), 2.5), returns) == pytest.approx(0.0)
+    assert P.explained_variance(returns - 1, returns) == pytest.approx(1.0)       # a constant offset is explained
+    assert P.explained_variance(returns, torch.ones(4)) is None                  # returns that do not vary

@@ -10,6 +10,7 @@ import torch
 
 import env_points as E
 import model as M
+import runs as R
 import train_sft as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,16 +33,19 @@ def test_expert_examples_are_correct_and_round_trip(tmp_path):
     revised = [e for e in exs if len(e["messages"]) == 3]
     assert 3 <= len(revised) <= 17
     for e in revised:
-        assert e["messages"][1]["role"] == "assistant" and e["messages"][2]["content"].startswith("You failed this trial")
+        assert e["messages"][1]["role"] == "assistant"
+        assert e["messages"][2]["content"].startswith("You failed this trial")
     for e in exs:  # every target answer is one the verifier scores correct for its hand
         ranks = json.loads(e["response"])["cards"]
         assert E.verify(e["response"], ranks, E.PointsConfig()).outcome == "correct"
     path = tmp_path / "d.jsonl"
-    out = subprocess.run([sys.executable, "train_sft.py", "--examples", "20", "--data-seed", "3", "--revision-frac", "0.5",
-                          "--export-data", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "train_sft.py", "--examples", "20", "--data-seed", "3",
+                          "--revision-frac", "0.5", "--export-data", str(path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "wrote 20 examples" in out.stdout, out.stderr[-500:]
     back = S.read_examples(str(path))
-    assert [(b["messages"][-1]["content"], b["response"]) for b in back] == [(e["messages"][-1]["content"], e["response"]) for e in exs]
+    last_turns = lambda xs: [(x["messages"][-1]["content"], x["response"]) for x in xs]  # noqa: E731
+    assert last_turns(back) == last_turns(exs)
     assert S.expert_examples("gp-vl", 1, seed=0, image_size=224)[0]["messages"][0]["image"].size == (224, 224)
     vl = S.expert_examples("virl-vl", 3, seed=0)
     S.write_examples(str(tmp_path / "v.jsonl"), vl)
@@ -89,7 +93,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, killed_after_save):
     S.train(cfg(tmp_path / "b", steps=6, save_every=3, resume=True))
     resumed = losses(tmp_path / "b" / "run")
     assert len(resumed) == 6 and max(abs(a - b) for a, b in zip(full, resumed)) < 1e-5, (full, resumed)
-    state = M.read_trainer_state(str(tmp_path / "b" / "run" / "step-000006"))
+    state = R.read_trainer_state(str(tmp_path / "b" / "run" / "step-000006"))
     assert state["step"] == 6 and state["gflops"] > 0 and state["tokens"] > 0 and state["config"]["task"] == "gp-l"
 
 
@@ -121,7 +125,8 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     # resuming a sharded run: the full optimizer state is loaded on rank 0 and broadcast
     more = torchrun([*args, "--steps", "4", "--resume", "--out", str(tmp_path / "two")])
     assert more.returncode == 0, more.stderr[-2000:]
-    assert len(losses(tmp_path / "two")) == 4 and M.read_trainer_state(str(tmp_path / "two" / "step-000004"))["step"] == 4
+    assert len(losses(tmp_path / "two")) == 4
+    assert R.read_trainer_state(str(tmp_path / "two" / "step-000004"))["step"] == 4
 
 
 @pytest.mark.parametrize("args,match", [(["--task", "chess"], "unknown task 'chess'"),
