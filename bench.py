@@ -64,7 +64,7 @@ LLAMA_11B_VISION_SHAPE = dict(
 # (label, model, ranks, micro-batch tokens T and response tokens R per rank) of the memory section: the README's
 # one-GPU PPO command (16 turns of up to 512 tokens with 128-token answers), and the paper's 11B model on
 # 8 GPUs with its official micro-batches: PPO 1 turn (up to 2048 tokens, 512-token answers), SFT 16 examples
-SECTIONS = "rollout, train, env, memory"
+SECTIONS = "rollout, decode, train, env, memory"
 MEMORY_CASES = (("ppo, 1 GPU", "", 1, 16 * 512, 16 * 128),
                 ("ppo, 8 GPUs", "llama-3.2-11b-vision", 8, 2048, 512),
                 ("sft, 8 GPUs", "llama-3.2-11b-vision", 8, 16 * 512, 16 * 64),
@@ -74,14 +74,18 @@ MEMORY_CASES = (("ppo, 1 GPU", "", 1, 16 * 512, 16 * 128),
 @dataclass
 class BenchConfig:
     """Throughput benchmarks: rollouts, PPO training steps, environments."""
-    sections: str = "rollout,train,env,memory"
-    """comma-separated subset of rollout, train, env, memory"""
+    sections: str = "rollout,decode,train,env,memory"
+    """comma-separated subset of rollout, decode, train, env, memory"""
     model: str = "smollm2-135m"
     """model name or folder for rollout and train"""
     batch: str = ""
     """rollout batch sizes, comma-separated; empty: 32 on CPU, 128,512 on a GPU"""
     baseline_episodes: int = 0
     """episodes of the one-at-a-time loop; 0: 8 on CPU, 32 on a GPU"""
+    decode_batch: int = 0
+    """batch of the decode section; 0: 64 (the engine's raw decode against the plain path, and a rollout)"""
+    compile: bool = True
+    """decode section: also time the compiled engine (torch.compile; CUDA graphs on a GPU)"""
     max_new_tokens: int = 64
     """longest answer, the same in both rollouts"""
     cache_tokens: int = 32768
@@ -115,7 +119,7 @@ class BenchConfig:
         if any(b < 1 for b in sizes):
             raise ValueError(f"batch={self.batch!r}: expected comma-separated positive integers")
         require(self, "max_new_tokens", lambda v: v >= 1, "a positive integer")
-        require(self, "baseline_episodes cache_tokens train_turns micro_batch", lambda v: v >= 0,
+        require(self, "baseline_episodes cache_tokens train_turns micro_batch decode_batch", lambda v: v >= 0,
                 "0 (the default) or a positive integer")
         require(self, "temperature env_seconds", lambda v: v > 0, "a positive number")
         M.check_device(self.device)
@@ -203,6 +207,51 @@ def bench_rollout(policy, cfg: BenchConfig, rows: list, gpu: bool) -> None:
         emit(rows, cfg.out, f"rollout_batched_{b}_speedup_episodes", episodes / secs / single_eps, "x", batch=b)
         emit(rows, cfg.out, f"rollout_batched_{b}_prompt_tokens_cached", cached, "fraction", batch=b,
              cache_tokens=cfg.cache_tokens)
+
+
+# ---- the decoding engine ----
+
+def step_ms(generate, steps: int = 32) -> float:
+    """Milliseconds per decode step of generate(max_new_tokens): the difference between 1 + steps new tokens and
+    1, so that the prefill cancels out (answers must not stop early: see bench_decode)."""
+    generate(1), generate(1 + steps)  # warm-up: allocations, kernels, compilation
+    start = time.perf_counter()
+    generate(1)
+    one = time.perf_counter() - start
+    start = time.perf_counter()
+    generate(1 + steps)
+    return (time.perf_counter() - start - one) / steps * 1000
+
+
+def bench_decode(policy, cfg: BenchConfig, rows: list, gpu: bool) -> None:
+    """One batch of GP-L prompts: ms per decode step of the plain path (Hugging Face generate) and of the engine,
+    eager and compiled; the engine's raw decode tokens/s; and a multi-turn rollout through the engine at the same
+    batch against that raw rate."""
+    import engine as E
+    b = cfg.decode_batch or 64
+    env = GeneralPointsEnv(PointsConfig(), seed=0)
+    prompts = [policy.encode([{"role": "user", "content": env.reset().text}]) for _ in range(b)]
+    stops, policy.stop_ids = policy.stop_ids, [policy.model.config.vocab_size + 1]  # no answer stops early
+    extra = {"batch": b, "model": os.path.basename(policy.model.name_or_path.rstrip("/"))}
+    try:
+        plain = step_ms(lambda n: policy.generate(None, prompts=prompts, max_new_tokens=n, temperature=cfg.temperature))
+        emit(rows, cfg.out, "decode_plain_step_ms", plain, "ms", **extra)
+        variants = [("engine", False)] + ([("engine_compiled", True)] if cfg.compile and not cfg.quick else [])
+        for label, compile in variants:
+            engine = E.Engine(policy, compile=compile)
+            ms = step_ms(lambda n: engine.generate(prompts, max_new_tokens=n, temperature=cfg.temperature))
+            emit(rows, cfg.out, f"decode_{label}_step_ms", ms, "ms", **extra)
+            emit(rows, cfg.out, f"decode_{label}_tokens_per_s", b * 1000 / ms, "tokens/s", **extra)
+            emit(rows, cfg.out, f"decode_{label}_warmup_s", engine.warmup_s, "s", **extra)
+    finally:
+        policy.stop_ids = stops
+    policy.engine = engine  # the last (compiled when asked) engine, for a rollout at raw decode's batch
+    try:
+        tokens, episodes, secs, _ = batched_rollout(policy, b, b, cfg, seed=20_000)
+    finally:
+        policy.engine = None
+    emit(rows, cfg.out, "rollout_engine_tokens_per_s", tokens / secs, "tokens/s", **extra)
+    emit(rows, cfg.out, "rollout_engine_vs_raw_decode", tokens / secs / (b * 1000 / ms), "fraction", **extra)
 
 
 # ---- training ----
@@ -375,6 +424,9 @@ def run(cfg: BenchConfig) -> list:
     print(f"bench on {where} ({torch.get_num_threads()} threads), model {name}")
     if "rollout" in sections:
         bench_rollout(M.load_policy(name, device=device, temperature=cfg.temperature, precision="auto"), cfg, rows, gpu)
+    if "decode" in sections:
+        bench_decode(M.load_policy("tiny-text" if cfg.quick or not gpu else name, device=device,
+                                   temperature=cfg.temperature, precision="auto"), cfg, rows, gpu)
     if "train" in sections:
         bench_train(name, os.path.basename(name.rstrip("/")), cfg, rows, device, gpu)
         if gpu and cfg.llama_1b and not cfg.quick:

@@ -36,6 +36,7 @@ from typing import Optional
 
 import torch
 
+import engine as E
 import model as M
 import runs as R
 from cli import check_writable, main, require
@@ -76,6 +77,8 @@ class EvalConfig:
     """nucleus sampling mass, with --temperature"""
     verify_iter: int = 0
     """attempts per episode / position; 0: the task's (GP 5, V-IRL 2)"""
+    engine: bool = False
+    """generate with engine.py: a static cache and, on a GPU, a compiled decode step (text models)"""
     image_size: int = 0
     """VL tasks: image side in pixels (GP cards, each V-IRL view); 0: the default"""
     seed: int = 0
@@ -414,6 +417,8 @@ def evaluate(cfg: EvalConfig) -> list:
                         and a["setting"] in entry["settings"] and a["setting"] not in todo]
             if todo:
                 policy = M.load_policy(ckpt, device=cfg.device or dist_device)
+                if cfg.engine:
+                    E.attach(policy, compile=policy.device.type == "cuda")
                 entry["sampling"] = sampling(policy, cfg)
             for s in todo:
                 start = time.perf_counter()

@@ -23,6 +23,11 @@ class Sampler:
         self.logprobs = []                                                                 # per step: (B,)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        token = self.draw(scores)                                                          # (B,)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, token[:, None], 0.0)   # (B, V) one-hot
+
+    def draw(self, scores: torch.Tensor) -> torch.Tensor:
+        """The next token of every row from its scores (B, V), its log-probability recorded. -> (B,)"""
         logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)                # (B, V)
         if self.greedy:
             token = logp.argmax(-1)                                                        # (B,)
@@ -41,7 +46,7 @@ class Sampler:
             # the first token whose cumulative mass exceeds u: token i with probability p_i (never a p = 0 token)
             token = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[1] - 1)  # (B,)
         self.logprobs.append(logp.gather(-1, token[:, None]).squeeze(-1))
-        return torch.full_like(scores, float("-inf")).scatter_(-1, token[:, None], 0.0)   # (B, V) one-hot
+        return token
 
 
 class PrefixCache:

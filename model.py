@@ -98,6 +98,7 @@ class Policy(nn.Module):
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.temperature = temperature
         self.compute_dtype = compute_dtype
+        self.engine = None  # an engine.Engine that generate delegates to, when set
         hidden = self._text_config().hidden_size
         self.value_head = ValueHead(hidden, value_width).to(device=model.device)
         self.stop_ids = self._stop_ids()
@@ -263,6 +264,9 @@ class Policy(nn.Module):
         `cache` (text models) serves the prompts' known prefixes and keeps what this call reads and writes."""
         from transformers import GenerationConfig, LogitsProcessorList
         prompts = prompts if prompts is not None else [self.encode(c) for c in conversations]
+        if self.engine is not None:  # engine.py: a static cache and a compiled decode step instead
+            with gathered(self):
+                return self.engine.generate(prompts, max_new_tokens, temperature, top_p, top_k, greedy)
         cache = cache if caches_prefixes(self) else None
         sampler = Sampler(temperature or self.temperature, top_p, greedy, top_k)
         captured = []
@@ -288,20 +292,24 @@ class Policy(nn.Module):
             hook.remove()
             self.train(was_training)
         seqs = out.sequences if cache is not None else out
-        width = batch["input_ids"].shape[1]
-        new = seqs[:, width:].cpu()                                                          # (B, R)
-        logprobs = torch.stack(sampler.logprobs, dim=1).cpu()                                # (B, R)
-        stop = torch.isin(new, torch.tensor(self.stop_ids))
-        samples = []
+        new = seqs[:, batch["input_ids"].shape[1]:].cpu()                                     # (B, R)
+        samples = self.samples(prompts, new, torch.stack(sampler.logprobs, dim=1).cpu(), values)
+        if cache is not None:
+            remember(cache, samples, matches, batch["attention_mask"], out.cache)
+        return samples
+
+    def samples(self, prompts: list, new: torch.Tensor, logprobs: torch.Tensor, values: torch.Tensor) -> list:
+        """One Sample per prompt from the generated tokens (B, R), their log-probs (B, R) and V(prompt) (B,):
+        each response cut after its first end-of-turn token."""
+        stop = torch.isin(new, torch.tensor(self.stop_ids))                                  # (B, R)
+        out = []
         for i, prompt in enumerate(prompts):
             hits = stop[i].nonzero()
             n = int(hits[0]) + 1 if len(hits) else new.shape[1]
             ids = new[i, :n]
-            samples.append(Sample(prompt, ids, logprobs[i, :n], float(values[i]),
-                                  self.tokenizer.decode(ids, skip_special_tokens=True), bool(len(hits))))
-        if cache is not None:
-            remember(cache, samples, matches, batch["attention_mask"], out.cache)
-        return samples
+            out.append(Sample(prompt, ids, logprobs[i, :n], float(values[i]),
+                              self.tokenizer.decode(ids, skip_special_tokens=True), bool(len(hits))))
+        return out
 
     def checkpoint_sampling(self) -> dict:
         """How Hugging Face's generate samples with this checkpoint's generation config and no arguments: greedy

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import engine as E
 import model as M
 import runs as R
 from cli import check_writable, main, require
@@ -110,6 +111,8 @@ class PPOConfig:
     """top-k sampling, 0: off; default: the checkpoint's generation config (Llama-3.2-Vision: 50)"""
     max_new_tokens: int = 512
     """longest answer (the official 512)"""
+    engine: bool = False
+    """generate with engine.py: a static cache and, on a GPU, a compiled decode step (text models)"""
     verify_iter: int = 0
     """attempts per episode / position; 0: the task's (GP 5, V-IRL 2)"""
     image_size: int = 0
@@ -505,6 +508,8 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
         M.shard(policy)
         if reference is not None:
             M.shard(reference)
+    if cfg.engine:
+        E.attach(policy, compile=policy.device.type == "cuda")
     opt = build_optimizer(policy, cfg)
     if resume_from:
         R.load_optimizer_state(policy, opt, resume_from)

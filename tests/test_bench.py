@@ -26,6 +26,9 @@ def test_quick_bench_emits_every_figure_with_its_unit(tmp_path):
                 "env_gp_reset_verify_per_s": "resets+verifies/s per core", "env_virl_steps_per_s": "steps/s per core",
                 "env_gp_vl_images_per_s": "images/s per core", "env_virl_vl_grids_per_s": "2x2 view grids/s per core",
                 "generate_first_call_s": "s", "generate_second_call_s": "s",
+                "decode_plain_step_ms": "ms", "decode_engine_step_ms": "ms", "decode_engine_tokens_per_s": "tokens/s",
+                "decode_engine_warmup_s": "s", "rollout_engine_tokens_per_s": "tokens/s",
+                "rollout_engine_vs_raw_decode": "fraction",
                 **{f"memory_{m}": "GiB per GPU (estimate)"
                    for m in ("tiny-text_1gpu_ppo", "llama-3.2-11b-vision_8gpu_ppo", "llama-3.2-11b-vision_8gpu_sft",
                              "llama-3.2-11b-vision_1gpu_ppo")}}

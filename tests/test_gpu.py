@@ -87,3 +87,24 @@ def test_bf16_generate_and_score_agree_and_the_cache_changes_nothing(name):
     print(f"{name}: {same}/{len(plain)} greedy answers identical with and without the prefix cache, "
           f"{cache.reused} prompt tokens reused")
     assert cache.reused > 0 and same >= len(plain) - 1  # bf16 ties may flip one argmax
+
+
+@pytest.mark.parametrize("name", ["tiny-text", "smollm2-135m"])
+def test_compiled_engine_on_the_gpu_answers_as_the_plain_path(name):
+    import engine as E
+    policy = M.load_policy(name, device="cuda", temperature=0.7, precision="bf16")
+    convs = [[{"role": "user", "content": "Make 24 from the cards 3, 3, 8, 8. " + "Think. " * i}] for i in range(6)]
+    prompts = [policy.encode(c) for c in convs]
+    plain = policy.generate(None, prompts=prompts, max_new_tokens=32, greedy=True)
+    engine = E.Engine(policy, compile=True)
+    fast = engine.generate(prompts, max_new_tokens=32, greedy=True)
+    same = sum(a.response_ids.tolist() == b.response_ids.tolist() for a, b in zip(fast, plain))
+    torch.manual_seed(0)
+    sampled = engine.generate(prompts, max_new_tokens=32)
+    with torch.no_grad():
+        out = policy(policy.collate([s.prompt for s in sampled], [s.response_ids for s in sampled]))
+    gap = max(float((out["logprobs"][i, :len(s.response_ids)].float().cpu() - s.logprobs).abs().max())
+              for i, s in enumerate(sampled))
+    print(f"{name}: engine {same}/{len(plain)} greedy answers as the plain path; max |generate - score| {gap:.4f}; "
+          f"warm-up {engine.warmup_s:.1f} s")
+    assert same >= len(plain) - 1 and gap < 0.25   # bf16 ties may flip one argmax
