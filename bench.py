@@ -18,7 +18,7 @@ the JSON lines to a file too. Figures:
 - env: GeneralPoints reset + verify per second, V-IRL steps per second, and images rendered per
   second (GP-VL cards, V-IRL-VL 2x2 street-view grids), on one core.
 - memory: estimated GPU memory per rank of training with fp32 master weights and bf16 compute
-  (`training_memory`, its formula in the docstring): the model on one GPU, and the paper's 11B model
+  (`runs.training_memory`, its formula in the docstring): the model on one GPU, and the paper's 11B model
   on 8 GPUs under FSDP2 and, for contrast, on one.
 
 Rollouts and training run with the training precision (`--precision auto`: bf16 compute over fp32
@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 import model as M
+import runs as R
 import model_zoo as Z
 import train_ppo as P
 from cli import check_writable, main, require
@@ -295,7 +296,8 @@ def bench_train(name: str, label: str, cfg: BenchConfig, rows: list, device, gpu
     secs = time.perf_counter() - start
     tokens = sums["trained_tokens"]
     extra = {"model": label, "params_m": round(n_params / 1e6, 1), "turns": turns, "micro_batch": micro}
-    emit(rows, cfg.out, f"train_{label}_tokens_per_s", tokens / secs, "tokens/s", **extra)
+    emit(rows, cfg.out, f"train_{label}_tokens_per_s", tokens / secs, "tokens/s", **extra)  # real tokens only
+    emit(rows, cfg.out, f"train_{label}_padding_share", 1 - tokens / sums["computed_tokens"], "fraction", **extra)
     if gpu:
         name_gpu = torch.cuda.get_device_name()
         peak = next((v for k, v in BF16_PEAK.items() if k in name_gpu), None)
@@ -324,39 +326,10 @@ def meta_model(name: str):
         return auto.from_config(config)
 
 
-def training_memory(model, world: int, tokens: int, response_tokens: int, checkpointing: bool = True) -> dict:
-    """Estimated GPU memory per rank (GiB) of a training step with fp32 master weights and bf16 compute: one
-    process under autocast (world 1) or FSDP2 mixed precision. N parameters, W ranks, a micro-batch of T tokens
-    (R of them response tokens) per rank, L layers of width H and MLP width I, vocabulary V, in bytes:
-        master weights 4N/W, gradients 4N/W, Adam m and v 8N/W    (fp32; FSDP shards them)
-        bf16 copy      2N in one process (autocast's casts, kept for the backward); under FSDP
-                       2 (N_root + 2 N_block): the root's gathered weights and two blocks (one prefetched)
-        activations    with gradient checkpointing L T H a + T (20 H + 10 I): each block's input (a = 4 bytes:
-                       the fp32 residual stream under autocast; 2 under FSDP) and one block recomputed;
-                       without, L T (20 H + 10 I)
-        logits         16 R V: fp32 logits, log-softmax, its exp (entropy) and their gradient, response only
-    20 H + 10 I bytes per token is what a Llama block keeps for its backward in bf16 (SDPA: no T x T scores).
-    A VLM's vision tower activations are not counted (under 1 GiB at 4 tiles with checkpointing)."""
-    text = model.config.get_text_config()
-    n = sum(p.numel() for p in model.parameters())
-    blocks = [m for m in model.modules() if type(m).__name__ in set(model._no_split_modules or [])]
-    sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
-    layers, h, i, v = text.num_hidden_layers, text.hidden_size, text.intermediate_size, text.vocab_size
-    block_bytes = tokens * (20 * h + 10 * i)
-    fsdp = world > 1
-    gib = {"weights": 4 * n / world, "gradients": 4 * n / world, "adam": 8 * n / world,
-           "bf16_copy": 2 * ((n - sum(sizes)) + 2 * max(sizes)) if fsdp else 2 * n,
-           "activations": (layers * tokens * h * (2 if fsdp else 4) + block_bytes) if checkpointing
-           else layers * block_bytes,
-           "logits": 16 * response_tokens * v}
-    gib = {k: b / 2**30 for k, b in gib.items()}
-    return {"params_b": n / 1e9, **gib, "total": sum(gib.values())}
-
-
 def bench_memory(cfg: BenchConfig, rows: list) -> None:
     for label, name, world, tokens, response_tokens in MEMORY_CASES:
         name = name or ("tiny-text" if cfg.quick else cfg.model)
-        est = training_memory(meta_model(name), world, tokens, response_tokens)
+        est = R.training_memory(meta_model(name), world, tokens, response_tokens)
         emit(rows, cfg.out, f"memory_{os.path.basename(name.rstrip('/'))}_{world}gpu_{label.split(',')[0]}",
              est["total"], "GiB per GPU (estimate)", ranks=world, tokens=tokens, response_tokens=response_tokens,
              **{k: round(x, 2) for k, x in est.items() if k != "total"})

@@ -68,6 +68,23 @@ def fp32_logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden.float(), head.weight.float(), bias)
 
 
+LOGIT_CHUNK = 1024  # response positions whose (positions, V) fp32 logits exist at once in scoring
+
+
+def token_scores(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float):
+    """log softmax(logits / T) of the target tokens and the entropy of that distribution, from hidden states
+    (N, H) and targets (N,) -> (N,), (N,). Under autograd the fp32 logits are recomputed in the backward
+    instead of kept: a chunk of N positions holds (N, V) floats three times over while it runs, none after
+    (a 128k vocabulary makes that 1.5 GB for 1024 positions)."""
+    def scores(h, y):
+        logp = torch.log_softmax(fp32_logits(head, h) / temperature, dim=-1)                # (N, V)
+        return logp.gather(-1, y[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)       # (N,), (N,)
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        from torch.utils.checkpoint import checkpoint
+        return checkpoint(scores, hidden, targets, use_reentrant=False)
+    return scores(hidden, targets)
+
+
 @dataclass
 class Sample:
     """One generated response."""
@@ -234,10 +251,11 @@ class Policy(nn.Module):
         # the token at position p is predicted by the hidden state at p - 1
         pos = (prompt_lens[:, None] - 1 + torch.arange(response_ids.shape[1], device=hidden.device)[None, :])
         pos = pos.clamp(max=hidden.shape[1] - 1)                                            # (B, R)
-        logits = fp32_logits(self.model.get_output_embeddings(), hidden[b[:, None], pos]) / t  # (B, R, V)
-        logp_all = torch.log_softmax(logits, dim=-1)                                        # (B, R, V)
-        logprobs = logp_all.gather(-1, response_ids[..., None]).squeeze(-1)                 # (B, R)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)                                      # (B, R)
+        head, chosen = self.model.get_output_embeddings(), hidden[b[:, None], pos]           # (B, R, H)
+        flat = [token_scores(head, h, y, t) for h, y in zip(chosen.flatten(0, 1).split(LOGIT_CHUNK),
+                                                            response_ids.flatten().split(LOGIT_CHUNK))]
+        logprobs = torch.cat([lp for lp, _ in flat]).view(mask.shape)                        # (B, R)
+        entropy = torch.cat([e for _, e in flat]).view(mask.shape)                           # (B, R)
         return {"logprobs": logprobs * mask, "entropy": entropy * mask, "values": values, "response_mask": mask}
 
     @torch.no_grad()
@@ -366,14 +384,15 @@ def compute_dtype_of(precision: str, device) -> Optional[torch.dtype]:
 
 
 def load_policy(name_or_path: str, device=None, dtype: Optional[torch.dtype] = None,
-                gradient_checkpointing: Optional[bool] = None, trust_remote_code: bool = False,
+                gradient_checkpointing: bool = False, trust_remote_code: bool = False,
                 temperature: float = 1.0, precision: Optional[str] = None) -> Policy:
     """Load a policy by name ("smollm2-135m", "tiny-text", "tiny-vlm") or local HF folder.
 
     For inference (precision None): the GPU when there is one, bf16 weights there, fp32 on CPU, or
     `dtype`. For training, a `precision` (auto, fp32, bf16): fp32 weights, which the optimizer steps
     (an Adam step of 1e-6 is lost in bf16's 8 significant bits), computing in bf16 under autocast for
-    "bf16" (see `compute_dtype_of`). Gradient checkpointing on a GPU. A checkpoint folder's
+    "bf16" (see `compute_dtype_of`). The trainers turn on gradient checkpointing where memory needs it
+    (`runs.prepare_training`). A checkpoint folder's
     value_head.safetensors is loaded when present, else the head starts fresh."""
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
                               AutoTokenizer)
@@ -397,7 +416,7 @@ def load_policy(name_or_path: str, device=None, dtype: Optional[torch.dtype] = N
     with _one_line_errors(f"model folder {folder!r}: its tokenizer or processor cannot be loaded"):
         processor = (AutoProcessor if is_vlm else AutoTokenizer).from_pretrained(folder,
                                                                                trust_remote_code=trust_remote_code)
-    if gradient_checkpointing if gradient_checkpointing is not None else device.type == "cuda":
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     head, value_state = os.path.join(folder, VALUE_HEAD_FILE), None
     with _one_line_errors(f"{head!r}: not a value head of this model (delete it to start a fresh one)"):

@@ -148,3 +148,52 @@ def load_optimizer_state(policy, opt, checkpoint: str) -> None:
     state = read_optimizer_file(path) if rank() == 0 else {}
     set_optimizer_state_dict(policy, opt, optim_state_dict=state,
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+# ---- memory and the training step ----
+
+def training_memory(model, world: int, tokens: int, response_tokens: int, checkpointing: bool = True) -> dict:
+    """Estimated GPU memory per rank (GiB) of a training step with fp32 master weights and bf16 compute: one
+    process under autocast (world 1) or FSDP2 mixed precision. N parameters, W ranks, a micro-batch of T tokens
+    (R of them response tokens) per rank, L layers of width H and MLP width I, vocabulary V, in bytes:
+        master weights 4N/W, gradients 4N/W, Adam m and v 8N/W    (fp32; FSDP shards them)
+        bf16 copy      2N in one process (autocast's casts, kept for the backward); under FSDP
+                       2 (N_root + 2 N_block): the root's gathered weights and two blocks (one prefetched)
+        activations    with gradient checkpointing L T H a + T (20 H + 10 I): each block's input (a = 4 bytes:
+                       the fp32 residual stream under autocast; 2 under FSDP) and one block recomputed;
+                       without, L T (20 H + 10 I)
+        logits         16 R V: fp32 logits, log-softmax, its exp (entropy) and their gradient, response only
+    20 H + 10 I bytes per token is what a Llama block keeps for its backward in bf16 (SDPA: no T x T scores).
+    A VLM's vision tower activations are not counted (under 1 GiB at 4 tiles with checkpointing)."""
+    text = model.config.get_text_config()
+    n = sum(p.numel() for p in model.parameters())
+    blocks = [m for m in model.modules() if type(m).__name__ in set(model._no_split_modules or [])]
+    sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    layers, h, i, v = text.num_hidden_layers, text.hidden_size, text.intermediate_size, text.vocab_size
+    block_bytes = tokens * (20 * h + 10 * i)
+    fsdp = world > 1
+    gib = {"weights": 4 * n / world, "gradients": 4 * n / world, "adam": 8 * n / world,
+           "bf16_copy": 2 * ((n - sum(sizes)) + 2 * max(sizes)) if fsdp else 2 * n,
+           "activations": (layers * tokens * h * (2 if fsdp else 4) + block_bytes) if checkpointing
+           else layers * block_bytes,
+           "logits": 16 * response_tokens * v}
+    gib = {k: b / 2**30 for k, b in gib.items()}
+    return {"params_b": n / 1e9, **gib, "total": sum(gib.values())}
+
+
+def prepare_training(policy, checkpointing: str, compile: bool, world: int, tokens: int, response_tokens: int) -> str:
+    """Gradient checkpointing only where memory needs it ("auto": on a GPU, when `training_memory` without it
+    passes 85% of the GPU's memory; "on", "off"), and torch.compile of the transformer body when asked (one
+    process: under FSDP the blocks are compiled by FSDP's own wrapping, not here). Returns what was chosen."""
+    if checkpointing not in ("auto", "on", "off"):
+        raise ValueError(f"grad_checkpointing={checkpointing!r}: expected auto, on or off")
+    on = checkpointing == "on"
+    if checkpointing == "auto" and policy.device.type == "cuda":
+        need = training_memory(policy.model, world, tokens, response_tokens, checkpointing=False)["total"]
+        on = need * 2**30 > 0.85 * torch.cuda.get_device_properties(policy.device).total_memory
+    if on:
+        policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compiled = compile and not is_distributed()
+    if compiled:
+        policy.model.model.compile(dynamic=True)
+    return f"gradient checkpointing {'on' if on else 'off'}{', compiled' if compiled else ''}"

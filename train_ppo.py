@@ -129,6 +129,10 @@ class PPOConfig:
     """seed of environments, sampling and minibatch order"""
     device: str = ""
     """cuda, cpu, ...; empty: the GPU when there is one"""
+    grad_checkpointing: str = "auto"
+    """auto (on a GPU when the estimated memory needs it), on or off"""
+    compile: bool = False
+    """torch.compile the transformer body for the epochs (one process)"""
     precision: str = "auto"
     """auto (GPU: bf16, CPU: fp32), bf16 (over fp32 master weights) or fp32"""
     wandb: str = ""
@@ -145,6 +149,7 @@ class PPOConfig:
                 "0 or a positive number")
         require(self, "gamma lam", lambda v: 0 <= v <= 1, "a value between 0 and 1")
         require(self, "top_p", lambda v: 0 < v <= 1, "a share in (0, 1]")
+        require(self, "grad_checkpointing", lambda v: v in ("auto", "on", "off"), "auto, on or off")
         if self.turns % self.minibatch:
             raise ValueError(f"turns={self.turns} is not a multiple of minibatch={self.minibatch}")
         M.compute_dtype_of(self.precision, "cpu")  # a bad name fails here, before any work
@@ -356,11 +361,13 @@ def minibatches(batch: Batch, cfg: PPOConfig, update: int, world: int):
                          key=lambda i: -(batch.prompts[i]["input_ids"].shape[1] + len(batch.responses[i])))
 
 
-def tally(sums: Counter, pg, vf, entropy, kl, ratio, clip: float, turns: int, tokens: float, trained: int) -> None:
-    """Add one micro-batch's summed loss terms and ratio statistics to the update's log sums."""
+def tally(sums: Counter, pg, vf, entropy, kl, ratio, clip: float, turns: int, tokens: float, trained: int,
+          computed: int) -> None:
+    """Add one micro-batch's summed loss terms and ratio statistics to the update's log sums; `trained` tokens are
+    the real ones, `computed` the padded batch the forward ran over."""
     sums.update(pg=float(pg), vf=float(vf), entropy=float(entropy), kl=float(kl), turns=turns, tokens=tokens,
-                trained_tokens=trained, ratios=ratio.numel(), clipped=float(((ratio - 1).abs() > clip).sum()),
-                approx_kl=float(((ratio - 1) - ratio.log()).sum()))
+                trained_tokens=trained, computed_tokens=computed, ratios=ratio.numel(),
+                clipped=float(((ratio - 1).abs() > clip).sum()), approx_kl=float(((ratio - 1) - ratio.log()).sum()))
 
 
 def ppo_update(policy, opt, batch: Batch, cfg: PPOConfig, update: int, world: int) -> Counter:
@@ -396,7 +403,8 @@ def ppo_update(policy, opt, batch: Batch, cfg: PPOConfig, update: int, world: in
                 break
             loss.backward()
             tally(sums, pg_sum.detach(), v_sum.detach(), entropy_sum.detach(), kl_sum.detach(), ratio.detach(),
-                  cfg.clip, turns=len(idx), tokens=float(mask.sum()), trained=int(collated["attention_mask"].sum()))
+                  cfg.clip, turns=len(idx), tokens=float(mask.sum()), trained=int(collated["attention_mask"].sum()),
+                  computed=collated["input_ids"].numel())
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if finite else torch.tensor(float("nan"))
         if finite and torch.isfinite(grad_norm):
             opt.step()
@@ -412,9 +420,11 @@ def ppo_update(policy, opt, batch: Batch, cfg: PPOConfig, update: int, world: in
 def build_optimizer(policy, cfg: PPOConfig):
     head = [p for n, p in policy.named_parameters() if n.startswith("value_head.")]
     body = [p for n, p in policy.named_parameters() if not n.startswith("value_head.")]
+    # one fused kernel per step on a GPU (under FSDP the sharded parameters take the default multi-tensor path)
+    fused = policy.device.type == "cuda" and not M.is_distributed()
     return torch.optim.Adam([{"params": body, "lr": cfg.lr, "peak": cfg.lr},
                              {"params": head, "lr": cfg.value_lr or cfg.lr, "peak": cfg.value_lr or cfg.lr}],
-                            eps=cfg.adam_eps)
+                            eps=cfg.adam_eps, fused=fused or None)
 
 
 def lr_at(update: int, peak: float, cfg: PPOConfig) -> float:
@@ -457,7 +467,8 @@ def training_metrics(train: Counter, token_level: bool, world: int) -> dict:
             "clip_frac": per("clipped", "ratios"), "approx_kl": per("approx_kl", "ratios"),
             "grad_norm": per("grad_norm", "steps"), "optimizer_steps": int(train["steps"]) // world,
             "skipped_minibatches": int(train["skipped"]) // world,
-            "skipped_share": train["skipped"] / max(train["steps"] + train["skipped"], 1)}
+            "skipped_share": train["skipped"] / max(train["steps"] + train["skipped"], 1),
+            "padding_share": 1 - train["trained_tokens"] / max(train["computed_tokens"], 1)}
 
 
 def start_wandb(cfg: PPOConfig):
@@ -501,9 +512,13 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
     gflops = state.get("gflops", 0.0)  # the SFT initialization's compute carries over: one axis
     tokens = state.get("tokens", 0) if resume_from else 0
     field_name = action_field(cfg.task)
+    # the micro-batch the epochs train on: up to 1024 prompt tokens (a revision's conversation) and the answer
+    setup = R.prepare_training(policy, cfg.grad_checkpointing, cfg.compile, world,
+                               tokens=cfg.micro_batch * (1024 + cfg.max_new_tokens),
+                               response_tokens=cfg.micro_batch * cfg.max_new_tokens)
     print0(f"ppo {cfg.task}: {n_params / 1e6:.1f}M parameters from {resume_from or init}, {world} rank(s), "
-           f"{'bf16' if policy.compute_dtype else 'fp32'} compute over fp32 weights, {cfg.turns} turns per update, "
-           f"start at update {update}")
+           f"{'bf16' if policy.compute_dtype else 'fp32'} compute over fp32 weights, {setup}, "
+           f"{cfg.turns} turns per update, start at update {update}")
     if M.is_distributed():
         M.shard(policy)
         if reference is not None:

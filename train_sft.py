@@ -78,6 +78,10 @@ class SFTConfig:
     """data order and init seed"""
     device: str = ""
     """cuda, cpu, ...; empty: the GPU when there is one"""
+    grad_checkpointing: str = "auto"
+    """auto (on a GPU when the estimated memory needs it), on or off"""
+    compile: bool = False
+    """torch.compile the transformer body (one process)"""
     precision: str = "auto"
     """auto (GPU: bf16, CPU: fp32), bf16 (over fp32 master weights) or fp32"""
 
@@ -89,6 +93,7 @@ class SFTConfig:
         require(self, "warmup_steps image_size", lambda v: v >= 0, "0 or a positive integer")
         require(self, "weight_decay", lambda v: v >= 0, "0 or a positive number")
         require(self, "revision_frac", lambda v: 0 <= v <= 1, "a share between 0 and 1")
+        require(self, "grad_checkpointing", lambda v: v in ("auto", "on", "off"), "auto, on or off")
         env_config(self.task, "id", **image_overrides(self.task, self.image_size))  # the size itself
         M.check_device(self.device)
         if self.data and not os.path.isfile(self.data):
@@ -238,13 +243,17 @@ def train(cfg: SFTConfig) -> dict:
     examples = read_examples(cfg.data) if cfg.data else expert_examples(cfg.task, cfg.examples, cfg.data_seed,
                                                                       cfg.revision_frac, cfg.image_size)
     encoded = encode_examples(policy, examples)
+    setup = R.prepare_training(policy, cfg.grad_checkpointing, cfg.compile, world,
+                               tokens=cfg.micro_batch * max(len(p["input_ids"][0]) + len(r) for p, r in encoded),
+                               response_tokens=cfg.micro_batch * max(len(r) for _, r in encoded))
     print0(f"sft {cfg.task}: {len(encoded)} examples, {n_params / 1e6:.1f}M parameters, {world} rank(s), "
-           f"{'bf16' if policy.compute_dtype else 'fp32'} compute over fp32 weights, start at step {step}")
+           f"{'bf16' if policy.compute_dtype else 'fp32'} compute over fp32 weights, {setup}, start at step {step}")
 
     if M.is_distributed():
         M.shard(policy)
+    fused = policy.device.type == "cuda" and not M.is_distributed()  # one kernel per step (not for FSDP's shards)
     opt = torch.optim.AdamW([p for n, p in policy.named_parameters() if not n.startswith("value_head.")],
-                            lr=cfg.lr, weight_decay=cfg.weight_decay)
+                            lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     if resume_from:
         R.load_optimizer_state(policy, opt, resume_from)
         torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
