@@ -34,11 +34,17 @@ fact of either environment:
         evaluation plays episode k of a setting as reset(seed=s, episode=k); a hand comes from the seed
         alone, so GeneralPoints ignores `episode`.
     env.step(answer) -> (Observation, reward, done, info)   verify one attempt
-    env.expert_response() -> str                          a correct answer (the SFT target)
+    env.expert_response(reasoning=False) -> str           a correct answer (the SFT target). reasoning=True: the same
+        JSON object opened by a "thought" field (THOUGHT_FIELD), a chain of thought ending in the action: here
+        each card's number under the active rule, then each operation of the formula with its value
     ACTION_FIELD = "formula"   the answer's final field, the action itself (the PPO trainer weights the tokens
-        before it by `pre_action_coef` in the action's log-probability)
+        before it, the thought among them, by `pre_action_coef` in the action's log-probability)
     wrong_answer(expert: str, rng: random.Random) -> str   a plausible mistake made from an expert answer:
-        one operator of the formula changed (sequential-revision SFT data)
+        one operator of the formula changed (sequential-revision SFT data); a thought is kept as it was
+    config.prompt_template: int = 0   which of PROMPT_TEMPLATES wordings of the task prompt reset() shows; 0 is the
+        original. Each states the same facts and asks for the same fields (prompt diversity for SFT data, as
+        in "Debunk the Myth of SFT Generalization", arXiv 2510.00237). The verifier and its feedback are the same.
+The verifier reads only the answer's own fields: a "thought" or any other extra field is ignored.
 
 This file copies out alone: it needs the standard library and Pillow, nothing else of the project. The V-IRL
 files reuse its environment-independent pieces: the answer parser (`parse_answer`), `Observation`, the
@@ -74,6 +80,8 @@ MAX_FORMULA_CHARS = 512  # longer "formulas" are illegal: no honest answer over 
                          # keeps exact values within a few hundred digits, quick to compute and to print
 MAX_NESTING = 64         # parenthesis depth; keeps the recursive parser far from Python's stack limit
 MAX_IMAGE_SIZE = 4096    # pixels a side: far above the official 1200, far below a size that exhausts memory
+PROMPT_TEMPLATES = 10    # wordings of the task prompt, `PointsConfig.prompt_template` 0 to 9 (0: the original one)
+THOUGHT_FIELD = "thought"  # the reasoning an answer may open with (expert_response(reasoning=True)); never verified
 
 
 @dataclass
@@ -85,6 +93,7 @@ class PointsConfig:
     verify_iter: int = 5                    # attempts per episode (sequential revision)
     face_card_required: Optional[bool] = None  # OOD deal (see deal()); None: exactly under the OOD rule
     image_size: int = 448                   # GP-VL image side in pixels (the official code: 1200)
+    prompt_template: int = 0                # wording of the task prompt, 0 to PROMPT_TEMPLATES - 1 (0: the original)
 
     def __post_init__(self):
         if self.suits not in SUIT_SETS:
@@ -93,6 +102,9 @@ class PointsConfig:
             raise ValueError(f"PointsConfig.verify_iter={self.verify_iter}: expected an integer >= 1")
         if not 64 <= self.image_size <= MAX_IMAGE_SIZE:
             raise ValueError(f"PointsConfig.image_size={self.image_size}: expected 64 to {MAX_IMAGE_SIZE} pixels")
+        if type(self.prompt_template) is not int or not 0 <= self.prompt_template < PROMPT_TEMPLATES:
+            raise ValueError(f"PointsConfig.prompt_template={self.prompt_template!r}: expected an integer from 0 to "
+                             f"{PROMPT_TEMPLATES - 1}")
         if self.face_card_required is None:
             self.face_card_required = not self.face_cards_as_10
 
@@ -380,23 +392,38 @@ def parse_answer(text, fields=ANSWER_FIELDS) -> dict:
     """{field: value or None} from a model's answer; the last field is the one that matters most.
 
     Strict JSON first (anywhere in the text, e.g. inside a ```json fence), then the field
-    patterns of JSON-like text ('formula': (1+2)*8, "cards": [A, 3, K, 6] ...). Never raises.
+    patterns of JSON-like text ('formula': (1+2)*8, "cards": [A, 3, K, 6] ...), outside any
+    "thought" string. Other fields, the thought among them, are ignored. Never raises.
     Shared with env_virl, whose answers have the fields of V-IRL."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", errors="replace")
     text = str(text)[:_MAX_SCAN_CHARS]
     obj = _json_object(text, fields[-1]) or {}
     out = {key: obj.get(key) for key in fields}
-    for key in fields:
-        if out[key] is None:
-            m = _field_re(key).search(text)
-            if m:
-                dq, sq, lst, bare = m.groups()
-                if lst is not None:
-                    out[key] = [item.strip().strip("\"'") for item in lst.split(",") if item.strip()]
-                else:
-                    out[key] = next(g for g in (dq, sq, bare) if g is not None).strip()
+    missing = [key for key in fields if out[key] is None]
+    if missing:
+        text = _blank_thought(text)
+    for key in missing:
+        m = _field_re(key).search(text)
+        if m:
+            dq, sq, lst, bare = m.groups()
+            if lst is not None:
+                out[key] = [item.strip().strip("\"'") for item in lst.split(",") if item.strip()]
+            else:
+                out[key] = next(g for g in (dq, sq, bare) if g is not None).strip()
     return out
+
+
+_THOUGHT_RE = re.compile(r"""(["']%s["']\s*:\s*")((?:[^"\\]|\\[\s\S])*)(")""" % THOUGHT_FIELD, re.IGNORECASE)
+
+
+def _blank_thought(text: str) -> str:
+    """The text with the string value of its "thought" field blanked out, so that the field patterns read the
+    answer's own fields, never one the reasoning merely mentions ('... so the formula: 3*8 ...'). Strict JSON
+    needs no such care: its fields are read by key."""
+    if THOUGHT_FIELD not in text.lower():
+        return text
+    return _THOUGHT_RE.sub(lambda m: m.group(1) + " " * len(m.group(2)) + m.group(3), text)
 
 
 def normalize_rank(item) -> Optional[str]:
@@ -489,7 +516,12 @@ def rule_text(config: PointsConfig) -> str:
 
 
 def prompt_text(ranks, config: PointsConfig) -> str:
-    """The task statement for a new hand: GP-L lists the cards, GP-VL refers to the image."""
+    """The task statement for a new hand, in the wording of `config.prompt_template`: GP-L lists the cards,
+    GP-VL refers to the image."""
+    return _TEMPLATES[config.prompt_template](ranks, config)
+
+
+def _template_0(ranks, config: PointsConfig) -> str:
     shown = ("The four cards are shown in the image." if config.vision
              else "Your cards: " + json.dumps(list(ranks)) + ".")
     return (
@@ -506,6 +538,167 @@ def prompt_text(ranks, config: PointsConfig) -> str:
     )
 
 
+# Prompt diversity ("Debunk the Myth of SFT Generalization", arXiv 2510.00237): SFT on many wordings of one task
+# keeps a model from tying the task to one template. Every template states the same facts (target, rule, cards,
+# the three answer fields and their format) in its own words and order; template 0 is the prompt above.
+
+def _faces(config: PointsConfig, same: str, apart: str) -> str:
+    """The face-card part of the rule: `same` under the ID rule (one value {v}), `apart` under the OOD rule
+    ({j}, {q}, {k})."""
+    j, q, k = (card_value(rank, config.face_cards_as_10) for rank in FACE_CARDS)
+    return same.format(v=j) if config.face_cards_as_10 else apart.format(j=j, q=q, k=k)
+
+
+def _and_list(items) -> str:
+    items = list(items)
+    return ", ".join(items[:-1]) + " and " + items[-1] if len(items) > 1 else "".join(items)
+
+
+def _template_1(ranks, config: PointsConfig) -> str:
+    hand = "Your hand is the four cards in the image." if config.vision else "Your hand: " + ", ".join(ranks) + "."
+    return (
+        "Answer with a single JSON object, with no text around it, of the form\n"
+        '{"cards": [...], "number": [...], "formula": "..."}\n'
+        'Put in "cards" the ranks of your four cards (written A, 2-10, J, Q, K), in "number" the value each card '
+        'counts for, in the same order, and in "formula" an arithmetic expression such as "(3+5)*(7-4)".\n'
+        f"{hand}\n"
+        "Card values: A = 1, " + _faces(config, "J = Q = K = {v}", "J = {j}, Q = {q}, K = {k}")
+        + ", and the cards 2 to 10 are worth the number they show.\n"
+        "The expression must use each card's value once and only once, may combine the values with + - * / and "
+        f"brackets, and must come to exactly {config.target}."
+    )
+
+
+def _template_2(ranks, config: PointsConfig) -> str:
+    table = ("Four cards lie on the table, as the image shows." if config.vision
+             else "Four cards lie on the table: " + json.dumps(list(ranks)) + ".")
+    return (
+        f"{table}\n"
+        f"Your job is to reach {config.target} with them. Each card stands for one number, and you must use "
+        "every one of these numbers exactly once, joined by addition, subtraction, multiplication, division "
+        "and parentheses.\n"
+        "What a card stands for: an ace (A) is 1, "
+        + _faces(config, "a jack, queen or king (J, Q, K) is {v}",
+                 "a jack (J) is {j}, a queen (Q) {q} and a king (K) {k}")
+        + ", and any other card is its printed number.\n"
+        'Reply with JSON only, one object holding three keys in this order: "cards" (the four ranks, as A, 2-10, '
+        'J, Q or K), "number" (the number of each card, in the same order) and "formula" (your expression, '
+        'e.g. "4*(5+1)").'
+    )
+
+
+def _template_3(ranks, config: PointsConfig) -> str:
+    dealt = "see the image (four cards)" if config.vision else " ".join(ranks)
+    return (
+        f"Solve a round of the {config.target} points card game.\n"
+        f"Cards dealt: {dealt}\n"
+        "Rules:\n"
+        "1. Every card has a value: A is 1, " + _faces(config, "J, Q and K are {v}", "J is {j}, Q is {q}, K is {k}")
+        + "; the cards 2 to 10 have their printed value.\n"
+        "2. Write a formula that uses each of the four values exactly once.\n"
+        "3. Only +, -, *, / and parentheses may join the values.\n"
+        f"4. The formula must evaluate to {config.target}.\n"
+        "Output format (one JSON object, nothing else):\n"
+        '{"cards": ["<rank>", "<rank>", "<rank>", "<rank>"], "number": [<value>, <value>, <value>, <value>], '
+        '"formula": "<formula>"}\n'
+        '"cards" holds the ranks as dealt (A, 2-10, J, Q, K), "number" their values in the same order and '
+        '"formula" the formula, for instance "(8-2)*(1+3)".'
+    )
+
+
+def _template_4(ranks, config: PointsConfig) -> str:
+    given = "the four cards in the image" if config.vision else "the cards " + _and_list(ranks)
+    return (
+        f"Question: given {given}, how can you make {config.target}?\n"
+        "Counting: the ranks 2 through 10 count as printed, A counts as 1, and "
+        + _faces(config, "J, Q, K count as {v} each", "J counts as {j}, Q as {q}, K as {k}") + ".\n"
+        "Constraints: use the number of each card exactly once; combine the numbers with +, -, *, / and "
+        "parentheses only.\n"
+        'Answer as one JSON object with the fields "cards" (the four ranks: A, 2-10, J, Q, K), "number" (what '
+        f'each card counts as, same order) and "formula" (an expression equal to {config.target}, like '
+        '"(6-2)*(3+3)"). Write nothing but the JSON object.'
+    )
+
+
+def _template_5(ranks, config: PointsConfig) -> str:
+    cards = "in the image" if config.vision else "[" + ", ".join(ranks) + "]"
+    return (
+        "Card values in this game: A=1, 2-10 = the printed number, "
+        + _faces(config, "J=Q=K={v}", "J={j}, Q={q}, K={k}") + ".\n"
+        f"Target: {config.target}.\n"
+        f"Cards: {cards}\n"
+        "Task: combine the four card values, each used exactly once, with + - * / and ( ), into a formula equal "
+        "to the target.\n"
+        'Output: exactly one JSON object {"cards": [...], "number": [...], "formula": "..."}, where "cards" = '
+        'the ranks (A, 2-10, J, Q, K), "number" = their values in the same order, "formula" = the formula, '
+        'e.g. "2*(3+9)".'
+    )
+
+
+def _template_6(ranks, config: PointsConfig) -> str:
+    deal = ("I deal you four cards; you can see them in the image." if config.vision
+            else "I deal you four cards: " + ", ".join(ranks) + ".")
+    return (
+        f"Let's play {config.target}. {deal}\n"
+        f"Build an arithmetic expression that equals {config.target}, using the value of each of your cards one "
+        "time, no more and no less. You may add, subtract, multiply and divide, and group with parentheses.\n"
+        "Remember how cards are valued: A is 1; " + _faces(config, "J, Q and K are each {v}",
+                                                             "J is {j}, Q is {q} and K is {k}")
+        + "; every other card is worth the number on it.\n"
+        'When you answer, give only a JSON object whose "cards" field lists the four ranks (A, 2-10, J, Q, K), '
+        'whose "number" field lists the value of each card in that same order, and whose "formula" field is '
+        'your expression, for example "(5-1)*(4+2)".'
+    )
+
+
+def _template_7(ranks, config: PointsConfig) -> str:
+    hold = ("The cards you hold are pictured in the image." if config.vision
+            else "The cards you hold: " + json.dumps(list(ranks)))
+    return (
+        "Respond in JSON, as one object with exactly these keys, in this order:\n"
+        '- "cards": a list of the four ranks (A, 2-10, J, Q, K)\n'
+        '- "number": a list of the four numbers those cards count for, in the same order\n'
+        '- "formula": a string holding your formula, e.g. "(7-3)*(2+4)"\n'
+        "The formula must combine all four numbers, each exactly once, using +, -, *, / and parentheses, and "
+        f"equal {config.target}.\n"
+        "Numbers of the cards: A counts 1, " + _faces(config, "J, Q and K count {v}", "J counts {j}, Q {q}, K {k}")
+        + ", and a number card counts its printed number.\n"
+        f"{hold}"
+    )
+
+
+def _template_8(ranks, config: PointsConfig) -> str:
+    cards = "Shown in the image." if config.vision else " | ".join(ranks)
+    return (
+        f"## Game\n{config.target} points: turn four playing cards into the number {config.target}.\n"
+        "## Card values\nA -> 1, 2..10 -> as printed, "
+        + _faces(config, "J, Q, K -> {v}", "J -> {j}, Q -> {q}, K -> {k}") + "\n"
+        f"## Your cards\n{cards}\n"
+        "## What to do\nUse each card's value exactly once with +, -, *, / and parentheses so that the result is "
+        f"{config.target}.\n"
+        "## Answer format\nA single JSON object and nothing else: "
+        '{"cards": [ranks A, 2-10, J, Q, K], "number": [values, same order], '
+        '"formula": "your formula, e.g. (9-3)*(1+3)"}'
+    )
+
+
+def _template_9(ranks, config: PointsConfig) -> str:
+    hold = "the four cards shown in the image" if config.vision else "the cards " + _and_list(ranks)
+    return (
+        f"Exercise ({config.target} points). You hold {hold}; A counts as 1, "
+        + _faces(config, "J, Q and K as {v}", "J as {j}, Q as {q} and K as {k}") + ", any other card as its number.\n"
+        "Write down a formula over these four numbers that uses each exactly once, uses only +, -, *, / and "
+        f"parentheses, and equals {config.target}.\n"
+        'Give your solution as one JSON object, nothing else: "cards" for the ranks (A, 2-10, J, Q, K), "number" '
+        'for the numbers they count as, in the same order, and "formula" for the formula (e.g. "(2+2)*(3+3)"), '
+        'as in {"cards": [...], "number": [...], "formula": "..."}.'
+    )
+
+
+_TEMPLATES = (_template_0, _template_1, _template_2, _template_3, _template_4, _template_5, _template_6,
+              _template_7, _template_8, _template_9)
+
+
 def retry_text(feedback: str) -> str:
     """A failed attempt's feedback as the next user turn (V-IRL's too): it asks for another answer."""
     return feedback + " Try again, answering with one JSON object in the same format."
@@ -513,12 +706,88 @@ def retry_text(feedback: str) -> str:
 
 def wrong_answer(expert: str, rng: random.Random) -> str:
     """A plausible mistake for sequential-revision SFT data: the expert answer with one operator of its
-    formula, drawn from `rng`, replaced by another one."""
+    formula, drawn from `rng`, replaced by another one. A thought, if any, stays: the mistake is in the action."""
     answer = json.loads(expert)
     formula = answer[ACTION_FIELD]
     at = rng.choice([k for k, c in enumerate(formula) if c in "+-*/"])
     answer[ACTION_FIELD] = formula[:at] + rng.choice([o for o in "+-*/" if o != formula[at]]) + formula[at + 1:]
     return json.dumps(answer)
+
+
+# ---- chain-of-thought answers ----
+# "Debunk the Myth of SFT Generalization" trains SFT on answers that reason before they act. The expert's thought
+# shows what a card counts for under the active rule and the arithmetic of its formula, so that SFT data carries
+# the rule itself, not only its result.
+
+def _formula_tree(text: str):
+    """A well-formed formula as nested (operator, left, right) tuples over ints, grouped as _Parser groups it:
+    left to right, * and / before + and -."""
+    tokens, i = _tokenize(text) + [None], 0
+
+    def chain(operand, operators):
+        nonlocal i
+        node = operand()
+        while tokens[i] in operators:
+            op = tokens[i]
+            i += 1
+            node = (op, node, operand())
+        return node
+
+    def factor():
+        nonlocal i
+        tok = tokens[i]
+        i += 1
+        if tok != "(":
+            return tok
+        node = chain(term, ("+", "-"))
+        i += 1  # past its ")", which parse_formula has made sure of
+        return node
+
+    def term():
+        return chain(factor, ("*", "/"))
+
+    return chain(term, ("+", "-"))
+
+
+def _number_text(value: Fraction, operand: bool = False) -> str:
+    """An exact value as the steps write it: 7, -4, 8/3; an operand that is not a natural number is bracketed,
+    so that 3-(8/3) cannot be read as 3-8/3 computed anew."""
+    text = str(value.numerator if value.denominator == 1 else value)
+    return f"({text})" if operand and (value < 0 or value.denominator != 1) else text
+
+
+def formula_steps(formula: str) -> list:
+    """Each binary operation of a formula with its exact value, innermost first, left to right.
+    ValueError when it is not a legal formula.
+    >>> formula_steps("8/(3-8/3)")
+    ['8/3=8/3', '3-(8/3)=1/3', '8/(1/3)=24']
+    """
+    parse_formula(formula)  # the verifier's judgement of the text: the tree below assumes a legal formula
+    steps = []
+
+    def walk(node) -> Fraction:
+        if type(node) is int:
+            return Fraction(node)
+        op, left, right = node
+        a, b = walk(left), walk(right)
+        value = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b
+        steps.append(f"{_number_text(a, True)}{op}{_number_text(b, True)}={_number_text(value)}")
+        return value
+
+    walk(_formula_tree(formula))
+    return steps
+
+
+def expert_thought(ranks, formula: str, config: PointsConfig) -> str:
+    """The reasoning of a correct answer: each card's number under the active rule, then the formula's
+    operations in order of evaluation, ending at the target. Written without double quotes and without
+    'field:' patterns, so that it stays one JSON string that neither the answer parser nor the trainers'
+    search for the action field can mistake for a field."""
+    values = [card_value(rank, config.face_cards_as_10) for rank in ranks]
+    counts = _and_list(f"{rank} counts as {value}" for rank, value in zip(ranks, values))
+    return (f"The cards are {_and_list(ranks)}. Under the rule, {counts}, so the numbers are "
+            f"{_and_list(map(str, values))}. To reach {config.target}, combine them as {formula}, working out the "
+            f"innermost operation first: " + ", ".join(formula_steps(formula)) + f", the target {config.target}.")
 
 
 # ---- rendering (GP-VL) ----
@@ -714,10 +983,14 @@ class GeneralPointsEnv:
                           continues=not self.done)
         return obs, verdict.reward, self.done, info
 
-    def expert_response(self) -> str:
-        """A correct answer for the current hand: the dealt ranks, their numbers, the shortest formula."""
+    def expert_response(self, reasoning: bool = False) -> str:
+        """A correct answer for the current hand: the dealt ranks, their numbers, the shortest formula.
+        `reasoning`: a "thought" field first, the chain of thought of `expert_thought`, in the same object."""
         formula = solve(self.values, self.config.target)[0]
-        return json.dumps({"cards": self.ranks, "number": self.values, "formula": formula})
+        answer = {"cards": self.ranks, "number": self.values, "formula": formula}
+        if reasoning:  # first, so that the formula, the action, still ends the answer
+            answer = {THOUGHT_FIELD: expert_thought(self.ranks, formula, self.config), **answer}
+        return json.dumps(answer)
 
 
 # ---- demo ----

@@ -45,11 +45,18 @@ either environment:
         dropped forwards). The evaluation plays episode k of a setting as reset(seed=s, episode=k): route
         k % len(env.routes). Without `episode` a route is drawn from the RNG (`route=i` picks one by index).
     env.step(answer) -> (Observation, reward, done, info)   verify one attempt
-    env.expert_response() -> str                          the correct answer at the current position
+    env.expert_response(reasoning=False) -> str           the correct answer at the current position. reasoning=True:
+        the same JSON object opened by a "thought" field (THOUGHT_FIELD), a chain of thought ending in the action:
+        what is in sight, whether it is an intersection, which instruction applies and why, the heading or turn
+        it names, hence the action
     ACTION_FIELD = "action"   the answer's final field, the action itself (the PPO trainer weights the tokens
-        before it by `pre_action_coef` in the action's log-probability)
+        before it, the thought among them, by `pre_action_coef` in the action's log-probability)
     wrong_answer(expert: str, rng: random.Random) -> str   a plausible mistake made from an expert answer:
-        another action from a fixed list (sequential-revision SFT data)
+        another action from a fixed list (sequential-revision SFT data); a thought is kept as it was
+    config.prompt_template: int = 0   which of PROMPT_TEMPLATES wordings of the prompt reset() and step() show; 0
+        is the original. Each states the same facts and asks for the same fields (prompt diversity for SFT data,
+        as in "Debunk the Myth of SFT Generalization", arXiv 2510.00237). The verifier and its feedback are the same.
+The verifier reads only the answer's own fields: a "thought" or any other extra field is ignored.
 
     python env_virl.py                         # sample prompt, sample ID and OOD view grids, expert play
     python env_virl.py --export routes.json --routes synthetic:nyc --n-routes 1000
@@ -68,8 +75,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 # GeneralPoints' environment-independent pieces: observation, answer parser, feedback wording, self-check, CLI
-from env_points import (OneLineArgumentParser, Observation, cannot_write, fail, failure_feedback, parse_answer,
-                        play_expert, retry_text)
+from env_points import (THOUGHT_FIELD, OneLineArgumentParser, Observation, cannot_write, fail, failure_feedback,
+                        parse_answer, play_expert, retry_text)
 from streetview import StreetViews, render_grid, synthetic_views
 
 DIRECTIONS = ("north", "northeast", "east", "southeast", "south", "southwest", "west", "northwest")
@@ -82,6 +89,7 @@ EARTH_RADIUS_M = 6_371_000.0
 METERS_PER_DEG_LAT = 111_320.0
 MAX_ROUTES = 1_000_000  # synthetic routes per config: a thousand times the paper's, short of exhausting memory
 MAX_VIEW_SIZE = 2048    # pixels a side of one street view (the grid is twice that)
+PROMPT_TEMPLATES = 10   # wordings of the prompt, `VirlConfig.prompt_template` 0 to 9 (0: the original one)
 
 
 @dataclass
@@ -98,6 +106,7 @@ class VirlConfig:
     view_size: int = 224                # side of one street view; the grid is twice that
     streetview_dir: Optional[str] = None  # real routes + vision: folder of {pano_id}.jpg and .metadata.json
     streetview_map: Optional[str] = None  # real routes + vision: pickle {(lat, lng): pano_id}
+    prompt_template: int = 0            # wording of the prompt, 0 to PROMPT_TEMPLATES - 1 (0: the original)
 
     def __post_init__(self):
         if self.verify_iter < 1:
@@ -110,6 +119,9 @@ class VirlConfig:
             raise ValueError(f"VirlConfig.n_routes={self.n_routes}: expected an integer from 1 to {MAX_ROUTES}")
         if not 32 <= self.view_size <= MAX_VIEW_SIZE:
             raise ValueError(f"VirlConfig.view_size={self.view_size}: expected 32 to {MAX_VIEW_SIZE} pixels")
+        if type(self.prompt_template) is not int or not 0 <= self.prompt_template < PROMPT_TEMPLATES:
+            raise ValueError(f"VirlConfig.prompt_template={self.prompt_template!r}: expected an integer from 0 to "
+                             f"{PROMPT_TEMPLATES - 1}")
 
 
 # ---- geometry ----
@@ -671,8 +683,13 @@ ACTION_SPACE = {True: "north, northeast, east, southeast, south, southwest, west
                 False: "left, right, slightly left, slightly right"}
 
 
-def prompt_text(steps: list, history: list, current: str, absolute: bool, vision: bool) -> str:
-    """The full prompt at one position: task, numbered instructions, action space, O/A history."""
+def prompt_text(steps: list, history: list, current: str, absolute: bool, vision: bool, template: int = 0) -> str:
+    """The full prompt at one position: task, numbered instructions, action space, O/A history, in the wording
+    of `template` (VirlConfig.prompt_template)."""
+    return _TEMPLATES[template](steps, history, current, absolute, vision)
+
+
+def _template_0(steps: list, history: list, current: str, absolute: bool, vision: bool) -> str:
     lines = [f"O_{i + 1}: {o}\nA_{i + 1}: {a}" for i, (o, a) in enumerate(history)]
     lines.append(f"O_{len(history) + 1}: {current}")
     view = ("[Observation format]\nYou observe a 2x2 grid of street views with these headings:\n"
@@ -694,13 +711,229 @@ def prompt_text(steps: list, history: list, current: str, absolute: bool, vision
     )
 
 
+# Prompt diversity ("Debunk the Myth of SFT Generalization", arXiv 2510.00237): SFT on many wordings of one task
+# keeps a model from tying the task to one template. Every template states the same facts (the task, the numbered
+# instructions, the views in V-IRL-VL, the action space, the observations and actions so far, the current
+# observation, the three answer fields) in its own words and order; template 0 is the prompt above.
+
+def _numbered(steps: list, form: str) -> str:
+    return "\n".join(form.format(i=i + 1, s=s) for i, s in enumerate(steps))
+
+
+def _past(history: list, form: str, none: str) -> str:
+    """The observations and actions so far, one line each, or `none` at the first position."""
+    return "\n".join(form.format(i=i + 1, o=o, a=a) for i, (o, a) in enumerate(history)) or none
+
+
+def _template_1(steps, history, current, absolute, vision) -> str:
+    view = ("At the current position you see one image of four street views in a 2x2 grid: the front view top "
+            "left, the right view top right, the back view bottom left and the left view bottom right. Look in "
+            "them for the landmarks the route names.\n\n" if vision else "")
+    return (
+        "Reply with exactly one JSON object:\n"
+        '{"current observation": "...", "current instruction": "...", "action": "..."}\n'
+        '"current observation" describes what you observe where you stand now, "current instruction" is the route '
+        'instruction you are carrying out there, and "action" is your next move, taken from the allowed actions.\n\n'
+        "Allowed actions:\n"
+        "- forward(): go ahead to the next position\n"
+        f"- turn_direction(x): turn to face x, where x is one of {ACTION_SPACE[absolute]}\n"
+        "- stop(): you have arrived at the destination\n\n"
+        "You are walking a route through a city, one position at a time. The route:\n"
+        + _numbered(steps, "Step {i}: {s}") + "\n\n" + view +
+        "Positions so far:\n"
+        + "".join(f"Position {i + 1} - observed: {o}\nPosition {i + 1} - action taken: {a}\n"
+                  for i, (o, a) in enumerate(history))
+        + f"Position {len(history) + 1} (current) - observed: {current}"
+    )
+
+
+def _template_2(steps, history, current, absolute, vision) -> str:
+    view = ("What you see is one image of 4 street views, laid out as a 2x2 grid: front and right on the top "
+            "row, back and left on the bottom row. Check it for the landmarks the directions mention.\n\n"
+            if vision else "")
+    return (
+        "Navigation task. You walk along a route in a city, position by position, following written directions. "
+        "At every position, report what you see, name the direction you are following, and choose the next "
+        "action.\n\n"
+        "What you have seen and done, oldest first:\n"
+        + _past(history, "{i}. saw: {o} | did: {a}", "nothing yet, this is the first position") + "\n"
+        f"Now you see: {current}\n\n"
+        "Route directions:\n" + _numbered(steps, "({i}) {s}") + "\n\n"
+        "Actions you may take: forward() moves you to the next position; turn_direction(x) turns you to face x, "
+        f"with x one of {ACTION_SPACE[absolute]}; stop() ends the walk at the destination.\n\n" + view +
+        'Output one JSON object only, with the keys "current observation" (what you see now), "current '
+        'instruction" (the direction you are following) and "action" (the action you take).'
+    )
+
+
+def _template_3(steps, history, current, absolute, vision) -> str:
+    view = ("## Views\nA 2x2 image of street views: [front | right] on top, [back | left] below. Watch for the "
+            "landmarks named in the instructions.\n" if vision else "")
+    n = len(history) + 1
+    return (
+        "## Role\nYou guide a pedestrian through a city along a described route, deciding one move per "
+        "position.\n"
+        "## Route instructions\n" + _numbered(steps, "{i}) {s}") + "\n"
+        "## Moves\n"
+        "* forward() - walk on to the next position\n"
+        f"* turn_direction(x) - face x, where x is one of {ACTION_SPACE[absolute]}\n"
+        "* stop() - the destination is reached\n" + view +
+        "## Trajectory\n"
+        + "".join(f"t{i + 1} observation: {o}\nt{i + 1} action: {a}\n" for i, (o, a) in enumerate(history))
+        + f"t{n} observation: {current}   <- now\n"
+        '## Answer\nA single JSON object, {"current observation": ..., "current instruction": ..., "action": ...}, '
+        f"giving what you observe at t{n}, the instruction you are following there, and your move."
+    )
+
+
+def _template_4(steps, history, current, absolute, vision) -> str:
+    view = ("Your observation is an image of four street views in a 2x2 grid (top: front, right; bottom: back, "
+            "left); find in it the landmarks the instructions name.\n\n" if vision else "")
+    return (
+        f"Question: you are following the route below and stand at position {len(history) + 1}. What do you "
+        "observe, which instruction are you following, and what is your next action?\n\n"
+        "Route:\n" + _numbered(steps, "Instruction {i} - {s}") + "\n\n"
+        "Earlier positions:\n"
+        + _past(history, 'At position {i} you observed "{o}" and took the action {a}.',
+                "None: you are at the first position.") + "\n"
+        f"At this position you observe: {current}\n\n" + view +
+        "Possible actions are forward() (advance to the next position), turn_direction(x) (turn to face x, x being "
+        f"one of {ACTION_SPACE[absolute]}) and stop() (you are at the destination).\n\n"
+        'Answer format: one JSON object and nothing else, {"current observation": "<what you observe>", '
+        '"current instruction": "<the instruction you follow>", "action": "<your action>"}.'
+    )
+
+
+def _template_5(steps, history, current, absolute, vision) -> str:
+    view = ("The current observation is a picture made of four street views, 2 by 2: front (top left), right (top "
+            "right), back (bottom left), left (bottom right). Look for the landmarks of the instructions.\n\n"
+            if vision else "")
+    return (
+        f"Current observation: {current}\n\n"
+        "Previous observations and actions:\n" + _past(history, "{i}) {o} => {a}", "(none)") + "\n\n"
+        "You are a navigator on foot. These are the numbered instructions of your whole route; carry them out "
+        "in order:\n" + _numbered(steps, "[{i}] {s}") + "\n\n" + view +
+        f"Action space: forward() | turn_direction(x), x in {ACTION_SPACE[absolute]} | stop()\n"
+        "forward() takes you to the next position, turn_direction(x) turns you to face x, stop() means you have "
+        "arrived.\n\n"
+        'Respond with JSON only, one object with three fields, in this order: "current observation", what you '
+        'observe now; "current instruction", the instruction you are carrying out; "action", one action from '
+        "the action space."
+    )
+
+
+def _template_6(steps, history, current, absolute, vision) -> str:
+    view = ("VIEWS\none image, a 2x2 grid of street views: front, right (top row); back, left (bottom row)\n"
+            if vision else "")
+    return (
+        "INPUT\nroute instructions:\n" + _numbered(steps, "  #{i} {s}") + "\n"
+        "history:\n" + _past(history, "  #{i} observation={o} action={a}", "  (empty)") + "\n"
+        f"current observation: {current}\n" + view +
+        "ACTIONS\nforward() = move to the next position; turn_direction(x) = turn to face x (x in "
+        f"{ACTION_SPACE[absolute]}); stop() = at the destination\n"
+        'OUTPUT\none JSON object: {"current observation": <what you observe>, "current instruction": <the '
+        'instruction being carried out>, "action": <an action from ACTIONS>}\n'
+        "TASK\nNavigate the route one position at a time: read the current observation against the "
+        "instructions and pick the next action."
+    )
+
+
+def _template_7(steps, history, current, absolute, vision) -> str:
+    view = ("What you see comes as one image of four street views in a 2x2 grid, front and right above, back and "
+            "left below; spot in it the landmarks of your directions.\n" if vision else "")
+    return (
+        "Imagine you are on foot in a city, finding your way with these directions, which you follow in order:\n"
+        + _numbered(steps, "{i}. {s}") + "\n"
+        "On the way you noted:\n" + _past(history, "- at position {i} you saw: {o} (you chose {a})", "- nothing so far")
+        + f"\nWhere you stand now (position {len(history) + 1}): {current}\n" + view +
+        "At each position you take exactly one action: forward() to walk on to the next position, "
+        f"turn_direction(x) to turn and face x (x is one of {ACTION_SPACE[absolute]}), or stop() once you reach "
+        "the destination.\n"
+        "Say what you observe, which of the directions you are following, and what you do next, as one JSON "
+        'object and nothing else: {"current observation": "...", "current instruction": "...", "action": "..."}'
+    )
+
+
+def _template_8(steps, history, current, absolute, vision) -> str:
+    view = ("Your observations are images of 4 street views in a 2x2 grid ([front, right] over [back, left]); "
+            "check them for the landmarks of the route.\n\n" if vision else "")
+    n = len(history) + 1
+    return (
+        "Your answer must be one JSON object with these keys, in this order:\n"
+        '- "current observation": what you observe at your position\n'
+        '- "current instruction": which route instruction you are carrying out\n'
+        '- "action": the next action, one of forward(), turn_direction(x) with x among '
+        f"{ACTION_SPACE[absolute]}, or stop()\n"
+        "forward() moves you to the next position, turn_direction(x) turns you to face x, and stop() says you have "
+        "reached the destination.\n\n"
+        "The route you are navigating, step by step:\n" + _numbered(steps, "Step {i}. {s}") + "\n\n" + view +
+        "Log of the walk:\n"
+        + "".join(f"O_{i + 1} = {o}\nA_{i + 1} = {a}\n" for i, (o, a) in enumerate(history))
+        + f"O_{n} = {current} (now)"
+    )
+
+
+def _template_9(steps, history, current, absolute, vision) -> str:
+    view = ("Views: each position shows one image, four street views in a 2x2 grid, front top left, right top "
+            "right, back bottom left, left bottom right.\n" if vision else "")
+    n = len(history) + 1
+    return (
+        "You are a navigation agent in a city. Rules: go one position at a time; at each position, compare what "
+        "you observe with the route instructions, then take the action that carries out the current "
+        "instruction.\n"
+        "Actions: forward() (to the next position), turn_direction(x) (face x, with x in "
+        f"{ACTION_SPACE[absolute]}), stop() (the destination is reached).\n"
+        "Route, numbered:\n" + _numbered(steps, "{i} - {s}") + "\n" + view +
+        "Log:\n" + "".join(f"[{i + 1}] {o} -> {a}\n" for i, (o, a) in enumerate(history))
+        + f"[{n}] {current} -> ?\n"
+        'Answer: one JSON object holding "current observation" (what you observe), "current instruction" (the '
+        'instruction in progress) and "action" (your action), nothing else.'
+    )
+
+
+_TEMPLATES = (_template_0, _template_1, _template_2, _template_3, _template_4, _template_5, _template_6,
+              _template_7, _template_8, _template_9)
+
+
+# ---- chain-of-thought answers ----
+# "Debunk the Myth of SFT Generalization" trains SFT on answers that reason before they act. The expert's thought
+# ties the observation to the instruction that applies and the instruction to the action under the active rule,
+# so that SFT data carries the rule itself, not only its result.
+
+def expert_thought(pos: Position, steps: list, absolute: bool) -> str:
+    """The reasoning of the correct answer at a position: what is in sight, whether it is an intersection, which
+    instruction applies and why, which heading or turn it names, hence the action. Written without double
+    quotes and without 'field:' patterns, so that it stays one JSON string that neither the answer parser nor
+    the trainers' search for the action field can mistake for a field."""
+    n, action = pos.instruction, expected_action(pos, absolute)
+    seen = [("the destination " if name == pos.destination else "") + f"{name} on my {relation_name(b - pos.heading)}"
+            for name, b in pos.landmarks]
+    sight = ("I see " + ", ".join(seen) if seen else "I see no landmark") + (
+        "; this is an intersection" if pos.at_intersection else "; this is not an intersection")
+    quoted = lambda k: f"instruction {k}, '{steps[k - 1]}',"
+    if pos.action == "forward":
+        return f"{sight}, so I am still on the street of {quoted(n)} short of its end. The action is {action}."
+    if pos.action == "stop":
+        arrived = ("the destination is in sight" if any(name == pos.destination for name, _ in pos.landmarks)
+                   else "I am at the destination")
+        return (f"{sight}. This is the end of {quoted(n)} the last instruction: it leads to {pos.destination}, and "
+                f"{arrived}. The action is {action}.")
+    why = (f"{sight}, so {quoted(n - 1)} is done and {quoted(n)} applies here." if pos.at_intersection
+           else f"{sight}. I have not moved yet, so I am at the start of the route and {quoted(n)} applies.")
+    to = direction_name(pos.turn_to)
+    rule = (f"It names the heading {to}, and my actions take compass headings" if absolute
+            else f"It names a {turn_name(pos.heading, pos.turn_to)} turn to face {to}, and my actions take turns "
+                 "relative to my heading")
+    return f"{why} {rule}, so the action is {action}."
+
+
 # every kind of action, and a turn of each rule: under either rule, one of the turns is outside its action space
 WRONG_ACTIONS = ("forward()", "stop()", "turn_direction(north)", "turn_direction(left)")
 
 
 def wrong_answer(expert: str, rng: random.Random) -> str:
     """A plausible mistake for sequential-revision SFT data: the expert answer with another action, drawn
-    from `rng` among WRONG_ACTIONS."""
+    from `rng` among WRONG_ACTIONS. A thought, if any, stays: the mistake is in the action."""
     answer = json.loads(expert)
     answer[ACTION_FIELD] = rng.choice([a for a in WRONG_ACTIONS if a != answer[ACTION_FIELD]])
     return json.dumps(answer)
@@ -778,7 +1011,7 @@ class NavigationEnv:
     def _observation(self) -> Observation:
         pos = self.position
         text = prompt_text(self.steps, self.history, self._current_text(pos), self.config.absolute_actions,
-                           self.config.vision)
+                           self.config.vision, self.config.prompt_template)
         image = render_grid(self.views(pos), self.config.view_size) if self.config.vision else None
         return Observation(text, image, continues=False)
 
@@ -807,12 +1040,15 @@ class NavigationEnv:
         info["success"] = self.done and correct  # the last position is the stop(): every one was passed
         return obs, verdict.reward, self.done, info
 
-    def expert_response(self) -> str:
-        """The correct answer at the current position."""
-        pos = self.position
-        return json.dumps({"current observation": observation_text(pos),
-                           "current instruction": self.steps[pos.instruction - 1],
-                           "action": expected_action(pos, self.config.absolute_actions)})
+    def expert_response(self, reasoning: bool = False) -> str:
+        """The correct answer at the current position. `reasoning`: a "thought" field first, the chain of
+        thought of `expert_thought`, in the same object."""
+        pos, absolute = self.position, self.config.absolute_actions
+        answer = {"current observation": observation_text(pos), "current instruction": self.steps[pos.instruction - 1],
+                  "action": expected_action(pos, absolute)}
+        if reasoning:  # first, so that the action still ends the answer
+            answer = {THOUGHT_FIELD: expert_thought(pos, self.steps, absolute), **answer}
+        return json.dumps(answer)
 
 
 # ---- demo ----

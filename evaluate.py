@@ -165,7 +165,9 @@ def summarize(episodes: list, task: str) -> dict:
         out.update(per_step_accuracy=q, per_step_accuracy_se=math.sqrt(q * (1 - q) / attempts) if attempts else 0.0,
                    per_step_accuracy_ci95=list(wilson(correct, attempts)))
     if task.endswith("-vl"):
-        out["recognition_accuracy"] = sum(recognized) / len(recognized) if recognized else 0.0
+        q = sum(recognized) / len(recognized) if recognized else 0.0
+        out["recognition_accuracy"] = q
+        out["recognition_accuracy_se"] = math.sqrt(q * (1 - q) / len(recognized)) if recognized else 0.0
     return out
 
 
@@ -304,18 +306,9 @@ def changes_table(changes: list) -> str:
     return "\n".join(rows)
 
 
-def draw_plots(results: list, changes: list, settings: list, task: str, out: str) -> list:
-    """fig5: the headline metric (GP success, V-IRL per-step accuracy) vs GFLOPs per setting, one line per
-    run, one colour per arm; fig6: each arm's mean OOD change with its 95% interval, seeds as dots."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("plots skipped: pip install matplotlib to draw them")
-        return []
-    os.makedirs(out, exist_ok=True)
-    metric, label = headline(task), "per-step accuracy (%)" if task.startswith("virl") else "success (%)"
+def draw_curves(plt, results: list, settings: list, task: str, metric: str, label: str, path: str) -> str:
+    """One panel per setting: `metric` (with its `_se` error bars) vs training GFLOPs, one line per run, one
+    colour per arm."""
     arms = list(dict.fromkeys(arm_of(run["run"]) for run in results))
     colour = {arm: f"C{i % 10}" for i, arm in enumerate(arms)}
     fig, axes = plt.subplots(1, len(settings), figsize=(4.5 * len(settings), 3.6), squeeze=False)
@@ -325,7 +318,7 @@ def draw_plots(results: list, changes: list, settings: list, task: str, out: str
             arm = arm_of(run["run"])
             xs = [ck["gflops"] for ck in run["checkpoints"]]
             ys = [100 * ck["settings"][s][metric] for ck in run["checkpoints"]]
-            es = [100 * ck["settings"][s][f"{metric}_se"] for ck in run["checkpoints"]]
+            es = [100 * ck["settings"][s].get(f"{metric}_se", 0.0) for ck in run["checkpoints"]]
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=colour[arm], alpha=0.8,
                         label=None if arm in labelled else arm)
             labelled.add(arm)
@@ -336,9 +329,28 @@ def draw_plots(results: list, changes: list, settings: list, task: str, out: str
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig5 = os.path.join(out, f"fig5_{task}.png")
-    fig.savefig(fig5, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
+
+
+def draw_plots(results: list, changes: list, settings: list, task: str, out: str) -> list:
+    """fig5: the headline metric (GP success, V-IRL per-step accuracy) vs GFLOPs per setting; fig6: each arm's
+    mean OOD change with its 95% interval, seeds as dots; for VL tasks fig8: recognition accuracy vs GFLOPs
+    (the paper's Figure 8, from a one-attempt evaluation: --verify-iter 1)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: pip install matplotlib to draw them")
+        return []
+    os.makedirs(out, exist_ok=True)
+    label = "per-step accuracy (%)" if task.startswith("virl") else "success (%)"
+    paths = [draw_curves(plt, results, settings, task, headline(task), label, os.path.join(out, f"fig5_{task}.png"))]
+    if task.endswith("-vl"):
+        paths.append(draw_curves(plt, results, settings, task, "recognition_accuracy", "recognition accuracy (%)",
+                                 os.path.join(out, f"fig8_{task}.png")))
 
     fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(changes), 3.6))
     for i, c in enumerate(changes):
@@ -351,10 +363,10 @@ def draw_plots(results: list, changes: list, settings: list, task: str, out: str
     ax.set_ylabel(f"OOD change in {label.split(' (')[0]} (points)")
     ax.set_title(f"{task}: last checkpoint vs initialization")
     fig.tight_layout()
-    fig6 = os.path.join(out, f"fig6_{task}.png")
-    fig.savefig(fig6, dpi=110)
+    paths.append(os.path.join(out, f"fig6_{task}.png"))
+    fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
-    return [fig5, fig6]
+    return paths
 
 
 # what an evaluation's numbers depend on besides the checkpoint: a stored result is reused only if these match

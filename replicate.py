@@ -1,9 +1,10 @@
-"""The paper's comparison at small scale: one SFT initialization, then continued SFT or PPO from it at
-matched training compute, several seeds each, every checkpoint evaluated on ID and OOD settings.
+"""The paper's comparison at small scale, and its further analyses: one SFT initialization, then continued
+SFT or PPO from it at matched training compute, several seeds each, every checkpoint evaluated on ID and OOD.
 
     python replicate.py --task gp-l --scale gpu       # one GPU, the embedded default (docs/replication.md)
     python replicate.py --task virl-l --scale cpu     # the same pipeline at toy scale on a CPU
     python replicate.py --task gp-l --scale gpu       # again: finished phases are skipped, a cut one resumes
+    python replicate.py --task gp-l --scale cpu --experiment verify-iter     # docs/experiments.md
 
 Phases, each a plain command of this project, printed before it runs so that any one can be rerun by hand:
   1. init       train_sft.py on ID expert answers, from the base model             -> <out>/init
@@ -12,6 +13,8 @@ Phases, each a plain command of this project, printed before it runs so that any
                 steps as match the RL arm's mean compute, checkpoints at the same compute fractions
                                                                                     -> <out>/sft-s<k>
   4. evaluate   evaluate.py on init and every checkpoint of every arm               -> <out>/fig5_*, fig6_*
+An --experiment adds its own arms (named <arm>-s<k>) and evaluates into <out>/<experiment>/; every experiment
+shares the study folder, its initialization and the arms it has in common with the others.
 
 Compute is the paper's axis (train_sft.py and train_ppo.py count it into every checkpoint): SFT
 6 N x tokens trained; RL 2 N x rollout tokens + 6 N x tokens trained, all four PPO epochs included.
@@ -26,7 +29,6 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-import model as M
 import runs as R
 from cli import check_writable, main, require
 from tasks import check_task
@@ -54,6 +56,9 @@ class ReplicateConfig:
     """gp-l, gp-vl, virl-l or virl-vl"""
     scale: str = "cpu"
     """size preset: tiny, cpu or gpu (each value below overrides it)"""
+    experiment: str = "main"
+    """main (the paper's comparison), recognition, rl-from-base, verify-iter, prompt-diversity, cot-sft or
+    sft-window (docs/experiments.md); all share the study folder, its initialization and arms"""
     seeds: str = "0,1,2"
     """seeds of each arm, comma-separated"""
     out: str = ""
@@ -97,6 +102,8 @@ class ReplicateConfig:
 
     def __post_init__(self):
         check_task(self.task)
+        if self.experiment not in EXPERIMENTS:
+            raise ValueError(f"experiment={self.experiment!r}: expected one of {', '.join(EXPERIMENTS)}")
         if self.scale not in SCALES:
             raise ValueError(f"scale={self.scale!r}: expected one of {', '.join(SCALES)}")
         for name, value in SCALES[self.scale].items():
@@ -153,57 +160,186 @@ def matched_sft_steps(init: str, rl_runs: list, cfg: ReplicateConfig) -> int:
     return max(n, round(rl / per_step / n) * n)
 
 
-def replicate(cfg: ReplicateConfig) -> dict:
-    out, task = cfg.out, cfg.task
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "replicate_config.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=1)
-    shared = ["--task", task]
+# ---- arms ----
 
-    # ---- 1. the SFT initialization ----
-    init_run = os.path.join(out, "init")
-    run_phase("init", ["train_sft.py", *shared, "--model", cfg.model, "--examples", str(cfg.init_examples),
+def initialization(cfg: ReplicateConfig) -> Optional[str]:
+    """Phase 1, the SFT initialization, with checkpoints along the way (sft-window reads them); its last one."""
+    run = os.path.join(cfg.out, "init")
+    run_phase("init", ["train_sft.py", "--task", cfg.task, "--model", cfg.model, "--examples", str(cfg.init_examples),
                        "--steps", str(cfg.init_steps), "--batch-size", str(cfg.init_batch),
                        "--micro-batch", str(cfg.init_batch), "--lr", str(cfg.init_lr),
-                       "--save-every", str(cfg.init_steps), "--out", init_run], init_run, cfg.init_steps, cfg)
-    init = finished(init_run, cfg.init_steps)
-    if init is None:  # a dry run
-        return {}
+                       "--save-every", str(max(1, cfg.init_steps // cfg.checkpoints)), "--out", run],
+              run, cfg.init_steps, cfg)
+    return finished(run, cfg.init_steps)
 
-    # ---- 2. RL from it ----
-    rl_runs = []
+
+def rl_arm(cfg: ReplicateConfig, arm: str, start: str, *extra: str) -> list:
+    """PPO runs <arm>-s<k> from checkpoint `start`, one per seed, with extra train_ppo.py flags."""
+    runs = []
     for seed in cfg.seed_list:
-        run = os.path.join(out, f"rl-s{seed}")
-        run_phase(f"rl-s{seed}", ["train_ppo.py", *shared, "--model", init, "--seed", str(seed),
-                                  "--updates", str(cfg.rl_updates), "--turns", str(cfg.rl_turns),
-                                  "--envs", str(cfg.rl_envs), "--minibatch", str(cfg.rl_minibatch),
-                                  "--micro-batch", str(cfg.rl_micro_batch), "--lr", str(cfg.rl_lr),
-                                  "--max-new-tokens", str(cfg.max_new_tokens),
-                                  "--save-every", str(cfg.rl_updates // cfg.checkpoints), "--out", run],
+        run = os.path.join(cfg.out, f"{arm}-s{seed}")
+        run_phase(f"{arm}-s{seed}", ["train_ppo.py", "--task", cfg.task, "--model", start, "--seed", str(seed),
+                                     "--updates", str(cfg.rl_updates), "--turns", str(cfg.rl_turns),
+                                     "--envs", str(cfg.rl_envs), "--minibatch", str(cfg.rl_minibatch),
+                                     "--micro-batch", str(cfg.rl_micro_batch), "--lr", str(cfg.rl_lr),
+                                     "--max-new-tokens", str(cfg.max_new_tokens),
+                                     "--save-every", str(cfg.rl_updates // cfg.checkpoints), "--out", run, *extra],
                   run, cfg.rl_updates, cfg)
-        rl_runs.append(run)
+        runs.append(run)
+    return runs
+
+
+def sft_arm(cfg: ReplicateConfig, arm: str, init: str, rl_runs: list, *extra: str) -> list:
+    """Continued-SFT runs <arm>-s<k> from `init`, one per seed, on fresh expert answers, for as many steps as match
+    the RL arm's mean compute, with extra train_sft.py flags. [] in a dry run before the RL arm has run."""
     if cfg.dry_run and not all(finished(r, cfg.rl_updates) for r in rl_runs):
-        print("[sft-s*] the continued-SFT steps are set once the RL runs have finished")
-        return {}
-
-    # ---- 3. continued SFT from it, at the RL arm's compute ----
-    steps = matched_sft_steps(init, rl_runs, cfg)
-    sft_runs = []
+        print(f"[{arm}-s*] the continued-SFT steps are set once the RL runs have finished")
+        return []
+    steps, runs = matched_sft_steps(init, rl_runs, cfg), []
     for seed in cfg.seed_list:
-        run = os.path.join(out, f"sft-s{seed}")
-        run_phase(f"sft-s{seed}", ["train_sft.py", *shared, "--model", init, "--seed", str(seed),
-                                   "--data-seed", str(1000 + seed), "--examples", str(steps * cfg.init_batch),
-                                   "--steps", str(steps), "--batch-size", str(cfg.init_batch),
-                                   "--micro-batch", str(cfg.init_batch), "--lr", str(cfg.sft_lr),
-                                   "--save-every", str(steps // cfg.checkpoints), "--out", run], run, steps, cfg)
-        sft_runs.append(run)
+        run = os.path.join(cfg.out, f"{arm}-s{seed}")
+        run_phase(f"{arm}-s{seed}", ["train_sft.py", "--task", cfg.task, "--model", init, "--seed", str(seed),
+                                     "--data-seed", str(1000 + seed), "--examples", str(steps * cfg.init_batch),
+                                     "--steps", str(steps), "--batch-size", str(cfg.init_batch),
+                                     "--micro-batch", str(cfg.init_batch), "--lr", str(cfg.sft_lr),
+                                     "--save-every", str(steps // cfg.checkpoints), "--out", run, *extra],
+                  run, steps, cfg)
+        runs.append(run)
+    return runs
 
-    # ---- 4. evaluation of every checkpoint, and the figures ----
-    command("evaluate", ["evaluate.py", *shared, "--model", ",".join([init, *rl_runs, *sft_runs]),
+
+def evaluate(cfg: ReplicateConfig, models: list, out: str, *extra: str) -> None:
+    """evaluate.py on every checkpoint of `models`, figures into `out` (results accumulate in each run folder)."""
+    command("evaluate", ["evaluate.py", "--task", cfg.task, "--model", ",".join(models),
                          "--episodes", str(cfg.eval_episodes), "--virl-routes", str(cfg.eval_virl_routes),
                          "--max-new-tokens", str(cfg.max_new_tokens), "--batch-size", str(cfg.eval_batch),
-                         "--out", out], cfg)
-    return {"init": init, "rl": rl_runs, "sft": sft_runs, "sft_steps": steps}
+                         "--out", out, *extra], cfg)
+
+
+# ---- experiments ----
+
+def main_study(cfg: ReplicateConfig, init: str) -> dict:
+    """The paper's comparison: RL and continued SFT from one initialization, at matched compute."""
+    rl = rl_arm(cfg, "rl", init)
+    sft = sft_arm(cfg, "sft", init, rl)
+    evaluate(cfg, [init, *rl, *sft], cfg.out)
+    return {"init": init, "rl": rl, "sft": sft}
+
+
+def recognition(cfg: ReplicateConfig, init: str) -> dict:
+    """Section 5.3, Figure 8: the main study's checkpoints evaluated with one attempt (the official recognition
+    evaluation: no revision), recognition accuracy against success (fig8_<task>.png, drawn by evaluate.py)."""
+    if not cfg.task.endswith("-vl"):
+        raise ValueError(f"experiment recognition: task {cfg.task} shows no image; expected gp-vl or virl-vl")
+    study = main_study(cfg, init)
+    evaluate(cfg, [init, *study["rl"], *study["sft"]], os.path.join(cfg.out, "recognition"), "--verify-iter", "1")
+    return study
+
+
+def rl_from_base(cfg: ReplicateConfig, init: str) -> dict:
+    """Section 5.4, Figure 9: PPO straight from the base model, beside PPO from the SFT initialization."""
+    rl, base = rl_arm(cfg, "rl", init), rl_arm(cfg, "rl-base", cfg.model)
+    evaluate(cfg, [cfg.model, init, *rl, *base], os.path.join(cfg.out, "rl-from-base"))
+    return {"init": init, "rl": rl, "rl-base": base}
+
+
+VERIFY_ITERS = (1, 3, 5, 10)
+
+
+def verify_iter(cfg: ReplicateConfig, init: str) -> dict:
+    """Section 5.5, Figure 10: RL with 1, 3, 5 or 10 attempts per episode during training, the same updates and
+    answers per update; the OOD change of each against the attempts (fig10_<task>.png)."""
+    arms = {k: rl_arm(cfg, f"rl-v{k}", init, "--verify-iter", str(k)) for k in VERIFY_ITERS}
+    out = os.path.join(cfg.out, "verify-iter")
+    evaluate(cfg, [init, *(r for runs in arms.values() for r in runs)], out)
+    if not cfg.dry_run:
+        draw_verify_iter(out, cfg.task)
+    return {"init": init, **{f"rl-v{k}": runs for k, runs in arms.items()}}
+
+
+def prompt_diversity(cfg: ReplicateConfig, init: str) -> dict:
+    """arXiv 2510.00237: continued SFT on answers to prompts in many wordings (the environments' templates,
+    drawn at random per example) beside plain SFT and RL; evaluation keeps the original prompt."""
+    study = main_study(cfg, init)
+    diverse = sft_arm(cfg, "sft-diverse", init, study["rl"], "--prompt-diversity")
+    evaluate(cfg, [init, *study["rl"], *study["sft"], *diverse], os.path.join(cfg.out, "prompt-diversity"))
+    return {**study, "sft-diverse": diverse}
+
+
+def cot_sft(cfg: ReplicateConfig, init: str) -> dict:
+    """arXiv 2510.00237: continued SFT on expert answers that reason step by step before the action, beside
+    plain SFT and RL."""
+    study = main_study(cfg, init)
+    cot = sft_arm(cfg, "sft-cot", init, study["rl"], "--reasoning")
+    evaluate(cfg, [init, *study["rl"], *study["sft"], *cot], os.path.join(cfg.out, "cot-sft"))
+    return {**study, "sft-cot": cot}
+
+
+def sft_window(cfg: ReplicateConfig, init: str) -> dict:
+    """arXiv 2509.12235: OOD performance along the SFT initialization (every checkpoint of it), and RL from its
+    first, best-OOD and last checkpoints."""
+    init_run, out = os.path.dirname(init), os.path.join(cfg.out, "sft-window")
+    evaluate(cfg, [init_run], out)
+    if cfg.dry_run:
+        return {"init": init}
+    picks = window_checkpoints(init_run, cfg.task)
+    arms = {name: rl_arm(cfg, f"rl-{name}", ckpt) for name, ckpt in picks.items()}
+    evaluate(cfg, [init_run, *(r for runs in arms.values() for r in runs)], out)
+    return {"init": init, **picks, **{f"rl-{name}": runs for name, runs in arms.items()}}
+
+
+EXPERIMENTS = {"main": main_study, "recognition": recognition, "rl-from-base": rl_from_base,
+               "verify-iter": verify_iter, "prompt-diversity": prompt_diversity, "cot-sft": cot_sft,
+               "sft-window": sft_window}
+
+
+def window_checkpoints(init_run: str, task: str) -> dict:
+    """{"early", "peak", "late"}: the initialization's first checkpoint, the one with the best OOD headline metric
+    (GP success, V-IRL per-step accuracy, summed over the OOD settings) and its last."""
+    import evaluate as EV
+    with open(os.path.join(init_run, f"eval_{task}.json")) as f:
+        entries = sorted(json.load(f)["checkpoints"], key=lambda e: e["step"])
+    metric = EV.headline(task)
+    ood = lambda e: sum(m[metric] for s, m in e["settings"].items() if s.startswith("ood"))  # noqa: E731
+    return {"early": entries[0]["path"], "peak": max(entries, key=ood)["path"], "late": entries[-1]["path"]}
+
+
+def draw_verify_iter(out: str, task: str) -> None:
+    """Figure 10: each rl-v<k> arm's mean OOD change (points of the headline metric) with its 95% interval."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    with open(os.path.join(out, f"fig6_{task}.json")) as f:
+        changes = [c for c in json.load(f) if c["arm"].startswith("rl-v")]
+    fig, ax = plt.subplots(figsize=(4.5, 3.6))
+    for setting in sorted({c["setting"] for c in changes}):
+        rows = sorted((int(c["arm"][4:]), c) for c in changes if c["setting"] == setting)
+        xs, ys = [k for k, _ in rows], [c["mean"] for _, c in rows]
+        errs = [[c["mean"] - (c["ci95"] or [c["mean"]] * 2)[0] for _, c in rows],
+                [(c["ci95"] or [c["mean"]] * 2)[1] - c["mean"] for _, c in rows]]
+        ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=setting)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("verify_iter during RL")
+    ax.set_ylabel("OOD change (points)")
+    ax.set_title(f"{task}: attempts per episode in training")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"fig10_{task}.png"), dpi=110)
+    plt.close(fig)
+    print(f"wrote {os.path.join(out, f'fig10_{task}.png')}")
+
+
+def replicate(cfg: ReplicateConfig) -> dict:
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, f"replicate_config_{cfg.experiment}.json"), "w") as f:
+        json.dump(asdict(cfg), f, indent=1)
+    init = initialization(cfg)
+    if init is None:  # a dry run before the initialization exists
+        return {}
+    return EXPERIMENTS[cfg.experiment](cfg, init)
 
 
 if __name__ == "__main__":

@@ -55,12 +55,14 @@ def image_overrides(task: str, size: int) -> dict:
     return {"image_size": size} if task.startswith("gp") else {"view_size": size}
 
 
-def make_envs(task: str, setting: str, n: int, seed: int, **overrides) -> list:
-    """n environments of a task, seeded seed, seed + 1, ...; V-IRL ones share one parsed route list."""
+def make_envs(task: str, setting: str, n: int, seed: int, templates: int = 1, **overrides) -> list:
+    """n environments of a task, seeded seed, seed + 1, ...; V-IRL ones share one parsed route list. With
+    `templates` > 1 environment i words its prompts with template i % templates (prompt diversity)."""
     env_cls, cfg = env_config(task, setting, **overrides)
     first = env_cls(cfg, seed=seed)
     share = {"routes": first.routes} if env_cls is NavigationEnv else {}
-    return [first] + [env_cls(cfg, seed=seed + i, **share) for i in range(1, n)]
+    return [first] + [env_cls(replace(cfg, prompt_template=i % templates), seed=seed + i, **share)
+                      for i in range(1, n)]
 
 
 

@@ -13,6 +13,11 @@ penalty); the turn counts are sized for a CPU. docs/fidelity.md compares every p
     torchrun --nproc_per_node 8 train_ppo.py --task gp-vl --model runs/sft-gp-vl \\
         --updates 20 --turns 2048 --envs 32 --minibatch 1024 --micro-batch 1   # the official run's sizes
 
+`--algo grpo` replaces GAE and the value head by group-relative advantages (DeepSeekMath's GRPO): each update
+plays `--turns` whole episodes in groups of `--group-size` on the same hand or route, every turn of an episode
+gets its episode's return minus its group's mean (divided by the group's std unless --no-group-std), and the
+value loss is off; the clipped ratio, the action log-probability and everything else stay as they are.
+
 The action log-probability. The paper (following RL4VLM) treats a whole response as one action:
 its log-probability is the sum of the response's token log-probs, with the tokens before the final
 action field ("formula" for GP, "action" for V-IRL: the reasoning and the other fields) weighted by
@@ -62,9 +67,15 @@ class PPOConfig:
     updates: int = 4
     """PPO updates (rollout + epochs)"""
     turns: int = 32
-    """answers collected per update, all ranks together"""
+    """answers collected per update, all ranks together (grpo: episodes, in whole groups)"""
     envs: int = 8
     """environments played at once on one rank (the generation batch); fewer than turns, so revisions happen"""
+    algo: str = "ppo"
+    """ppo: advantages by GAE from the value head (the paper's); grpo: group-relative, no value loss"""
+    group_size: int = 4
+    """grpo: episodes played on the same hand or route, whose returns are compared"""
+    group_std: bool = True
+    """grpo: divide a group's advantages by its standard deviation (off: Dr. GRPO's unbiased variant)"""
     epochs: int = 4
     """PPO epochs over each update's turns"""
     minibatch: int = 16
@@ -152,6 +163,11 @@ class PPOConfig:
         require(self, "grad_checkpointing", lambda v: v in ("auto", "on", "off"), "auto, on or off")
         if self.turns % self.minibatch:
             raise ValueError(f"turns={self.turns} is not a multiple of minibatch={self.minibatch}")
+        require(self, "algo", lambda v: v in ("ppo", "grpo"), "ppo or grpo")
+        require(self, "group_size", lambda v: v >= 2, "an integer of at least 2 (a group compares its episodes)")
+        if self.algo == "grpo" and self.turns % self.group_size:
+            raise ValueError(f"turns={self.turns} is not a multiple of group_size={self.group_size}: with grpo, "
+                             "turns counts the episodes of an update, in whole groups")
         M.compute_dtype_of(self.precision, "cpu")  # a bad name fails here, before any work
         M.check_device(self.device)
         self.out = self.out or os.path.join("runs", f"ppo-{self.task}")
@@ -181,6 +197,24 @@ def gae(rewards: list, values: list, dones: list, episodes: list, bootstrap: dic
             adv[i], next_value = next_adv, values[i]
     adv = torch.tensor(adv, dtype=torch.float32)
     return adv, adv + torch.tensor(values, dtype=torch.float32)
+
+
+def group_advantages(rewards: list, episodes: list, group_size: int, use_std: bool) -> torch.Tensor:
+    """GRPO's advantages of turns listed in collection order: every turn of an episode gets its episode's return
+    (the sum of its rewards) minus the mean return of its group (episodes k with the same k // group_size),
+    divided by the group's standard deviation with `use_std`. A group's episodes' advantages sum to 0. -> (T,)"""
+    returns = {}
+    for r, ep in zip(rewards, episodes):
+        returns[ep] = returns.get(ep, 0.0) + r
+    adv = {}
+    for group in {ep // group_size for ep in returns}:
+        members = [ep for ep in returns if ep // group_size == group]
+        values = torch.tensor([returns[ep] for ep in members])                                  # (G,)
+        centred = values - values.mean()
+        if use_std:
+            centred = centred / (values.std(unbiased=False) + 1e-6)
+        adv.update(zip(members, centred.tolist()))
+    return torch.tensor([adv[ep] for ep in episodes], dtype=torch.float32)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -276,16 +310,20 @@ def default_envs(cfg: PPOConfig) -> Callable:
     return envs
 
 
-def collect(policy, envs: list, cfg: PPOConfig, per_rank: int, rank: int):
-    """One update's rollout on this rank and the bootstrap values of the episodes it left unfinished.
+def collect(policy, envs: list, cfg: PPOConfig, per_rank: int, rank: int, seed: int):
+    """One update's rollout on this rank and the bootstrap values of the episodes it left unfinished. PPO plays
+    `per_rank` answers; GRPO `per_rank` whole episodes, episode k on the hand or route of group k // group_size.
     The weights stay gathered for the whole rollout, so ranks may run different numbers of rounds."""
     # the official code samples at temperature 0.2 with the rest of the checkpoint's generation config
     own = policy.checkpoint_sampling()
     top_p = cfg.top_p if cfg.top_p is not None else own["top_p"]
     top_k = cfg.top_k if cfg.top_k is not None else own["top_k"]
+    budget = ({"n_episodes": per_rank, "reset": lambda env, k: env.reset(seed=seed + k // cfg.group_size,
+                                                                        episode=seed + k // cfg.group_size)}
+              if cfg.algo == "grpo" else {"n_turns": per_rank})
     with M.gathered(policy):
-        ro = rollout(policy, envs, n_turns=per_rank, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                     top_p=top_p, top_k=top_k, progress=rank == 0, desc="rollout")
+        ro = rollout(policy, envs, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=top_p,
+                     top_k=top_k, progress=rank == 0, desc="rollout", **budget)
         boot = policy.values(list(ro.bootstrap.values()))
     return ro, dict(zip(ro.bootstrap.keys(), boot.tolist()))
 
@@ -396,7 +434,8 @@ def ppo_update(policy, opt, batch: Batch, cfg: PPOConfig, update: int, world: in
             entropy_sum = (out["entropy"] * mask).sum()
             kl_sum = (k3_kl(pad([batch.ref_logprobs[i] for i in idx], width, dev), out["logprobs"], mask)
                       if batch.ref_logprobs is not None else torch.zeros((), device=dev))
-            loss = (pg_sum / (n_tokens if cfg.token_level else n_turns) + cfg.vf_coef * v_sum / n_turns
+            vf_coef = cfg.vf_coef if cfg.algo == "ppo" else 0.0  # GRPO has no value function to fit
+            loss = (pg_sum / (n_tokens if cfg.token_level else n_turns) + vf_coef * v_sum / n_turns
                     - cfg.ent_coef * entropy_sum / n_tokens + cfg.kl_coef * kl_sum / n_tokens)
             finite = finite and R.all_reduce_sum(float(not torch.isfinite(loss))) == 0
             if not finite:  # every rank skips together: FSDP's backward is a collective
@@ -538,7 +577,7 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
         seed = update_seed(cfg.seed, update, rank)
         torch.manual_seed(seed)
         t0 = time.perf_counter()
-        ro, boot = collect(policy, envs_for(update, rank), cfg, per_rank, rank)
+        ro, boot = collect(policy, envs_for(update, rank), cfg, per_rank, rank, seed)
         t1 = time.perf_counter()
 
         # ---- old log-probs and values: as sampled, or re-scored with the training forward ----
@@ -551,12 +590,18 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
             gap = logprob_gap(old_logprobs, scored)
             old_logprobs = scored
 
-        # ---- advantages (normalized over all ranks' turns) ----
-        advantages, returns = gae([t.reward for t in turns], old_values.tolist(), [t.done for t in turns],
-                                  [t.episode for t in turns], boot, cfg.gamma, cfg.lam)
+        # ---- advantages: GAE normalized over all ranks' turns, or group-relative ----
+        rewards, episodes = [t.reward for t in turns], [t.episode for t in turns]
+        if cfg.algo == "grpo":
+            advantages = group_advantages(rewards, episodes, cfg.group_size, cfg.group_std)
+            returns = torch.zeros(len(turns))  # no value loss: nothing to regress on
+        else:
+            advantages, returns = gae(rewards, old_values.tolist(), [t.done for t in turns], episodes, boot,
+                                      cfg.gamma, cfg.lam)
+            advantages = normalize(advantages)
         batch = Batch(prompts, responses, old_logprobs,
                       [action_weights(policy.tokenizer, r, field_name, cfg.pre_action_coef) for r in responses],
-                      old_values, normalize(advantages), returns)
+                      old_values, advantages, returns)
         if reference is not None:
             batch.ref_logprobs, _ = score_turns(reference, prompts, responses, cfg.micro_batch)
 
@@ -573,7 +618,8 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
         gflops += (2 * n_params * roll["rollout_tokens"] + 6 * n_params * trained["trained_tokens"]) / 1e9
         tokens += int(trained["trained_tokens"])
         metrics = {"step": update, **rollout_metrics(roll), **training_metrics(trained, cfg.token_level, world),
-                   "explained_variance": explained_variance(old_values, returns), **gap,
+                   "explained_variance": explained_variance(old_values, returns) if cfg.algo == "ppo" else None,
+                   **gap,
                    "lr": opt.param_groups[0]["lr"], "gflops": gflops, "tokens": tokens,
                    "rollout_s": t1 - t0, "train_s": t2 - t1,
                    "tokens_per_s": (roll["rollout_tokens"] + trained["trained_tokens"]) / max(t2 - t0, 1e-9)}

@@ -28,7 +28,7 @@ from tqdm import tqdm
 import model as M
 import runs as R
 from cli import check_writable, main, require
-from tasks import check_task, env_config, image_overrides, wrong_answer
+from tasks import check_task, env_config, env_module, image_overrides, make_envs, wrong_answer
 
 # ---- config ----
 
@@ -52,6 +52,10 @@ class SFTConfig:
     """share of examples with a wrong answer and feedback first"""
     image_size: int = 0
     """VL tasks: image side in pixels (GP cards, each V-IRL view); 0: the default"""
+    prompt_diversity: bool = False
+    """word each example's prompt with one of the environment's templates at random (arXiv 2510.00237)"""
+    reasoning: bool = False
+    """expert answers that reason step by step in a "thought" field before the action (arXiv 2510.00237)"""
     steps: int = 20
     """optimizer steps"""
     batch_size: int = 8
@@ -106,17 +110,22 @@ class SFTConfig:
 
 # ---- data ----
 
-def expert_examples(task: str, n: int, seed: int, revision_frac: float = 0.0, image_size: int = 0) -> list:
+def expert_examples(task: str, n: int, seed: int, revision_frac: float = 0.0, image_size: int = 0,
+                    prompt_diversity: bool = False, reasoning: bool = False) -> list:
     """n examples {"messages": [turns], "response": expert answer} from the task's ID setting.
     GP: one per hand; V-IRL: one per position of a route. With revision_frac, that share first shows
-    a wrong answer and the verifier's feedback (only when the answer really is wrong)."""
-    env_cls, cfg = env_config(task, "id", **image_overrides(task, image_size))
-    env, rng, out = env_cls(cfg, seed=seed), random.Random(seed), []
+    a wrong answer and the verifier's feedback (only when the answer really is wrong). With prompt_diversity
+    each episode is worded by one of the environment's prompt templates, drawn at random; with reasoning the
+    expert answers think first."""
+    templates = env_module(task).PROMPT_TEMPLATES if prompt_diversity else 1
+    envs = make_envs(task, "id", templates, seed, templates=templates, **image_overrides(task, image_size))
+    rng, out = random.Random(seed), []
     while len(out) < n:
+        env = envs[rng.randrange(templates)] if templates > 1 else envs[0]
         obs, done = env.reset(), False
         while not done and len(out) < n:
             messages = [{"role": "user", "content": obs.text, "image": obs.image}]
-            expert = env.expert_response()
+            expert = env.expert_response(reasoning=reasoning)
             if rng.random() < revision_frac:
                 wrong = wrong_answer(task, expert, rng)
                 feedback, _, _, info = env.step(wrong)
@@ -127,6 +136,11 @@ def expert_examples(task: str, n: int, seed: int, revision_frac: float = 0.0, im
             out.append({"messages": messages, "response": expert})
             obs, _, done, _ = env.step(expert)
     return out
+
+
+def generated_examples(cfg: SFTConfig) -> list:
+    return expert_examples(cfg.task, cfg.examples, cfg.data_seed, cfg.revision_frac, cfg.image_size,
+                           cfg.prompt_diversity, cfg.reasoning)
 
 
 def write_examples(path: str, examples: list) -> None:
@@ -213,8 +227,7 @@ def lr_at(step: int, cfg: SFTConfig) -> float:
 
 def train(cfg: SFTConfig) -> dict:
     if cfg.export_data:
-        write_examples(cfg.export_data, expert_examples(cfg.task, cfg.examples, cfg.data_seed, cfg.revision_frac,
-                                                        cfg.image_size))
+        write_examples(cfg.export_data, generated_examples(cfg))
         print(f"wrote {cfg.examples} examples to {cfg.export_data}")
         return {}
     rank, world, device = R.init_distributed(cfg.device)
@@ -240,8 +253,7 @@ def train(cfg: SFTConfig) -> dict:
     tokens = state.get("tokens", 0) if resume_from else 0
 
     # ---- data ----
-    examples = read_examples(cfg.data) if cfg.data else expert_examples(cfg.task, cfg.examples, cfg.data_seed,
-                                                                      cfg.revision_frac, cfg.image_size)
+    examples = read_examples(cfg.data) if cfg.data else generated_examples(cfg)
     encoded = encode_examples(policy, examples)
     setup = R.prepare_training(policy, cfg.grad_checkpointing, cfg.compile, world,
                                tokens=cfg.micro_batch * max(len(p["input_ids"][0]) + len(r) for p, r in encoded),

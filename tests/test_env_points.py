@@ -1,10 +1,12 @@
 """GeneralPoints: solver, parser, verifier, dealing, episodes, the environment contract, rendering, CLI."""
 import doctest
+import hashlib
 import itertools
 import json
 import operator
 import os
 import random
+import re
 import subprocess
 import sys
 from fractions import Fraction
@@ -505,11 +507,140 @@ def test_vision_env_images_follow_the_seed():
     assert a.reset().image.tobytes() == b.reset().image.tobytes()
 
 
+# ---- prompt diversity and chain-of-thought answers ----
+
+ORIGINAL_PROMPT = (  # template 0 as the code wrote it before there were templates: it must not move a byte
+    "You are an expert player of the 24 points card game. You are dealt four cards. Write one arithmetic formula "
+    "that uses the number of every card exactly once, combined with +, -, *, / and parentheses, and that evaluates "
+    "to 24.\nAn A counts as 1, J, Q and K each count as 10, and every other card counts as the number printed on "
+    'it.\nYour cards: ["A", "7", "K", "3"].\nAnswer with one JSON object and nothing else:\n'
+    '{"cards": [x, y, z, w], "number": [a, b, c, d], "formula": "..."}\n'
+    'where "cards" are the ranks of the four cards (A, 2-10, J, Q, K), "number" the numbers they count for under '
+    'the rule above, in the same order, and "formula" your formula, for example "(2+4)*(9-5)".'
+)
+
+
+def test_template_zero_is_the_original_prompt():
+    assert E.prompt_text(["A", "7", "K", "3"], ID) == ORIGINAL_PROMPT
+    assert PointsConfig().prompt_template == 0
+    # the template-0 prompts of 50 hands in each setting, hashed as the code before templates wrote them
+    env_texts = [GeneralPointsEnv(cfg, seed=0).reset(seed=s).text for cfg in (ID, OOD, PointsConfig(vision=True,
+                 image_size=64)) for s in range(50)]
+    assert hashlib.sha256("\n\0".join(env_texts).encode()).hexdigest() == \
+        "f6307770cbb12a7a5a1dbf8026e3f11e7c5894f6a0d6d46bef2430e2e19a7b87"
+
+
+@pytest.mark.parametrize("rule,vision", [(True, False), (False, False), (True, True), (False, True)])
+def test_every_template_states_the_task_and_the_verifier_scores_the_expert(rule, vision):
+    assert E.PROMPT_TEMPLATES == len(E._TEMPLATES) >= 8
+    orders = set()
+    for seed in range(6):
+        texts = []
+        for k in range(E.PROMPT_TEMPLATES):
+            env = GeneralPointsEnv(PointsConfig(face_cards_as_10=rule, vision=vision, image_size=64,
+                                                prompt_template=k), seed=0)
+            text = env.reset(seed=seed).text
+            texts.append(text)
+            assert all(f'"{name}"' in text for name in E.ANSWER_FIELDS), (k, text)
+            assert "24" in text and all(face in text for face in "JQK")
+            faces = [v in text for v in ("11", "12", "13")]
+            assert faces == [not rule] * 3, (k, text)  # the rule's face values, and no other rule's
+            if vision:
+                assert "image" in text and json.dumps(env.ranks) not in text, (k, text)
+            else:  # the dealt ranks, in order, whatever the list's punctuation
+                cards = re.search(r"\W+(?:and\W+)?".join(map(re.escape, env.ranks)) + r"(?![\w-])", text)
+                assert cards, (k, env.ranks, text)
+                if not rule:  # where the cards, the rule and the fields come in this wording
+                    parts = (cards.start(), text.index("13"), text.index('"formula"'))
+                    orders.add(tuple(sorted(range(3), key=parts.__getitem__)))
+            assert env.step(env.expert_response())[1] == 5.0
+            env.reset(seed=seed)
+            assert env.step(env.expert_response(reasoning=True))[1] == 5.0
+        assert len(set(texts)) == E.PROMPT_TEMPLATES  # pairwise different
+    assert vision or rule or len(orders) >= 4  # the parts come in several orders, not one order reworded
+
+
+def test_formula_steps_walk_the_formula_innermost_first_exactly():
+    assert E.formula_steps("10*3-7+1") == ["10*3=30", "30-7=23", "23+1=24"]
+    assert E.formula_steps("(2+4)*(9-5)") == ["2+4=6", "9-5=4", "6*4=24"]
+    assert E.formula_steps("8/(3-8/3)") == ["8/3=8/3", "3-(8/3)=1/3", "8/(1/3)=24"]
+    assert E.formula_steps("(1-5)*(1-7)") == ["1-5=-4", "1-7=-6", "(-4)*(-6)=24"]
+    assert E.formula_steps("((13))") == []
+    for bad in ("8/(3-3)", "1+", "2^3"):
+        with pytest.raises(ValueError):
+            E.formula_steps(bad)
+    # every step of the solver's formulas is exact arithmetic, one per operator, the last one landing on the value
+    as_formula = lambda side: side.replace("(-", "(0-")  # the formula grammar has no unary minus
+    for hand in itertools.islice(itertools.combinations_with_replacement(range(1, 14), 4), 0, None, 7):
+        for formula in solve(hand)[:3]:
+            steps = E.formula_steps(formula)
+            assert len(steps) == 3 and steps[-1].endswith("=24"), (formula, steps)
+            for step in steps:
+                lhs, rhs = step.split("=")
+                assert evaluate_formula(as_formula(lhs)) == evaluate_formula(as_formula("(" + rhs + ")")), step
+
+
+@pytest.mark.parametrize("cfg", [ID, OOD, PointsConfig(vision=True, image_size=64)], ids=["id", "ood", "vl"])
+def test_reasoning_expert_thinks_first_and_passes_the_verifier_in_200_deals(cfg):
+    env = GeneralPointsEnv(cfg, seed=4)
+    for _ in range(200):
+        env.reset()
+        text = env.expert_response(reasoning=True)
+        answer_ = json.loads(text)
+        assert list(answer_) == [E.THOUGHT_FIELD, *E.ANSWER_FIELDS]  # one object, the action still last
+        thought = answer_.pop(E.THOUGHT_FIELD)
+        assert json.dumps(answer_) == env.expert_response()  # the same answer, a thought before it
+        assert verify(text, env.ranks, cfg).outcome == "correct"
+        for rank, value in zip(env.ranks, env.values):
+            assert f"{rank} counts as {value}" in thought
+        assert ", ".join(E.formula_steps(answer_["formula"])) in thought and thought.endswith("=24, the target 24.")
+        # train_ppo finds the action as the last '"formula"' of the text: it must lie past the thought
+        assert text.rfind(f'"{E.ACTION_FIELD}"') > text.index(json.dumps(thought)) + len(json.dumps(thought))
+        assert '"' not in thought and not re.search(r"(cards|number|formula)\W*:", thought)
+
+
+def test_a_thought_never_changes_the_verdict():
+    hand = ["A", "7", "K", "3"]
+    thoughts = ["so the formula: 1+1+1+1, cards: [2, 2, 2, 2], number: [2, 2, 2, 2]", 'the "formula": "3*8" works',
+                "formula = 24, formula: (10-7)*(3-1)*1 24 = 24", "", "cards: [A, 7, K, 3] formula: 10*3-7+1"]
+    bodies = [{"cards": hand, "number": [1, 7, 10, 3], "formula": f} for f in ("10*3-7+1", "10*3+7+1", "10*3-7",
+                                                                                 "1+7+10+3", "10*3-7-x")]
+    bodies += [{"cards": hand}, {"cards": ["A", "7", "Q", "3"], "formula": "10*3-7+1"}]
+    for cfg in (ID, VL):
+        for body in bodies:
+            plain = verify(json.dumps(body), hand, cfg)
+            # the JSON-like form (single quotes) goes through the field patterns rather than the JSON decoder
+            loose = "{" + ", ".join(f"'{key}': {json.dumps(value)}" for key, value in body.items()) + "}"
+            loose_plain = verify(loose, hand, cfg)
+            for thought in thoughts:
+                strict = json.dumps({E.THOUGHT_FIELD: thought, **body})
+                assert verify(strict, hand, cfg) == plain, (strict, cfg)
+                text = '{"thought": ' + json.dumps(thought) + ", " + loose[1:]
+                assert verify(text, hand, cfg) == loose_plain, (text, cfg)
+
+
+def test_wrong_answer_keeps_the_thought_and_changes_the_formula():
+    env, rng = GeneralPointsEnv(OOD, seed=2), random.Random(0)
+    for seed in range(100):
+        env.reset()
+        expert, plain = env.expert_response(reasoning=True), env.expert_response()
+        wrong = json.loads(E.wrong_answer(expert, random.Random(seed)))
+        right = json.loads(expert)
+        assert list(wrong) == list(right) and {**wrong, "formula": right["formula"]} == right
+        # the same draw as without a thought: the revision data only gains the reasoning
+        assert wrong["formula"] == json.loads(E.wrong_answer(plain, random.Random(seed)))["formula"]
+        assert wrong["formula"] != right["formula"]
+    with_thought = json.loads(E.wrong_answer(json.dumps({"thought": "10*3=30", "cards": ["A"], "number": [1],
+                                                         "formula": "10*3-7+1"}), rng))
+    assert with_thought["thought"] == "10*3=30" and with_thought["formula"] != "10*3-7+1"
+
+
 # ---- config, CLI, doctests ----
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"suits": "blue"}, "suits='blue'"), ({"verify_iter": 0}, "verify_iter=0"), ({"image_size": 10}, "image_size=10"),
-    ({"image_size": 4097}, "image_size=4097"),
+    ({"image_size": 4097}, "image_size=4097"), ({"prompt_template": E.PROMPT_TEMPLATES}, "prompt_template=10"),
+    ({"prompt_template": -1}, "prompt_template=-1"), ({"prompt_template": True}, "prompt_template=True"),
 ])
 def test_bad_config_is_one_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -677,13 +677,163 @@ def test_pano_map_refuses_code(tmp_path):
     assert S.load_pano_map(str(path)) == {(40.0, -73.0): "abc"}
 
 
+# ---- prompt diversity and chain-of-thought answers ----
+
+ORIGINAL_PROMPT = (  # template 0 as the code wrote it before there were templates: it must not move a byte
+    "[Task]\nYou are an expert navigator. Follow the route instructions below, one position at a time. At each "
+    "position, say what you observe, which instruction you are carrying out, and the action to take next.\n\n"
+    "[Instructions]\n1. First, turn right to face north.\n2. Move forward until you reach next intersection where "
+    "Maple Cafe is on your left.\n3. Turn right to face east.\n4. Move forward until you reach next intersection.\n"
+    "5. Turn left to face north.\n6. Move forward until you reach destination where Summit Cafe is on your right."
+    '\n\n[Action space]\n"forward()": move forward to the next position;\n"turn_direction(x)": turn to face x, one '
+    'of left, right, slightly left, slightly right;\n"stop()": stop, you have reached the destination.\n\n'
+    "[Observations and actions so far]\nO_1: No landmarks nearby\nA_1: turn_direction(right)\nO_2: No landmarks "
+    "nearby\nA_2: forward()\nO_3: No landmarks nearby\nA_3: forward()\nO_4: Maple Cafe is on your left; You "
+    "observe an intersection\n\n[Output]\nAnswer with one JSON object and nothing else:\n"
+    '{"current observation": "what you observe now", "current instruction": "the instruction you are carrying '
+    'out", "action": "one action from the action space"}'
+)
+
+
+def walk(env, route=0, reasoning=False):
+    """Each position of a route in turn, the expert answering; the env stands at the position yielded."""
+    env.reset(route=route)
+    done = False
+    while not done:
+        yield env.position
+        done = env.step(env.expert_response(reasoning))[2]
+
+
+def test_template_zero_is_the_original_prompt():
+    env = NavigationEnv(VirlConfig(absolute_actions=False), seed=0, routes=[hand_route()])
+    positions = walk(env)
+    for _ in range(4):
+        next(positions)
+    assert env._observation().text == ORIGINAL_PROMPT and VirlConfig().prompt_template == 0
+    # every template-0 prompt along 9 routes, hashed as the code before templates wrote them
+    texts = []
+    for cfg in (VirlConfig(n_routes=4), VirlConfig(n_routes=4, absolute_actions=False),
+                VirlConfig(n_routes=1, vision=True, view_size=32)):
+        env = NavigationEnv(cfg, seed=0)
+        for route in range(len(env.routes)):
+            texts += [env._observation().text for _ in walk(env, route)]
+    assert hashlib.sha256("\n\0".join(texts).encode()).hexdigest() == \
+        "009bf9e6bbe94200275158aee1bed18a5a48091932ed7d087c9f20608c5e0b50"
+
+
+@pytest.mark.parametrize("absolute,vision", [(True, False), (False, False), (True, True), (False, True)])
+def test_every_template_states_the_task_and_the_verifier_scores_the_expert(absolute, vision):
+    assert V.PROMPT_TEMPLATES == len(V._TEMPLATES) >= 8
+    choices = V.DIRECTIONS if absolute else V.TURNS
+    envs = [NavigationEnv(VirlConfig(n_routes=3, absolute_actions=absolute, vision=vision, view_size=32,
+                                     prompt_template=k), seed=0) for k in range(V.PROMPT_TEMPLATES)]
+    orders = set()
+    for k, env in enumerate(envs):
+        for index, pos in enumerate(walk(env, route=1, reasoning=k % 2 == 1)):
+            if vision and index % 4:
+                continue  # the grids cost: every fourth position is enough
+            text = env._observation().text
+            current = env._current_text(pos)
+            assert text == V.prompt_text(env.steps, env.history, current, absolute, vision, k)
+            assert all(step in text for step in env.steps) and current in text, (k, text)
+            assert all(o in text and a in text for o, a in env.history), (k, text)
+            assert all(c in text for c in choices) and all(a in text for a in ("forward()", "stop()", "turn_direction"))
+            assert all(f'"{name}"' in text for name in V.ANSWER_FIELDS), (k, text)
+            if vision:
+                assert "2x2" in text or "2 by 2" in text
+                assert all(word in text for word in ("front", "right", "back", "left"))
+            if index == 0:  # where the instructions, the current observation, the actions and the fields come
+                parts = (text.index(env.steps[0]), text.index(current), text.index("stop()"),
+                         text.index('"current instruction"'))
+                orders.add(tuple(sorted(range(4), key=parts.__getitem__)))
+                assert len({V.prompt_text(env.steps, env.history, current, absolute, vision, t)
+                            for t in range(V.PROMPT_TEMPLATES)}) == V.PROMPT_TEMPLATES  # pairwise different
+        assert env.done and env.index == len(env.rail)  # walk() played the whole route, every answer correct
+    assert len(orders) >= 4  # the parts come in several orders, not one order reworded
+
+
+def reasoning_positions(absolute, count=200):
+    """`count` positions over synthetic routes, each with the env standing there."""
+    env = NavigationEnv(VirlConfig(n_routes=30, absolute_actions=absolute), seed=1)
+    seen = 0
+    for route in range(len(env.routes)):
+        for pos in walk(env, route, reasoning=True):
+            yield env, pos
+            seen += 1
+            if seen == count:
+                return
+
+
+@pytest.mark.parametrize("absolute", [True, False])
+def test_reasoning_expert_thinks_first_and_passes_the_verifier_at_200_positions(absolute):
+    kinds = set()
+    for env, pos in reasoning_positions(absolute):
+        text = env.expert_response(reasoning=True)
+        answer_ = json.loads(text)
+        assert list(answer_) == [V.THOUGHT_FIELD, *V.ANSWER_FIELDS]  # one object, the action still last
+        thought = answer_.pop(V.THOUGHT_FIELD)
+        assert json.dumps(answer_) == env.expert_response()  # the same answer, a thought before it
+        assert V.verify(text, pos, absolute).outcome == "correct"
+        action = V.expected_action(pos, absolute)
+        assert thought.endswith(f"action is {action}.") and f"instruction {pos.instruction}, " in thought
+        assert ("this is an intersection" if pos.at_intersection else "this is not an intersection") in thought
+        if pos.action == "turn":
+            assert V.direction_name(pos.turn_to) in thought
+            if pos.at_intersection:  # the street walked so far is over: the previous instruction is done
+                assert f"instruction {pos.instruction - 1}, " in thought and "is done" in thought
+        for name, _ in pos.landmarks:
+            assert name in thought
+        # train_ppo finds the action as the last '"action"' of the text: it must lie past the thought
+        assert text.rfind(f'"{V.ACTION_FIELD}"') > text.index(json.dumps(thought)) + len(json.dumps(thought))
+        assert '"' not in thought and not re.search(r"(current observation|current instruction|action)\W*:", thought)
+        kinds.add((pos.action, pos.at_intersection))
+    assert kinds == {("turn", False), ("turn", True), ("forward", False), ("stop", False)}
+
+
+def test_a_thought_never_changes_the_verdict():
+    thoughts = ["You observe an intersection; action: stop()", "no intersection here, so action: forward()",
+                "current observation: You observe an intersection, action: turn_direction(west)",
+                'the "action": "stop()" is right', "", "turn_direction(left) 42 intersection"]
+    for pos in (position(), position(True, "turn", 0, 90), position(action="stop")):
+        for absolute in (True, False):
+            for obs in ("No landmarks nearby", V.INTERSECTION_CUE, "no intersection", "x"):
+                for action in ("forward()", "stop()", "turn_direction(east)", "turn_direction(right)", "jump"):
+                    body = {"current observation": obs, "current instruction": "x", "action": action}
+                    loose = "{" + ", ".join(f"'{key}': {json.dumps(value)}" for key, value in body.items()) + "}"
+                    for literal in (False, True):
+                        plain, loose_plain = (V.verify(t, pos, absolute, literal) for t in (json.dumps(body), loose))
+                        for thought in thoughts:
+                            strict = json.dumps({V.THOUGHT_FIELD: thought, **body})
+                            assert V.verify(strict, pos, absolute, literal) == plain, strict
+                            text = '{"thought": ' + json.dumps(thought) + ", " + loose[1:]
+                            assert V.verify(text, pos, absolute, literal) == loose_plain, text
+    # a field missing from the answer is not read out of the thought either
+    missing = json.dumps({V.THOUGHT_FIELD: "action: stop()", "current observation": "x"})
+    assert V.verify(missing, position(action="stop"), True).outcome == "invalid_action"
+
+
+def test_wrong_answer_keeps_the_thought_and_changes_the_action():
+    for absolute in (True, False):
+        env = NavigationEnv(VirlConfig(n_routes=5, absolute_actions=absolute), seed=0)
+        for seed, pos in enumerate(pos for route in range(5) for pos in walk(env, route, reasoning=True)):
+            expert, plain = env.expert_response(reasoning=True), env.expert_response()
+            wrong = json.loads(V.wrong_answer(expert, random.Random(seed)))
+            right = json.loads(expert)
+            assert list(wrong) == list(right) and {**wrong, "action": right["action"]} == right
+            # the same draw as without a thought: the revision data only gains the reasoning
+            assert wrong["action"] == json.loads(V.wrong_answer(plain, random.Random(seed)))["action"]
+            assert V.verify(json.dumps(wrong), pos, absolute).outcome != "correct"
+
+
 # ---- config, CLI, doctests ----
 
 @pytest.mark.parametrize("kwargs,match", [({"verify_iter": 0}, "verify_iter=0"), ({"drop_rate": 1.0}, "drop_rate=1.0"),
                                           ({"straight_line_length": 0}, "straight_line_length=0"),
                                           ({"view_size": 8}, "view_size=8"),
                                           ({"view_size": 4096}, "view_size=4096: expected 32 to 2048"),
-                                          ({"n_routes": 2_000_000}, "n_routes=2000000")])
+                                          ({"n_routes": 2_000_000}, "n_routes=2000000"),
+                                          ({"prompt_template": V.PROMPT_TEMPLATES}, "prompt_template=10"),
+                                          ({"prompt_template": -1}, "prompt_template=-1")])
 def test_bad_config_is_one_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         VirlConfig(**kwargs)

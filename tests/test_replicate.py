@@ -52,3 +52,32 @@ def test_bad_flags_are_one_line():
         out = subprocess.run([sys.executable, "replicate.py", *args], cwd=ROOT, capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 2 and match in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr
+
+
+def test_every_experiment_runs_its_arms_at_tiny_scale(tmp_path):
+    for experiment in ("rl-from-base", "verify-iter", "prompt-diversity", "cot-sft", "sft-window"):
+        run = replicate(tmp_path, "--seeds", "0", "--experiment", experiment)
+        assert run.returncode == 0, (experiment, run.stderr[-3000:])
+    config = lambda run: R.read_trainer_state(R.last_checkpoint(str(tmp_path / run)))["config"]  # noqa: E731
+    assert [config(f"rl-v{k}-s0")["verify_iter"] for k in (1, 3, 5, 10)] == [1, 3, 5, 10]
+    assert (tmp_path / "verify-iter" / "fig10_gp-l.png").exists()
+    assert R.read_trainer_state(R.last_checkpoint(str(tmp_path / "rl-base-s0")))["init"] == "tiny-text"
+    assert config("sft-diverse-s0")["prompt_diversity"] and config("sft-cot-s0")["reasoning"]
+    assert len([d for d in os.listdir(tmp_path / "init") if d.startswith("step-")]) == 2   # the SFT window
+    for pick in ("early", "peak", "late"):
+        assert R.last_checkpoint(str(tmp_path / f"rl-{pick}-s0"))
+    assert (tmp_path / "sft-window" / "fig6_gp-l.json").exists()
+
+
+def test_recognition_evaluates_one_attempt_and_draws_figure_8(tmp_path):
+    run = subprocess.run([sys.executable, "replicate.py", "--task", "gp-vl", "--scale", "tiny", "--model", "tiny-vlm",
+                          "--seeds", "0", "--experiment", "recognition", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "recognition" / "fig8_gp-vl.png").exists()
+    stored = json.loads((tmp_path / "rl-s0" / "eval_gp-vl.json").read_text())["checkpoints"]
+    one = [e for e in stored if e["key"]["verify_iter"] == 1]
+    assert one and all(m["mean_attempts"] == 1 and "recognition_accuracy" in m
+                       for e in one for m in e["settings"].values())
+    bad = replicate(tmp_path / "x", "--experiment", "recognition")
+    assert bad.returncode == 2 and "task gp-l shows no image" in bad.stderr

@@ -277,3 +277,37 @@ def test_explained_variance_is_cleanrls():
     assert P.explained_variance(torch.full((4,), 2.5), returns) == pytest.approx(0.0)
     assert P.explained_variance(returns - 1, returns) == pytest.approx(1.0)       # a constant offset is explained
     assert P.explained_variance(returns, torch.ones(4)) is None                  # returns that do not vary
+
+
+# ---- GRPO ----
+
+def test_group_advantages_are_relative_to_the_group():
+    rewards = [1.0, -1.0, 2.0, 0.0, 5.0, 3.0, 3.0]   # turns of episodes 0..3 (group 0) and 4..5 (group 1)
+    episodes = [0, 0, 1, 2, 3, 4, 5]                 # episode 0 has two turns: return 0
+    adv = P.group_advantages(rewards, episodes, group_size=4, use_std=False)
+    # group 0 returns 0, 2, 0, 5 (mean 1.75); group 1 returns 3, 3 (mean 3)
+    assert adv.tolist() == pytest.approx([-1.75, -1.75, 0.25, -1.75, 3.25, 0.0, 0.0])
+    per_episode = {ep: a for ep, a in zip(episodes, adv.tolist())}
+    assert sum(per_episode[e] for e in range(4)) == pytest.approx(0.0)     # a group's advantages sum to 0
+    scaled = P.group_advantages(rewards, episodes, group_size=4, use_std=True)
+    assert scaled[2] / scaled[4] == pytest.approx(0.25 / 3.25) and scaled[5] == 0.0   # a tied group learns nothing
+
+
+class SayYesAgain(SayYes):
+    def reset(self, seed=None, episode=None):
+        return super().reset()
+
+
+def test_grpo_raises_the_reward_of_a_toy_task(tmp_path):
+    data = tmp_path / "yes_no.jsonl"
+    question = [{"role": "user", "content": "Answer yes or no."}]
+    data.write_text("".join(json.dumps({"messages": question, "response": r}) + "\n" for r in ("yes", "no")))
+    S.train(S.SFTConfig(model="tiny-text", data=str(data), steps=30, batch_size=2, micro_batch=2, lr=1e-2,
+                        warmup_steps=1, save_every=30, out=str(tmp_path / "sft")))
+    cfg = P.PPOConfig(model=str(tmp_path / "sft" / "step-000030"), algo="grpo", group_size=8, updates=8, turns=32,
+                      envs=32, minibatch=16, micro_batch=16, lr=3e-3, grad_clip=1.0, temperature=1.0,
+                      max_new_tokens=4, save_every=8, out=str(tmp_path / "grpo"))
+    P.train(cfg, env_factory=lambda update, rank: [SayYesAgain() for _ in range(32)])
+    curve = [m["reward_mean"] for m in metrics(tmp_path / "grpo")]
+    assert 0.2 < curve[0] < 0.8 and curve[-1] > 0.9, curve
+    assert all(m["explained_variance"] is None and m["episodes"] == 32 for m in metrics(tmp_path / "grpo"))

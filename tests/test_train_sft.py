@@ -144,3 +144,16 @@ def test_batch_not_divisible_by_ranks_stops_before_work(tmp_path):
     out = torchrun(["--model", "tiny-text", "--batch-size", "3", "--out", str(tmp_path / "r")])
     assert out.returncode != 0 and "batch_size=3 is not divisible by the 2 ranks" in out.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_prompt_diversity_and_reasoning_data():
+    plain = S.expert_examples("gp-l", 12, seed=1)
+    assert S.expert_examples("gp-l", 12, seed=1, prompt_diversity=False) == plain           # the default is unchanged
+    diverse = S.expert_examples("gp-l", 40, seed=1, prompt_diversity=True)
+    assert len({e["messages"][0]["content"].split("\n")[0] for e in diverse}) >= 5         # many wordings
+    for task in ("gp-l", "virl-l"):
+        for e in S.expert_examples(task, 20, seed=2, reasoning=True):
+            answer = json.loads(e["response"])
+            assert list(answer)[0] == "thought" and len(answer["thought"]) > 20
+    virl = S.expert_examples("virl-l", 150, seed=3, prompt_diversity=True, reasoning=True)  # about 10 routes
+    assert len({e["messages"][0]["content"][:60] for e in virl}) >= 3
