@@ -89,6 +89,8 @@ class EvalConfig:
     """draw the PNG plots (needs matplotlib)"""
     reuse: bool = True
     """reuse a run's stored results for checkpoints already evaluated with the same settings"""
+    time_limit: float = 0.0
+    """seconds after which no further checkpoint is started (0: none); a rerun reuses what is stored"""
     device: str = ""
     """cuda, cpu, ...; empty: the GPU when there is one"""
 
@@ -103,6 +105,7 @@ class EvalConfig:
         require(self, "verify_iter image_size", lambda v: v >= 0, "0 (the default) or a positive integer")
         require(self, "temperature", lambda v: v >= 0, "0 (greedy) or a positive number")
         require(self, "top_p", lambda v: 0 < v <= 1, "a share in (0, 1]")
+        require(self, "time_limit", lambda v: v >= 0, "0 or a positive number")
         M.check_device(self.device)
         check_writable(self.out)
 
@@ -410,8 +413,10 @@ def evaluate(cfg: EvalConfig) -> list:
     for _, run_dir, _ in runs:  # before any model loads: results are written after every checkpoint
         check_writable(run_dir, "run folder")
     key = {k: getattr(cfg, k) for k in RESULT_KEY_FIELDS}
-    results = []
+    results, started, stopped = [], time.perf_counter(), False
     for run_name, run_dir, ckpts in runs:
+        if stopped:
+            break
         run = {"run": run_name, "task": cfg.task, "config": asdict(cfg), "checkpoints": []}
         stored, stored_answers = stored_results(run_dir, cfg.task)
         old = {result_id(e["path"], e["key"]): e for e in stored}
@@ -425,6 +430,9 @@ def evaluate(cfg: EvalConfig) -> list:
             if all(before.get(k) == entry[k] for k in ("step", "gflops")):  # the same weights: keep what is stored
                 entry["settings"], entry["sampling"] = dict(before.get("settings", {})), before.get("sampling")
             todo = [s for s in settings if s not in entry["settings"] or not cfg.reuse]
+            if todo and R.out_of_time(started, cfg.time_limit):
+                stopped = True
+                break
             answers += [a for a in stored_answers if (checkpoint_key(a["checkpoint"]), a["result"]) == rid
                         and a["setting"] in entry["settings"] and a["setting"] not in todo]
             if todo:
@@ -456,7 +464,10 @@ def evaluate(cfg: EvalConfig) -> list:
                     e for e in stored if result_id(e["path"], e["key"]) not in done] + run["checkpoints"]},
                     [a for a in stored_answers if (checkpoint_key(a["checkpoint"]), a["result"]) not in done] + answers)
         results.append(run)
-    if rank == 0:
+    if stopped:
+        if rank == 0:
+            print(f"time limit of {cfg.time_limit:g} s reached: rerun to evaluate the rest (stored results are reused)")
+    elif rank == 0:
         table = markdown_table(results, settings, cfg.task)
         changes = ood_changes(with_initializations(results), settings, cfg.task)
         print(table + "\n\n" + changes_table(changes))
@@ -470,7 +481,7 @@ def evaluate(cfg: EvalConfig) -> list:
         if cfg.plots:
             for path in draw_plots(with_initializations(results), changes, settings, cfg.task, cfg.out):
                 print(f"wrote {path}")
-    if world > 1:
+    if M.is_distributed():
         torch.distributed.destroy_process_group()
     return results
 

@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -34,19 +35,36 @@ from cli import check_writable, main, require
 from tasks import check_task
 
 # Sizes per scale. "cpu" runs the whole protocol on 2 CPU cores in one to two hours per task (a check of
-# the pipeline, far too small to move a policy much); "gpu" is the one-GPU replication; "tiny" is the
-# test suite's smoke run on a random-weight model.
+# the pipeline, far too small to move a policy much); "gpu" is the one-GPU replication; "gpu-small" fits about
+# 12 minutes of one H100 (below); "tiny" is the test suite's smoke run on a random-weight model.
 SCALES = {
     "tiny": dict(model="tiny-text", init_examples=8, init_steps=2, init_batch=4, init_lr=1e-3, sft_lr=1e-3,
                  rl_updates=2, rl_turns=4, rl_envs=4, rl_minibatch=4, rl_micro_batch=4, rl_lr=1e-4,
-                 checkpoints=2, eval_episodes=2, eval_virl_routes=2, max_new_tokens=8, eval_batch=4),
+                 checkpoints=2, eval_episodes=2, eval_virl_routes=2, max_new_tokens=8, eval_batch=4,
+                 engine=False, deadline_minutes=0.0),
     "cpu": dict(model="smollm2-135m", init_examples=160, init_steps=20, init_batch=8, init_lr=1e-4, sft_lr=1e-4,
                 rl_updates=2, rl_turns=16, rl_envs=8, rl_minibatch=16, rl_micro_batch=4, rl_lr=1e-5,
-                checkpoints=2, eval_episodes=32, eval_virl_routes=8, max_new_tokens=96, eval_batch=32),
+                checkpoints=2, eval_episodes=32, eval_virl_routes=8, max_new_tokens=96, eval_batch=32,
+                engine=False, deadline_minutes=0.0),
     "gpu": dict(model="smollm2-135m", init_examples=20000, init_steps=400, init_batch=64, init_lr=1e-5, sft_lr=1e-5,
                 rl_updates=40, rl_turns=256, rl_envs=128, rl_minibatch=64, rl_micro_batch=16, rl_lr=1e-6,
-                checkpoints=8, eval_episodes=234, eval_virl_routes=48, max_new_tokens=128, eval_batch=128),
+                checkpoints=8, eval_episodes=234, eval_virl_routes=48, max_new_tokens=128, eval_batch=128,
+                engine=True, deadline_minutes=0.0),
+    # Sized from the only GPU figures at hand (one H100, before the engine: SFT 25,000 tokens/s, a PPO epoch
+    # 35,100 tokens/s, batched generate 6,100 tokens/s, the multi-turn rollout far slower) for SmolLM2 on
+    # GP-L / V-IRL-L answers of about 60 tokens after prompts of about 300: the initialization 150 steps of 32
+    # (about 1 min), each RL run 4 updates of 128 answers at a raised rate (about 1.5 min), continued SFT
+    # matched, evaluation of 234 hands / 48 routes per setting at the first and last checkpoint of each arm;
+    # an 11-minute deadline keeps what finished, and the same command resumes the rest.
+    "gpu-small": dict(model="smollm2-135m", init_examples=4800, init_steps=150, init_batch=32, init_lr=3e-5,
+                      sft_lr=1e-5, rl_updates=4, rl_turns=128, rl_envs=128, rl_minibatch=64, rl_micro_batch=32,
+                      rl_lr=1e-5, checkpoints=2, eval_episodes=234, eval_virl_routes=48, max_new_tokens=96,
+                      eval_batch=128, engine=True, deadline_minutes=11.0),
 }
+
+
+class OutOfTime(Exception):
+    """The study's deadline passed: what finished is kept, and the same command resumes the rest."""
 
 
 @dataclass
@@ -55,7 +73,7 @@ class ReplicateConfig:
     task: str = "gp-l"
     """gp-l, gp-vl, virl-l or virl-vl"""
     scale: str = "cpu"
-    """size preset: tiny, cpu or gpu (each value below overrides it)"""
+    """size preset: tiny, cpu, gpu-small or gpu (each value below overrides it)"""
     experiment: str = "main"
     """main (the paper's comparison), recognition, rl-from-base, verify-iter, prompt-diversity, cot-sft or
     sft-window (docs/experiments.md); all share the study folder, its initialization and arms"""
@@ -97,6 +115,10 @@ class ReplicateConfig:
     """longest answer, in PPO and evaluation"""
     eval_batch: Optional[int] = None
     """episodes played at once in evaluation"""
+    engine: Optional[bool] = None
+    """PPO and evaluation generate with engine.py (on by the gpu presets)"""
+    deadline_minutes: Optional[float] = None
+    """start no phase after this many minutes, give each the time left; 0: none (gpu-small: 11)"""
     dry_run: bool = False
     """print the commands of the phases still to run, run nothing"""
 
@@ -119,6 +141,8 @@ class ReplicateConfig:
                 "checkpoints eval_episodes eval_virl_routes max_new_tokens eval_batch", lambda v: v >= 1,
                 "a positive integer")
         require(self, "init_lr sft_lr rl_lr", lambda v: v > 0, "a positive number")
+        require(self, "deadline_minutes", lambda v: v >= 0, "0 (none) or a positive number of minutes")
+        self.started = time.time()  # the deadline counts from here
         if self.rl_updates % self.checkpoints:
             raise ValueError(f"rl_updates={self.rl_updates} is not a multiple of checkpoints={self.checkpoints}")
         self.out = self.out or os.path.join("runs", f"replicate-{self.task}-{self.scale}")
@@ -143,6 +167,12 @@ def run_phase(name: str, args: list, run: str, steps: int, cfg: ReplicateConfig)
 
 
 def command(name: str, args: list, cfg: ReplicateConfig) -> None:
+    """Run one phase's script; under a deadline it gets the time left (--time-limit) and none starts after it."""
+    if cfg.deadline_minutes:
+        left = cfg.deadline_minutes * 60 - (time.time() - cfg.started)
+        if left <= 0:
+            raise OutOfTime(name)
+        args = [*args, "--time-limit", f"{left:.0f}"]
     print(f"[{name}] python {' '.join(args)}", flush=True)
     if cfg.dry_run:
         return
@@ -183,7 +213,8 @@ def rl_arm(cfg: ReplicateConfig, arm: str, start: str, *extra: str) -> list:
                                      "--envs", str(cfg.rl_envs), "--minibatch", str(cfg.rl_minibatch),
                                      "--micro-batch", str(cfg.rl_micro_batch), "--lr", str(cfg.rl_lr),
                                      "--max-new-tokens", str(cfg.max_new_tokens),
-                                     "--save-every", str(cfg.rl_updates // cfg.checkpoints), "--out", run, *extra],
+                                     "--save-every", str(cfg.rl_updates // cfg.checkpoints), "--out", run,
+                                     *(["--engine"] if cfg.engine else []), *extra],
                   run, cfg.rl_updates, cfg)
         runs.append(run)
     return runs
@@ -192,9 +223,11 @@ def rl_arm(cfg: ReplicateConfig, arm: str, start: str, *extra: str) -> list:
 def sft_arm(cfg: ReplicateConfig, arm: str, init: str, rl_runs: list, *extra: str) -> list:
     """Continued-SFT runs <arm>-s<k> from `init`, one per seed, on fresh expert answers, for as many steps as match
     the RL arm's mean compute, with extra train_sft.py flags. [] in a dry run before the RL arm has run."""
-    if cfg.dry_run and not all(finished(r, cfg.rl_updates) for r in rl_runs):
-        print(f"[{arm}-s*] the continued-SFT steps are set once the RL runs have finished")
-        return []
+    if not all(finished(r, cfg.rl_updates) for r in rl_runs):
+        if cfg.dry_run:
+            print(f"[{arm}-s*] the continued-SFT steps are set once the RL runs have finished")
+            return []
+        raise OutOfTime(arm)  # an RL run was cut by the deadline: its compute is not known yet
     steps, runs = matched_sft_steps(init, rl_runs, cfg), []
     for seed in cfg.seed_list:
         run = os.path.join(cfg.out, f"{arm}-s{seed}")
@@ -213,7 +246,7 @@ def evaluate(cfg: ReplicateConfig, models: list, out: str, *extra: str) -> None:
     command("evaluate", ["evaluate.py", "--task", cfg.task, "--model", ",".join(models),
                          "--episodes", str(cfg.eval_episodes), "--virl-routes", str(cfg.eval_virl_routes),
                          "--max-new-tokens", str(cfg.max_new_tokens), "--batch-size", str(cfg.eval_batch),
-                         "--out", out, *extra], cfg)
+                         "--out", out, *(["--engine"] if cfg.engine else []), *extra], cfg)
 
 
 # ---- experiments ----
@@ -336,10 +369,17 @@ def replicate(cfg: ReplicateConfig) -> dict:
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, f"replicate_config_{cfg.experiment}.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1)
-    init = initialization(cfg)
-    if init is None:  # a dry run before the initialization exists
-        return {}
-    return EXPERIMENTS[cfg.experiment](cfg, init)
+    try:
+        init = initialization(cfg)
+        if init is None:  # a dry run before the initialization exists, or a deadline that cut it
+            if not cfg.dry_run:
+                raise OutOfTime("init")
+            return {}
+        return EXPERIMENTS[cfg.experiment](cfg, init)
+    except OutOfTime as e:
+        print(f"deadline of {cfg.deadline_minutes:g} minutes reached before phase {e} finished: what finished is "
+              "kept; run the same command again to continue")
+        return {"stopped": str(e)}
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import time
 
 import torch
 
@@ -105,6 +106,13 @@ def last_checkpoint(run: str):
     done = [os.path.join(run, d) for d in os.listdir(run)
             if d.startswith("step-") and read_trainer_state(os.path.join(run, d))]
     return max(done, key=lambda d: read_trainer_state(d)["step"], default=None)
+
+
+def out_of_time(started: float, limit: float) -> bool:
+    """Whether `limit` seconds (0: no limit) have passed since `started` (time.perf_counter()) on any rank: every
+    rank stops together, as the collectives of a sharded run need."""
+    late = bool(limit) and time.perf_counter() - started > limit
+    return all_reduce_max(float(late)) > 0
 
 
 def rewind_log(path: str, step: int) -> None:

@@ -132,6 +132,8 @@ class PPOConfig:
     """checkpoint every N updates (and at the end)"""
     out: str = ""
     """run folder; empty: runs/ppo-<task>"""
+    time_limit: float = 0.0
+    """seconds after which the run saves a checkpoint and stops (0: none); --resume continues it"""
     resume: bool = False
     """continue from the run folder's last complete checkpoint"""
     overwrite: bool = False
@@ -156,8 +158,8 @@ class PPOConfig:
         require(self, "lr_max_steps verify_iter image_size top_k", lambda v: v >= 0,
                 "0 (the default) or a positive integer")
         require(self, "lr adam_eps clip temperature grad_clip", lambda v: v > 0, "a positive number")
-        require(self, "value_lr end_lr value_clip vf_coef ent_coef kl_coef pre_action_coef", lambda v: v >= 0,
-                "0 or a positive number")
+        require(self, "value_lr end_lr value_clip vf_coef ent_coef kl_coef pre_action_coef time_limit",
+                lambda v: v >= 0, "0 or a positive number")
         require(self, "gamma lam", lambda v: 0 <= v <= 1, "a value between 0 and 1")
         require(self, "top_p", lambda v: 0 < v <= 1, "a share in (0, 1]")
         require(self, "grad_checkpointing", lambda v: v in ("auto", "on", "off"), "auto, on or off")
@@ -573,6 +575,7 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
     if rank == 0:
         R.rewind_log(log_path, update)
     bar = tqdm(total=cfg.updates, initial=update, desc=f"ppo {cfg.task}", disable=rank != 0)
+    started = time.perf_counter()
     while update < cfg.updates:
         seed = update_seed(cfg.seed, update, rank)
         torch.manual_seed(seed)
@@ -631,11 +634,15 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
         bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", success=metrics["success_rate"],
                         clip=f"{metrics['clip_frac']:.2f}")
         bar.update(1)
-        if update % cfg.save_every == 0 or update == cfg.updates:
+        out_of_time = R.out_of_time(started, cfg.time_limit)
+        if update % cfg.save_every == 0 or update == cfg.updates or out_of_time:
             trainer_state = {"step": update, "tokens": tokens, "gflops": gflops, "kind": "ppo", "task": cfg.task,
                              "init": init, "config": asdict(cfg)}
             policy.save(os.path.join(cfg.out, f"step-{update:06d}"),
                         extras={"trainer_state.json": trainer_state, "optimizer.pt": R.optimizer_state(policy, opt)})
+        if out_of_time and update < cfg.updates:
+            print0(f"time limit of {cfg.time_limit:g} s reached at update {update}: --resume continues")
+            break
     bar.close()
     if wandb_run:
         wandb_run.finish()

@@ -74,6 +74,8 @@ class SFTConfig:
     """checkpoint every N steps (and at the end)"""
     out: str = ""
     """run folder; empty: runs/sft-<task>"""
+    time_limit: float = 0.0
+    """seconds after which the run saves a checkpoint and stops (0: none); --resume continues it"""
     resume: bool = False
     """continue from the run folder's last complete checkpoint"""
     overwrite: bool = False
@@ -95,7 +97,7 @@ class SFTConfig:
         require(self, "examples steps batch_size micro_batch save_every", lambda v: v >= 1, "a positive integer")
         require(self, "lr grad_clip", lambda v: v > 0, "a positive number")
         require(self, "warmup_steps image_size", lambda v: v >= 0, "0 or a positive integer")
-        require(self, "weight_decay", lambda v: v >= 0, "0 or a positive number")
+        require(self, "weight_decay time_limit", lambda v: v >= 0, "0 or a positive number")
         require(self, "revision_frac", lambda v: 0 <= v <= 1, "a share between 0 and 1")
         require(self, "grad_checkpointing", lambda v: v in ("auto", "on", "off"), "auto, on or off")
         env_config(self.task, "id", **image_overrides(self.task, self.image_size))  # the size itself
@@ -277,6 +279,7 @@ def train(cfg: SFTConfig) -> dict:
     log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=step, desc=f"sft {cfg.task}", disable=rank != 0)
     policy.train()
+    started = time.perf_counter()
     while step < cfg.steps:
         t0 = time.perf_counter()
         order = data_order(len(encoded), cfg.seed, step * cfg.batch_size, cfg.batch_size)
@@ -308,11 +311,15 @@ def train(cfg: SFTConfig) -> dict:
             log.flush()
         bar.set_postfix(loss=f"{loss_mean:.4f}", tok_s=f"{step_seen / secs:.0f}")
         bar.update(1)
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        out_of_time = R.out_of_time(started, cfg.time_limit)
+        if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
             trainer_state = {"step": step, "tokens": tokens, "gflops": gflops, "kind": "sft", "task": cfg.task,
                              "init": cfg.model, "config": asdict(cfg), "rng": torch.get_rng_state().tolist()}
             policy.save(os.path.join(cfg.out, f"step-{step:06d}"),
                         extras={"trainer_state.json": trainer_state, "optimizer.pt": R.optimizer_state(policy, opt)})
+        if out_of_time and step < cfg.steps:
+            print0(f"time limit of {cfg.time_limit:g} s reached at step {step}: --resume continues")
+            break
     bar.close()
     if M.is_distributed():
         torch.distributed.destroy_process_group()

@@ -199,3 +199,16 @@ def test_under_torchrun_the_launchers_report_shows_the_one_line(tmp_path):
                           "--out", str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and out.stderr.count("error: lr=nan: expected a finite number") >= 3, out.stderr[-1500:]
     assert "To enable traceback" not in out.stderr   # the report quotes the error instead of pointing at the docs
+
+
+def test_a_time_limit_saves_and_resume_continues_as_the_uninterrupted_run(tmp_path):
+    S.train(sft(tmp_path / "a", steps=4, save_every=4))
+    S.train(sft(tmp_path / "b", steps=4, save_every=4, time_limit=1e-6))   # out of time after the first step
+    assert R.last_checkpoint(str(tmp_path / "b")).endswith("step-000001")
+    S.train(sft(tmp_path / "b", steps=4, save_every=4, resume=True))
+    a, b = ([json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("a", "b"))
+    assert a == b
+    P.train(P.PPOConfig(model="tiny-text", updates=3, turns=4, envs=4, minibatch=4, micro_batch=4, max_new_tokens=8,
+                        time_limit=1e-6, out=str(tmp_path / "ppo")))
+    assert R.read_trainer_state(R.last_checkpoint(str(tmp_path / "ppo")))["step"] == 1

@@ -81,3 +81,20 @@ def test_recognition_evaluates_one_attempt_and_draws_figure_8(tmp_path):
                        for e in one for m in e["settings"].values())
     bad = replicate(tmp_path / "x", "--experiment", "recognition")
     assert bad.returncode == 2 and "task gp-l shows no image" in bad.stderr
+
+
+def test_a_deadline_keeps_what_finished_and_the_same_command_resumes(tmp_path):
+    cut = replicate(tmp_path, "--seeds", "0", "--deadline-minutes", "0.01")   # 0.6 s: the first phase is cut
+    assert cut.returncode == 0 and "deadline of 0.01 minutes reached" in cut.stdout, cut.stdout[-2000:]
+    assert "--time-limit" in cut.stdout and R.last_checkpoint(str(tmp_path / "init"))
+    again = replicate(tmp_path, "--seeds", "0")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "--resume" in again.stdout.split("[init]")[1].splitlines()[0]        # the cut phase resumed
+    assert (tmp_path / "fig6_gp-l.json").exists()
+
+
+def test_gpu_small_preset_is_sized_for_twelve_minutes():
+    import replicate as RE
+    cfg = RE.ReplicateConfig(scale="gpu-small", out="/tmp/unused-gpu-small")
+    assert cfg.engine and cfg.deadline_minutes == 11 and cfg.eval_episodes == 234 and cfg.eval_virl_routes == 48
+    assert cfg.rl_updates % cfg.checkpoints == 0 and cfg.init_examples == cfg.init_steps * cfg.init_batch
