@@ -172,7 +172,7 @@ def command(name: str, args: list, cfg: ReplicateConfig) -> None:
         left = cfg.deadline_minutes * 60 - (time.time() - cfg.started)
         if left <= 0:
             raise OutOfTime(name)
-        args = [*args, "--time-limit", f"{left:.0f}"]
+        args = [*args, "--time-limit", f"{max(left, 0.01):.2f}"]  # never "0", which would mean no limit
     print(f"[{name}] python {' '.join(args)}", flush=True)
     if cfg.dry_run:
         return

@@ -84,10 +84,13 @@ def test_recognition_evaluates_one_attempt_and_draws_figure_8(tmp_path):
 
 
 def test_a_deadline_keeps_what_finished_and_the_same_command_resumes(tmp_path):
-    cut = replicate(tmp_path, "--seeds", "0", "--deadline-minutes", "0.01")   # 0.6 s: the first phase is cut
+    # 0.6 s from the start, the initialization's 40 steps (several seconds) are cut whatever the machine's speed
+    longer = ("--seeds", "0", "--init-steps", "40")
+    cut = replicate(tmp_path, *longer, "--deadline-minutes", "0.01")
     assert cut.returncode == 0 and "deadline of 0.01 minutes reached" in cut.stdout, cut.stdout[-2000:]
     assert "--time-limit" in cut.stdout and R.last_checkpoint(str(tmp_path / "init"))
-    again = replicate(tmp_path, "--seeds", "0")
+    assert not R.last_checkpoint(str(tmp_path / "init")).endswith("step-000040")
+    again = replicate(tmp_path, *longer)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "--resume" in again.stdout.split("[init]")[1].splitlines()[0]        # the cut phase resumed
     assert (tmp_path / "fig6_gp-l.json").exists()
@@ -98,3 +101,13 @@ def test_gpu_small_preset_is_sized_for_twelve_minutes():
     cfg = RE.ReplicateConfig(scale="gpu-small", out="/tmp/unused-gpu-small")
     assert cfg.engine and cfg.deadline_minutes == 11 and cfg.eval_episodes == 234 and cfg.eval_virl_routes == 48
     assert cfg.rl_updates % cfg.checkpoints == 0 and cfg.init_examples == cfg.init_steps * cfg.init_batch
+
+
+def test_under_a_second_left_is_still_a_time_limit(tmp_path, capsys):
+    import time
+    import replicate as RE
+    cfg = RE.ReplicateConfig(scale="tiny", out=str(tmp_path), dry_run=True, deadline_minutes=1.0)
+    cfg.started = time.time() - 59.7                            # 0.3 s left: "0" would have meant no limit at all
+    RE.command("init", ["train_sft.py"], cfg)
+    limit = float(capsys.readouterr().out.split("--time-limit ")[1].split()[0])
+    assert 0 < limit <= 0.3
