@@ -1,6 +1,7 @@
 # make install   create .venv and install the project (CPU torch wheel when no GPU is visible)
 # make test      install, then run the test suite
 # make demo      install, then run the main job
+# make demo-vl   install, then the same for GP-VL and V-IRL-VL on smolvlm-local
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -8,7 +9,7 @@ BIN    := $(VENV)/bin
 # Override with e.g. `make install TORCH="torch==2.13.0"`.
 TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: install test demo clean
+.PHONY: install test demo demo-vl clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +34,19 @@ demo: install
 		--overwrite
 	$(BIN)/python evaluate.py --task gp-l --model smollm2-135m,$(DEMO)/sft,$(DEMO)/ppo \
 		--episodes $(DEMO_EPISODES) --max-new-tokens 64 --out $(DEMO)
+
+# The vision-language tasks on smolvlm-local (built once on first use by vision_pretrain.py): for GP-VL and
+# V-IRL-VL, SFT, PPO from its last checkpoint, then evaluation of the base, SFT and PPO checkpoints in every
+# setting, OOD visual included (times on 2 cores: README).
+demo-vl: install
+	for task in gp-vl virl-vl; do \
+	  $(BIN)/python train_sft.py --task $$task --model smolvlm-local --examples 160 --save-every 20 \
+	    --out $(DEMO)/sft-$$task --overwrite && \
+	  $(BIN)/python train_ppo.py --task $$task --model $(DEMO)/sft-$$task --updates 2 --turns 16 --envs 4 \
+	    --out $(DEMO)/ppo-$$task --overwrite && \
+	  $(BIN)/python evaluate.py --task $$task --model smolvlm-local,$(DEMO)/sft-$$task,$(DEMO)/ppo-$$task \
+	    --episodes 8 --virl-routes 4 --max-new-tokens 64 --out $(DEMO) || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

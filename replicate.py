@@ -62,6 +62,9 @@ SCALES = {
                       eval_batch=128, engine=True, deadline_minutes=11.0),
 }
 
+# the -vl tasks' base model at each scale: built offline, no download (a VLM of your own: --model)
+VL_MODELS = {"tiny": "tiny-vlm", "cpu": "smolvlm-local", "gpu": "smolvlm-local", "gpu-small": "smolvlm-local"}
+
 
 class OutOfTime(Exception):
     """The study's deadline passed: what finished is kept, and the same command resumes the rest."""
@@ -82,7 +85,7 @@ class ReplicateConfig:
     out: str = ""
     """folder of the whole study; empty: runs/replicate-<task>-<scale>"""
     model: Optional[str] = None
-    """base model (a VLM for the -vl tasks)"""
+    """base model; empty: the scale's (smollm2-135m; for the -vl tasks smolvlm-local, tiny-vlm at tiny)"""
     init_examples: Optional[int] = None
     """expert examples of the SFT initialization"""
     init_steps: Optional[int] = None
@@ -128,6 +131,9 @@ class ReplicateConfig:
             raise ValueError(f"experiment={self.experiment!r}: expected one of {', '.join(EXPERIMENTS)}")
         if self.scale not in SCALES:
             raise ValueError(f"scale={self.scale!r}: expected one of {', '.join(SCALES)}")
+        if self.task.endswith("-vl"):  # the scale's text model cannot see, and the engine serves text models only
+            self.model = self.model or VL_MODELS[self.scale]
+            self.engine = bool(self.engine)
         for name, value in SCALES[self.scale].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
