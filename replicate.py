@@ -62,6 +62,10 @@ SCALES = {
                       eval_batch=128, engine=True, deadline_minutes=11.0),
 }
 
+# the cot-sft experiment's answer budget: the official evaluation's (max_new_tokens 256), which a reasoning answer
+# fits in
+COT_MAX_NEW_TOKENS = 256
+
 # the -vl tasks' base model at each scale: built offline, no download (a VLM of your own: --model)
 VL_MODELS = {"tiny": "tiny-vlm", "cpu": "smolvlm-local", "gpu": "smolvlm-local", "gpu-small": "smolvlm-local"}
 
@@ -247,11 +251,13 @@ def sft_arm(cfg: ReplicateConfig, arm: str, init: str, rl_runs: list, *extra: st
     return runs
 
 
-def evaluate(cfg: ReplicateConfig, models: list, out: str, *extra: str) -> None:
-    """evaluate.py on every checkpoint of `models`, figures into `out` (results accumulate in each run folder)."""
+def evaluate(cfg: ReplicateConfig, models: list, out: str, *extra: str, max_new_tokens: int = 0) -> None:
+    """evaluate.py on every checkpoint of `models`, figures into `out` (results accumulate in each run folder);
+    answers up to max_new_tokens tokens (0: the study's)."""
     command("evaluate", ["evaluate.py", "--task", cfg.task, "--model", ",".join(models),
                          "--episodes", str(cfg.eval_episodes), "--virl-routes", str(cfg.eval_virl_routes),
-                         "--max-new-tokens", str(cfg.max_new_tokens), "--batch-size", str(cfg.eval_batch),
+                         "--max-new-tokens", str(max_new_tokens or cfg.max_new_tokens),
+                         "--batch-size", str(cfg.eval_batch),
                          "--out", out, *(["--engine"] if cfg.engine else []), *extra], cfg)
 
 
@@ -310,7 +316,10 @@ def cot_sft(cfg: ReplicateConfig, init: str) -> dict:
     plain SFT and RL."""
     study = main_study(cfg, init)
     cot = sft_arm(cfg, "sft-cot", init, study["rl"], "--reasoning")
-    evaluate(cfg, [init, *study["rl"], *study["sft"], *cot], os.path.join(cfg.out, "cot-sft"))
+    # every arm at a budget a reasoning answer fits in (plain answers end long before it), or the CoT arm's
+    # answers are cut before their action: the expert's reach 188 tokens on GP-L, 159 on V-IRL-L
+    evaluate(cfg, [init, *study["rl"], *study["sft"], *cot], os.path.join(cfg.out, "cot-sft"),
+             max_new_tokens=max(cfg.max_new_tokens, COT_MAX_NEW_TOKENS))
     return {**study, "sft-cot": cot}
 
 

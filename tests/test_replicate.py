@@ -63,6 +63,10 @@ def test_every_experiment_runs_its_arms_at_tiny_scale(tmp_path):
     assert (tmp_path / "verify-iter" / "fig10_gp-l.png").exists()
     assert R.read_trainer_state(R.last_checkpoint(str(tmp_path / "rl-base-s0")))["init"] == "tiny-text"
     assert config("sft-diverse-s0")["prompt_diversity"] and config("sft-cot-s0")["reasoning"]
+    import replicate as RE                                     # cot-sft evaluates at a budget reasoning fits in
+    budgets = {e["key"]["max_new_tokens"] for e in json.loads((tmp_path / "sft-cot-s0" / "eval_gp-l.json")
+                                                              .read_text())["checkpoints"]}
+    assert budgets == {RE.COT_MAX_NEW_TOKENS}
     assert len([d for d in os.listdir(tmp_path / "init") if d.startswith("step-")]) == 2   # the SFT window
     for pick in ("early", "peak", "late"):
         assert R.last_checkpoint(str(tmp_path / f"rl-{pick}-s0"))
