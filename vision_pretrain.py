@@ -63,7 +63,7 @@ STREET_QUESTION = "Describe this place: is it an intersection, and what sign doe
 class VisionConfig:
     """Build the offline vision-language model smolvlm-local."""
     language_model: str = "smollm2-135m"
-    """the frozen language model: smollm2-135m (the embedded default), or tiny-text for tests"""
+    """the language model: smollm2-135m (the embedded default), or tiny-text for tests"""
     out: str = ""
     """folder to write; empty: the model cache's smolvlm-local"""
     hidden: int = 192
@@ -79,7 +79,7 @@ class VisionConfig:
     tower_lr: float = 1e-3
     """stage 1: AdamW learning rate of tower, projector and heads"""
     align_steps: int = 200
-    """stage 2: captioning steps through the frozen language model"""
+    """stage 2: captioning steps, the tower frozen"""
     align_batch: int = 8
     """stage 2: images per step"""
     align_lr: float = 2e-4
@@ -143,7 +143,7 @@ class Streets:
 # ---- the model ----
 
 def build(cfg: VisionConfig):
-    """A LLaVA of the frozen language model, a fresh vision tower and projector, and its processor."""
+    """A LLaVA of the language model, a fresh vision tower and projector, and its processor."""
     from transformers import (AutoModelForCausalLM, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaImageProcessorPil, LlavaProcessor)
     folder = Z.resolve(cfg.language_model)
@@ -184,8 +184,8 @@ class Heads(torch.nn.Module):
     keeps where it looked): each card's rank and suit; a street view's intersection and the views with a sign.
     And the projector's output for cards, read as words: the token over each card's upper half (grid row 1, one
     column per card) should be the language model's input embedding of the card's rank, every other token that
-    of a space, so that the frozen model finds the hand where it can read it, as it would read "10 Q K 8" in its
-    prompt (it copies such a list; captioning alone did not find this in hundreds of steps)."""
+    of a space, so that the language model (frozen in stage 1) finds the hand where it can read it, as it would
+    read "10 Q K 8" in its prompt (it copies such a list; captioning alone did not find this in hundreds of steps)."""
 
     def __init__(self, hidden: int, embeddings: torch.Tensor, tokenizer):
         super().__init__()
