@@ -481,8 +481,7 @@ def evaluate(cfg: EvalConfig) -> list:
         if cfg.plots:
             for path in draw_plots(with_initializations(results), changes, settings, cfg.task, cfg.out):
                 print(f"wrote {path}")
-    if M.is_distributed():
-        torch.distributed.destroy_process_group()
+    R.leave_distributed()
     return results
 
 

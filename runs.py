@@ -32,6 +32,14 @@ def init_distributed(device: str = ""):
     return rank, world, f"cuda:{local}" if backend == "nccl" else "cpu"
 
 
+def leave_distributed() -> None:
+    """Leave the process group, every rank together (a barrier first). Rank 0 is often still writing a checkpoint
+    or results when the others are done, and a rank that tears its gloo connections down meanwhile can abort."""
+    if is_distributed():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def all_reduce_sum(x: float) -> float:
     """The sum of x over all ranks (x itself in one process)."""
     return _all_reduce(x, "sum")

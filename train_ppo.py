@@ -646,8 +646,7 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
     bar.close()
     if wandb_run:
         wandb_run.finish()
-    if M.is_distributed():
-        torch.distributed.destroy_process_group()
+    R.leave_distributed()
     return {"step": update, "gflops": gflops, "tokens": tokens}
 
 

@@ -321,8 +321,7 @@ def train(cfg: SFTConfig) -> dict:
             print0(f"time limit of {cfg.time_limit:g} s reached at step {step}: --resume continues")
             break
     bar.close()
-    if M.is_distributed():
-        torch.distributed.destroy_process_group()
+    R.leave_distributed()
     return {"step": step, "gflops": gflops, "tokens": tokens}
 
 

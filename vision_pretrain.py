@@ -36,7 +36,6 @@ import random
 import re
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

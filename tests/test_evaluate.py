@@ -3,7 +3,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import pytest
 
 import evaluate as EV
 import model as M
+from launch import report, torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,16 +124,11 @@ def test_cli_errors_are_one_line(args, match):
 
 
 def test_torchrun_splits_episodes_and_gathers(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     run = tmp_path / "base"
     shutil.copytree(M.resolve("tiny-text"), run / "step-0")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "evaluate.py", "--model", str(run), "--task", "gp-l", "--episodes", "5",
-           "--batch-size", "2", "--max-new-tokens", "8", "--out", str(tmp_path / "out"), "--no-plots"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = torchrun("evaluate.py", ["--model", str(run), "--task", "gp-l", "--episodes", "5", "--batch-size", "2",
+                                   "--max-new-tokens", "8", "--out", str(tmp_path / "out"), "--no-plots"])
+    assert out.returncode == 0, report(out)
     result = json.loads((run / "eval_gp-l.json").read_text())
     assert result["checkpoints"][0]["settings"]["id"]["episodes"] == 5
     episodes = {json.loads(line)["episode"] for line in (run / "eval_gp-l_answers.jsonl").read_text().splitlines()}

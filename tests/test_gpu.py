@@ -3,8 +3,6 @@ process and under `torchrun --nproc_per_node 1` (FSDP2, NCCL); generate and scor
 numerics (bf16 compute over fp32 weights); the prefix cache changes nothing on the device.
 Run on a GPU machine with `python -m pytest -q tests/test_gpu.py -s` (prints what it measured)."""
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -18,6 +16,7 @@ import train_sft as S
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from test_precision import changed_share, metrics, ppo, sft  # noqa: E402
+from launch import report, torchrun  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -37,24 +36,19 @@ def test_one_process_training_moves_the_master_weights_at_the_papers_learning_ra
     assert shares["sft 20 steps lr 1e-5"] > 0.5
 
 
-def torchrun(script, args):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), script, *args]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+def torchrun_one_gpu(script, args):
+    out = torchrun(script, args, nproc=1)
+    assert out.returncode == 0, report(out)
 
 
 def test_torchrun_fsdp2_training_moves_the_master_weights_at_the_papers_learning_rates(tmp_path):
     base = M.resolve("tiny-text")
-    torchrun("train_sft.py", ["--model", "tiny-text", "--examples", "8", "--steps", "1", "--batch-size", "4",
-                              "--micro-batch", "2", "--lr", "1e-6", "--warmup-steps", "0", "--save-every", "1",
-                              "--out", str(tmp_path / "sft")])
-    torchrun("train_ppo.py", ["--model", "tiny-text", "--updates", "1", "--turns", "8", "--envs", "4",
-                              "--minibatch", "4", "--micro-batch", "2", "--max-new-tokens", "12", "--lr", "1e-6",
-                              "--out", str(tmp_path / "ppo")])
+    torchrun_one_gpu("train_sft.py", ["--model", "tiny-text", "--examples", "8", "--steps", "1", "--batch-size", "4",
+                                      "--micro-batch", "2", "--lr", "1e-6", "--warmup-steps", "0", "--save-every", "1",
+                                      "--out", str(tmp_path / "sft")])
+    torchrun_one_gpu("train_ppo.py", ["--model", "tiny-text", "--updates", "1", "--turns", "8", "--envs", "4",
+                                      "--minibatch", "4", "--micro-batch", "2", "--max-new-tokens", "12",
+                                      "--lr", "1e-6", "--out", str(tmp_path / "ppo")])
     sft_share = changed_share(base, str(tmp_path / "sft" / "step-000001"))
     ppo_share = changed_share(base, str(tmp_path / "ppo" / "step-000001"))
     print(f"torchrun FSDP2, share of weights changed: sft 1 step lr 1e-6 {sft_share:.4f}, "

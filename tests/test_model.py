@@ -2,9 +2,6 @@
 import json
 import math
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,6 +9,7 @@ from PIL import Image
 
 import generation as G
 import model as M
+from launch import report, torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -175,18 +173,10 @@ def test_embedded_default_answers_a_chat():
     assert s.finished and "4" in s.text
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("name", ["tiny-text", "tiny-vlm"])
 def test_fsdp2_two_processes_match_one(name, text_policy, vlm_policy):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), os.path.join(ROOT, "tests", "fsdp_check.py"), name]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = torchrun(os.path.join(ROOT, "tests", "fsdp_check.py"), [name])
+    assert out.returncode == 0, report(out)
     result = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
     assert result["world"] == 2 and result["extras"]
     for key in ("score", "step", "generate", "save"):

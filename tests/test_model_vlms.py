@@ -13,7 +13,6 @@ from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idef
                           Qwen2VLImageProcessorPil, Qwen2VLProcessor)
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
-import generation as G
 import model as M
 import model_zoo as Z
 

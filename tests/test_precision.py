@@ -3,17 +3,16 @@ bf16 weights round it away), exact resume, plain-transformers checkpoints, the 2
 PPO's re-scoring of the rollout with the training numerics."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 import model as M
 import train_ppo as P
 import train_sft as S
+from launch import report, torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -115,19 +114,11 @@ def test_bf16_ppo_resume_reproduces_the_uninterrupted_run(tmp_path, killed_after
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_fsdp2_bf16_mixed_precision_moves_fp32_shards(tmp_path):
     args = ["--model", "tiny-text", "--examples", "8", "--steps", "1", "--batch-size", "4", "--micro-batch", "2",
             "--lr", "1e-6", "--warmup-steps", "0", "--save-every", "1", "--precision", "bf16"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "train_sft.py", *args, "--out", str(tmp_path / "two")]
-    two = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
+    two = torchrun("train_sft.py", [*args, "--out", str(tmp_path / "two")])
+    assert two.returncode == 0, report(two)
     ckpt = str(tmp_path / "two" / "step-000001")
     assert changed_share(M.resolve("tiny-text"), ckpt) >= 0.9
     assert all(v.dtype == torch.float32 for v in load_file(os.path.join(ckpt, "model.safetensors")).values())

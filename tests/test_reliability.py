@@ -4,7 +4,6 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -19,6 +18,7 @@ import runs as R
 import train_ppo as P
 import train_sft as S
 from cli import parse_config
+from launch import torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -191,12 +191,7 @@ def test_a_checkpoint_of_another_task_is_said_out_loud(tmp_path, capsys):
 
 
 def test_under_torchrun_the_launchers_report_shows_the_one_line(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(port), "train_sft.py", "--lr", "nan",
-                          "--out", str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = torchrun("train_sft.py", ["--lr", "nan", "--out", str(tmp_path / "r")], timeout=300)
     assert out.returncode != 0 and out.stderr.count("error: lr=nan: expected a finite number") >= 3, out.stderr[-1500:]
     assert "To enable traceback" not in out.stderr   # the report quotes the error instead of pointing at the docs
 

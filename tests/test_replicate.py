@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import model as M
 import runs as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

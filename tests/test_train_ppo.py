@@ -4,7 +4,6 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -20,6 +19,7 @@ import train_sft as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+from launch import report, torchrun  # noqa: E402
 from ppo_check import make_batch  # noqa: E402
 
 
@@ -169,22 +169,10 @@ def test_ppo_raises_the_reward_of_a_toy_task(tmp_path):
 
 # ---- distributed, resume, robustness ----
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(script, args, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), script, *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.parametrize("mode", ["paper", "token"])
 def test_two_process_gloo_updates_match_one_process(mode):
     out = torchrun("tests/ppo_check.py", [mode])
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, report(out)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["world"] == 2 and got["steps"] == [2, 2] and got["clipped"] > 0
     assert got["moved"] > 1e-3                      # the updates did change the weights...
@@ -197,7 +185,7 @@ ARGS = ["--model", "tiny-text", "--turns", "8", "--envs", "4", "--minibatch", "4
 
 def test_train_ppo_under_torchrun_runs_two_updates_and_saves(tmp_path):
     out = torchrun("train_ppo.py", [*ARGS, "--updates", "2", "--save-every", "2", "--out", str(tmp_path / "run")])
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, report(out)
     log = metrics(tmp_path / "run")
     assert [m["step"] for m in log] == [1, 2] and all(m["answers"] == 8 for m in log)
     for m in log:  # the ranks' sums add up, negative ones included: the mean reward is that of the outcomes

@@ -1,7 +1,6 @@
 """train_sft.py: data, loss mask, overfitting, resume, 2-process gloo torchrun, bad configs."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import env_points as E
 import model as M
 import runs as R
 import train_sft as S
+from launch import report, torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,34 +97,22 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, killed_after_save):
     assert state["step"] == 6 and state["gflops"] > 0 and state["tokens"] > 0 and state["config"]["task"] == "gp-l"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(args, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "train_sft.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-
-
 def test_two_process_gloo_matches_one_process(tmp_path):
     args = ["--model", "tiny-text", "--examples", "8", "--steps", "3", "--batch-size", "4", "--micro-batch", "1",
             "--lr", "1e-3", "--warmup-steps", "1", "--save-every", "3"]
     one = subprocess.run([sys.executable, "train_sft.py", *args, "--out", str(tmp_path / "one")], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = torchrun([*args, "--out", str(tmp_path / "two")])
-    assert two.returncode == 0, two.stderr[-2000:]
+    two = torchrun("train_sft.py", [*args, "--out", str(tmp_path / "two")])
+    assert two.returncode == 0, report(two)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 3 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
     p1, p2 = M.load_policy(str(tmp_path / "one" / "step-000003")), M.load_policy(str(tmp_path / "two" / "step-000003"))
     w1, w2 = p1.model.get_input_embeddings().weight, p2.model.get_input_embeddings().weight
     assert (w1 - w2).abs().max() < 1e-4
     # resuming a sharded run: the full optimizer state is loaded on rank 0 and broadcast
-    more = torchrun([*args, "--steps", "4", "--resume", "--out", str(tmp_path / "two")])
-    assert more.returncode == 0, more.stderr[-2000:]
+    more = torchrun("train_sft.py", [*args, "--steps", "4", "--resume", "--out", str(tmp_path / "two")])
+    assert more.returncode == 0, report(more)
     assert len(losses(tmp_path / "two")) == 4
     assert R.read_trainer_state(str(tmp_path / "two" / "step-000004"))["step"] == 4
 
@@ -141,7 +129,7 @@ def test_bad_config_is_one_line(args, match, tmp_path):
 
 
 def test_batch_not_divisible_by_ranks_stops_before_work(tmp_path):
-    out = torchrun(["--model", "tiny-text", "--batch-size", "3", "--out", str(tmp_path / "r")])
+    out = torchrun("train_sft.py", ["--model", "tiny-text", "--batch-size", "3", "--out", str(tmp_path / "r")])
     assert out.returncode != 0 and "batch_size=3 is not divisible by the 2 ranks" in out.stderr
     assert not (tmp_path / "r").exists()
 

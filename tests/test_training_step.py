@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-import torch
 
 import model as M
 import runs as R
