@@ -325,15 +325,18 @@ def cot_sft(cfg: ReplicateConfig, init: str) -> dict:
 
 def sft_window(cfg: ReplicateConfig, init: str) -> dict:
     """arXiv 2509.12235: OOD performance along the SFT initialization (every checkpoint of it), and RL from its
-    first, best-OOD and last checkpoints."""
+    first, best-OOD and last checkpoints: one arm per distinct checkpoint, named after the first pick of it (the
+    peak is often the first or the last, and the same RL run twice would spend its compute for nothing)."""
     init_run, out = os.path.dirname(init), os.path.join(cfg.out, "sft-window")
     evaluate(cfg, [init_run], out)
     if cfg.dry_run:
         return {"init": init}
     picks = window_checkpoints(init_run, cfg.task)
-    arms = {name: rl_arm(cfg, f"rl-{name}", ckpt) for name, ckpt in picks.items()}
-    evaluate(cfg, [init_run, *(r for runs in arms.values() for r in runs)], out)
-    return {"init": init, **picks, **{f"rl-{name}": runs for name, runs in arms.items()}}
+    arm_of = {}                                                    # checkpoint -> its RL runs
+    for name, ckpt in picks.items():
+        arm_of[ckpt] = arm_of.get(ckpt) or rl_arm(cfg, f"rl-{name}", ckpt)
+    evaluate(cfg, [init_run, *(r for runs in arm_of.values() for r in runs)], out)
+    return {"init": init, **picks, **{f"rl-{name}": arm_of[ckpt] for name, ckpt in picks.items()}}
 
 
 EXPERIMENTS = {"main": main_study, "recognition": recognition, "rl-from-base": rl_from_base,

@@ -67,8 +67,11 @@ def test_every_experiment_runs_its_arms_at_tiny_scale(tmp_path):
                                                               .read_text())["checkpoints"]}
     assert budgets == {RE.COT_MAX_NEW_TOKENS}
     assert len([d for d in os.listdir(tmp_path / "init") if d.startswith("step-")]) == 2   # the SFT window
-    for pick in ("early", "peak", "late"):
-        assert R.last_checkpoint(str(tmp_path / f"rl-{pick}-s0"))
+    picks = RE.window_checkpoints(str(tmp_path / "init"), "gp-l")
+    arms = sorted(d for d in os.listdir(tmp_path) if d.startswith(("rl-early", "rl-peak", "rl-late")))
+    assert len(arms) == len(set(picks.values())) == 2 and arms[0] == "rl-early-s0"   # one arm per checkpoint
+    assert {os.path.abspath(R.read_trainer_state(R.last_checkpoint(str(tmp_path / a)))["init"]) for a in arms} == \
+        {os.path.abspath(p) for p in picks.values()}
     assert (tmp_path / "sft-window" / "fig6_gp-l.json").exists()
 
 
