@@ -3,6 +3,7 @@ generation of different lengths per rank, and a sharded save, each compared with
 Rank 0 prints one JSON line of measured differences for tests/test_model.py to judge."""
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -74,6 +75,7 @@ def main():
             extras_ok = json.load(f) == {"step": 1}
         print(json.dumps({"score": d_score, "step": d_step, "generate": d_gen, "save": d_save,
                           "gen_lengths_differ": True, "extras": extras_ok, "world": world}))
+        shutil.rmtree(folder, ignore_errors=True)
     dist.barrier()
     dist.destroy_process_group()
 
