@@ -116,6 +116,18 @@ def last_checkpoint(run: str):
     return max(done, key=lambda d: read_trainer_state(d)["step"], default=None)
 
 
+def drop_older_optimizer_states(run: str) -> None:
+    """Delete optimizer.pt from every checkpoint of `run` but the newest complete one, which alone --resume reads:
+    Adam's state is twice the fp32 weights (1 GB a SmolLM2 checkpoint, 88 GB at 11B). Rank 0 alone deletes."""
+    newest = last_checkpoint(run) if rank() == 0 else None
+    if newest is None:
+        return
+    for d in os.listdir(run):
+        path = os.path.join(run, d, "optimizer.pt")
+        if d.startswith("step-") and os.path.join(run, d) != newest and os.path.exists(path):
+            os.remove(path)
+
+
 def out_of_time(started: float, limit: float) -> bool:
     """Whether `limit` seconds (0: no limit) have passed since `started` (time.perf_counter()) on any rank: every
     rank stops together, as the collectives of a sharded run need."""

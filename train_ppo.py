@@ -640,6 +640,7 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
                              "init": init, "config": asdict(cfg)}
             policy.save(os.path.join(cfg.out, f"step-{update:06d}"),
                         extras={"trainer_state.json": trainer_state, "optimizer.pt": R.optimizer_state(policy, opt)})
+            R.drop_older_optimizer_states(cfg.out)
         if out_of_time and update < cfg.updates:
             print0(f"time limit of {cfg.time_limit:g} s reached at update {update}: --resume continues")
             break

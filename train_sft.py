@@ -317,6 +317,7 @@ def train(cfg: SFTConfig) -> dict:
                              "init": cfg.model, "config": asdict(cfg), "rng": torch.get_rng_state().tolist()}
             policy.save(os.path.join(cfg.out, f"step-{step:06d}"),
                         extras={"trainer_state.json": trainer_state, "optimizer.pt": R.optimizer_state(policy, opt)})
+            R.drop_older_optimizer_states(cfg.out)
         if out_of_time and step < cfg.steps:
             print0(f"time limit of {cfg.time_limit:g} s reached at step {step}: --resume continues")
             break

@@ -211,6 +211,8 @@ def test_resume_continues_with_the_same_next_update(tmp_path, killed_after_save)
     wa = M.load_policy(str(tmp_path / "a" / "step-000003")).model.get_input_embeddings().weight
     wb = M.load_policy(str(tmp_path / "b" / "step-000003")).model.get_input_embeddings().weight
     assert (wa - wb).abs().max() < 1e-6
+    kept = [os.path.exists(tmp_path / "b" / s / "optimizer.pt") for s in ("step-000002", "step-000003")]
+    assert kept == [False, True]                     # only the newest checkpoint keeps the optimizer state
 
 
 def test_non_finite_minibatch_is_skipped_and_counted(monkeypatch):

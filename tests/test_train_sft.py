@@ -95,6 +95,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, killed_after_save):
     assert len(resumed) == 6 and max(abs(a - b) for a, b in zip(full, resumed)) < 1e-5, (full, resumed)
     state = R.read_trainer_state(str(tmp_path / "b" / "run" / "step-000006"))
     assert state["step"] == 6 and state["gflops"] > 0 and state["tokens"] > 0 and state["config"]["task"] == "gp-l"
+    # only the newest checkpoint keeps the optimizer state, the one --resume reads
+    kept = [os.path.exists(tmp_path / r / "run" / f"step-00000{k}" / "optimizer.pt") for r in "ab" for k in (3, 6)]
+    assert kept == [False, True, False, True]
 
 
 def test_two_process_gloo_matches_one_process(tmp_path):
