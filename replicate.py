@@ -334,7 +334,8 @@ def sft_window(cfg: ReplicateConfig, init: str) -> dict:
     picks = window_checkpoints(init_run, cfg.task)
     arm_of = {}                                                    # checkpoint -> its RL runs
     for name, ckpt in picks.items():
-        arm_of[ckpt] = arm_of.get(ckpt) or rl_arm(cfg, f"rl-{name}", ckpt)
+        if ckpt not in arm_of:
+            arm_of[ckpt] = rl_arm(cfg, f"rl-{name}", ckpt)
     evaluate(cfg, [init_run, *(r for runs in arm_of.values() for r in runs)], out)
     return {"init": init, **picks, **{f"rl-{name}": arm_of[ckpt] for name, ckpt in picks.items()}}
 

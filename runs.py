@@ -116,11 +116,10 @@ def last_checkpoint(run: str):
     return max(done, key=lambda d: read_trainer_state(d)["step"], default=None)
 
 
-def drop_older_optimizer_states(run: str) -> None:
-    """Delete optimizer.pt from every checkpoint of `run` but the newest complete one, which alone --resume reads:
-    Adam's state is twice the fp32 weights (1 GB a SmolLM2 checkpoint, 88 GB at 11B). Rank 0 alone deletes."""
-    newest = last_checkpoint(run) if rank() == 0 else None
-    if newest is None:
+def drop_older_optimizer_states(run: str, newest: str) -> None:
+    """Delete optimizer.pt from every checkpoint of `run` but `newest` (the one just saved), which alone --resume
+    reads: Adam's state is twice the fp32 weights (1 GB a SmolLM2 checkpoint, 88 GB at 11B). Rank 0 alone deletes."""
+    if rank() != 0:
         return
     for d in os.listdir(run):
         path = os.path.join(run, d, "optimizer.pt")

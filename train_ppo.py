@@ -638,9 +638,10 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
         if update % cfg.save_every == 0 or update == cfg.updates or out_of_time:
             trainer_state = {"step": update, "tokens": tokens, "gflops": gflops, "kind": "ppo", "task": cfg.task,
                              "init": init, "config": asdict(cfg)}
-            policy.save(os.path.join(cfg.out, f"step-{update:06d}"),
+            checkpoint = os.path.join(cfg.out, f"step-{update:06d}")
+            policy.save(checkpoint,
                         extras={"trainer_state.json": trainer_state, "optimizer.pt": R.optimizer_state(policy, opt)})
-            R.drop_older_optimizer_states(cfg.out)
+            R.drop_older_optimizer_states(cfg.out, checkpoint)
         if out_of_time and update < cfg.updates:
             print0(f"time limit of {cfg.time_limit:g} s reached at update {update}: --resume continues")
             break

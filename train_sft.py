@@ -315,9 +315,10 @@ def train(cfg: SFTConfig) -> dict:
         if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
             trainer_state = {"step": step, "tokens": tokens, "gflops": gflops, "kind": "sft", "task": cfg.task,
                              "init": cfg.model, "config": asdict(cfg), "rng": torch.get_rng_state().tolist()}
-            policy.save(os.path.join(cfg.out, f"step-{step:06d}"),
+            checkpoint = os.path.join(cfg.out, f"step-{step:06d}")
+            policy.save(checkpoint,
                         extras={"trainer_state.json": trainer_state, "optimizer.pt": R.optimizer_state(policy, opt)})
-            R.drop_older_optimizer_states(cfg.out)
+            R.drop_older_optimizer_states(cfg.out, checkpoint)
         if out_of_time and step < cfg.steps:
             print0(f"time limit of {cfg.time_limit:g} s reached at step {step}: --resume continues")
             break

@@ -13,17 +13,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(script: str, args: list, nproc: int = 2, timeout: int = 600, env: dict = None):
+def torchrun(script: str, args: list, nproc: int = 2, timeout: int = 600):
     """The CompletedProcess of `torchrun --nproc_per_node nproc script *args` run from the repository root.
     A run whose worker died by a signal (exit code -6 in the launcher's report: gloo's C++ transport aborting,
     seen once in CI, never in 40 runs here) runs once more; a run that fails in Python is never retried."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), script, *args]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0 and "(exitcode: -" in out.stderr:
         print(f"a worker died by a signal; running once more. Its output:\n{report(out)}")
         cmd[cmd.index("--master_port") + 1] = str(free_port())
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     return out
 
 
