@@ -2,6 +2,8 @@
 # make test      install, then run the test suite
 # make demo      install, then run the main job
 # make demo-vl   install, then the same for GP-VL and V-IRL-VL on smolvlm-local
+# make gpu-check install, then the GPU acceptance run: tests/test_gpu.py, then the benchmarks against their
+#                targets, within 9 minutes, into runs/gpu_check.jsonl (on CPU: what runs there, the rest skipped)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -9,7 +11,7 @@ BIN    := $(VENV)/bin
 # Override with e.g. `make install TORCH="torch==2.13.0"`.
 TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: install test demo demo-vl clean
+.PHONY: install test demo demo-vl gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +49,9 @@ demo-vl: install
 	  $(BIN)/python evaluate.py --task $$task --model smolvlm-local,$(DEMO)/sft-$$task,$(DEMO)/ppo-$$task \
 	    --episodes 8 --virl-routes 4 --max-new-tokens 64 --out $(DEMO) || exit 1; \
 	done
+
+gpu-check: install
+	$(BIN)/python bench.py --gpu-check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,17 +1,23 @@
-"""Measured speed: rollouts, PPO training steps and environments, each against a reference in the same run.
+"""Measured speed: rollouts, PPO training steps and environments, each against a reference in the same run;
+and the GPU acceptance check, which runs the GPU tests first and sets every figure beside its target.
 
     python bench.py                       # CPU: embedded default, rollout batch 32; or the GPU at 128 and 512
     python bench.py --sections env        # only the environments
     python bench.py --quick               # tiny model, small sizes: the test suite's smoke run (< 1 minute)
+    python bench.py --gpu-check           # tests/test_gpu.py, then rollout, decode and train at the targets'
+                                          # sizes, within 9 minutes, into runs/gpu_check.jsonl (make gpu-check)
 
 Prints a table and one JSON line per figure ({"figure", "value", "unit", ...}); `--out FILE` appends
 the JSON lines to a file too. Figures:
 
-- rollout: the project's batched multi-turn rollout (`rollout.rollout`, sequential revision, one
+- rollout: the process's first rollout and the same again (the first pays for the device's set-up), then
+  the project's batched multi-turn rollout (`rollout.rollout`, sequential revision, one
   batched generate per round) against the paper's approach, one conversation at a time with a
   plain Hugging Face `generate` on one prompt: generated tokens/s and episodes/s of each and their
   ratio, on the same GeneralPoints episodes (same seeds), model, temperature and token limit.
   Ratios are measured inside one run, so a noisy machine cannot fake them.
+- decode: ms per decode step of Hugging Face `generate` and of the engine (eager, compiled), the engine's
+  tokens/s and its ratio to `generate`, and a multi-turn rollout through the engine against raw decode.
 - train: a PPO epoch (`train_ppo.ppo_update`) over GeneralPoints turns: tokens/s; on a GPU also
   model FLOPs utilization, 6 x parameters x tokens / time / the GPU's dense bf16 peak, and peak memory;
   for the model and, on a GPU, a random-weight model of Llama-3.2-1B's shape (built locally).
@@ -22,16 +28,31 @@ the JSON lines to a file too. Figures:
   on 8 GPUs under FSDP2 and, for contrast, on one.
 
 Rollouts and training run with the training precision (`--precision auto`: bf16 compute over fp32
-weights on a GPU), as train_ppo.py does; `generate_first_call_s` / `generate_second_call_s` time the
-process's first generate call, which pays for the device's set-up, and the next.
+weights on a GPU), as train_ppo.py does.
+
+`--gpu-check` writes one report: an `environment` row (date, device, torch, transformers, commit), a row per
+test of `--check-tests` (value passed, failed or skipped; the tests append what they measured), the sections'
+figures, a `target_<figure>` row per target of TARGETS (value, target, met: true, false, or null when not
+measured or when a speed target ran on CPU) and a `skipped` row per part it did not run, with the reason: a
+GPU-only part on CPU, or the deadline. Figures are written as they are measured, so a deadline or a crash
+keeps them. It exits 1 when a test failed; targets are reported, not asserted.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import json
 import os
+import platform
 import resource
+import shlex
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -66,6 +87,28 @@ LLAMA_11B_VISION_SHAPE = dict(
 # one-GPU PPO command (16 turns of up to 512 tokens with 128-token answers), and the paper's 11B model on
 # 8 GPUs with its official micro-batches: PPO 1 turn (up to 2048 tokens, 512-token answers), SFT 16 examples
 SECTIONS = "rollout, decode, train, env, memory"
+CHECK_SECTIONS = "rollout,decode,train"
+# default sizes by (mode, on a GPU): rollout batches, one-at-a-time episodes, decode batch, PPO epoch turns and
+# micro-batch. The check's GPU sizes are the targets' (batch 512, 256 turns); on CPU it runs small ones.
+SIZES = {("quick", False): dict(batch="4", baseline_episodes=2, decode_batch=64, train_turns=4, micro_batch=2),
+         ("plain", False): dict(batch="32", baseline_episodes=8, decode_batch=64, train_turns=16, micro_batch=4),
+         ("plain", True): dict(batch="128,512", baseline_episodes=32, decode_batch=64, train_turns=256,
+                               micro_batch=32),
+         ("check", False): dict(batch="8", baseline_episodes=2, decode_batch=16, train_turns=8, micro_batch=4),
+         ("check", True): dict(batch="512", baseline_episodes=8, decode_batch=512, train_turns=256, micro_batch=32)}
+SIZES["quick", True] = SIZES["quick", False]
+# the GPU acceptance targets on one H100 / H200 (issue 26): (figure, ">=" or "<=", target, a speed target). The
+# first two are measured by tests/test_gpu.py and hold on any device; speed targets are judged on a GPU only.
+# "{model}" is the check's model (its folder's name).
+TARGETS = (("ppo_1_update_changed_share", ">=", 0.90, False),            # one PPO update at lr 1e-6, bf16 compute
+           ("generate_score_gap_max_smollm2-135m", "<=", 0.25, False),   # nats per token, training numerics
+           ("decode_engine_compiled_tokens_per_s", ">=", 100_000, True),  # SmolLM2-135M's shape, batch 512
+           ("decode_engine_compiled_vs_plain", ">=", 15.0, True),        # against Hugging Face generate, same batch
+           ("rollout_engine_vs_raw_decode", ">=", 0.5, True),            # multi-turn GP-L rollout, batch 512
+           ("train_llama-1b-shape_mfu", ">=", 0.40, True),               # PPO epoch, bf16
+           ("train_{model}_mfu", ">=", 0.15, True),
+           ("rollout_first_s", "<=", 30.0, True))                        # the process's first rollout
+ROOT = os.path.dirname(os.path.abspath(__file__))
 MEMORY_CASES = (("ppo, 1 GPU", "", 1, 16 * 512, 16 * 128),
                 ("ppo, 8 GPUs", "llama-3.2-11b-vision", 8, 2048, 512),
                 ("sft, 8 GPUs", "llama-3.2-11b-vision", 8, 16 * 512, 16 * 64),
@@ -74,17 +117,18 @@ MEMORY_CASES = (("ppo, 1 GPU", "", 1, 16 * 512, 16 * 128),
 
 @dataclass
 class BenchConfig:
-    """Throughput benchmarks: rollouts, PPO training steps, environments."""
-    sections: str = "rollout,decode,train,env,memory"
-    """comma-separated subset of rollout, decode, train, env, memory"""
+    """Throughput benchmarks: rollouts, PPO training steps, environments; and the GPU acceptance check."""
+    sections: str = ""
+    """comma-separated subset of rollout, decode, train, env, memory; empty: all (--gpu-check: rollout, decode,
+    train)"""
     model: str = "smollm2-135m"
     """model name or folder for rollout and train"""
     batch: str = ""
-    """rollout batch sizes, comma-separated; empty: 32 on CPU, 128,512 on a GPU"""
+    """rollout batch sizes, comma-separated; empty: 32 on CPU, 128,512 on a GPU (--gpu-check: 512, CPU 8)"""
     baseline_episodes: int = 0
-    """episodes of the one-at-a-time loop; 0: 8 on CPU, 32 on a GPU"""
+    """episodes of the one-at-a-time loop; 0: 8 on CPU, 32 on a GPU (--gpu-check: 8, CPU 2)"""
     decode_batch: int = 0
-    """batch of the decode section; 0: 64 (the engine's raw decode against the plain path, and a rollout)"""
+    """batch of the decode section; 0: 64 (--gpu-check: 512, CPU 16)"""
     compile: bool = True
     """decode section: also time the compiled engine (torch.compile; CUDA graphs on a GPU)"""
     max_new_tokens: int = 64
@@ -94,7 +138,7 @@ class BenchConfig:
     temperature: float = 0.2
     """sampling temperature (the paper's)"""
     train_turns: int = 0
-    """turns in the timed PPO epoch; 0: 16 on CPU, 256 on a GPU"""
+    """turns in the timed PPO epoch; 0: 16 on CPU, 256 on a GPU (--gpu-check: 256, CPU 8)"""
     micro_batch: int = 0
     """turns per forward in training; 0: 4 on CPU, 32 on a GPU"""
     llama_1b: bool = True
@@ -103,16 +147,28 @@ class BenchConfig:
     """seconds per environment figure"""
     quick: bool = False
     """tiny model and small sizes: every figure in under a minute on CPU"""
+    gpu_check: bool = False
+    """the GPU acceptance run: --check-tests first, then rollout, decode and train at the targets' sizes, each
+    target's row, within --deadline-minutes, into one report (--out); on CPU what runs there, the rest skipped"""
+    check_tests: str = "tests/test_gpu.py"
+    """--gpu-check: pytest arguments of the tests it runs first, e.g. "tests/test_gpu.py -k tiny"; empty: none"""
+    deadline_minutes: Optional[float] = None
+    """stop after this many minutes, keeping every figure measured so far (None: 9 under --gpu-check, else none;
+    0: none)"""
+    profile: str = ""
+    """a folder: also write torch.profiler tables (top operators by self time) of one decode call of the plain
+    path and of the last engine, and of one PPO epoch"""
     out: str = ""
-    """also append the JSON lines to this file"""
+    """also append the JSON lines to this file (--gpu-check: runs/gpu_check.jsonl when empty)"""
     device: str = ""
     """cuda, cpu; empty: the GPU when there is one"""
 
     def __post_init__(self):
         wanted = [s.strip() for s in self.sections.split(",") if s.strip()]
         bad = [s for s in wanted if s not in SECTIONS.split(", ")]
-        if bad or not wanted:
+        if bad or (self.sections.strip() and not wanted):
             raise ValueError(f"sections={self.sections!r}: expected a comma-separated subset of {SECTIONS}")
+        self.sections = ",".join(wanted) or (CHECK_SECTIONS if self.gpu_check else SECTIONS.replace(" ", ""))
         try:
             sizes = [int(b) for b in self.batch.split(",") if b.strip()]
         except ValueError:
@@ -123,11 +179,27 @@ class BenchConfig:
         require(self, "baseline_episodes cache_tokens train_turns micro_batch decode_batch", lambda v: v >= 0,
                 "0 (the default) or a positive integer")
         require(self, "temperature env_seconds", lambda v: v > 0, "a positive number")
+        require(self, "deadline_minutes", lambda v: v >= 0, "0 (none) or a positive number of minutes")
+        if self.deadline_minutes is None:
+            self.deadline_minutes = 9.0 if self.gpu_check else 0.0
+        try:
+            shlex.split(self.check_tests)
+        except ValueError as e:
+            raise ValueError(f"check_tests={self.check_tests!r}: {e}") from None
         M.check_device(self.device)
+        if self.gpu_check and not self.out:
+            self.out = os.path.join("runs", "gpu_check.jsonl")
         if self.out:
             if os.path.isdir(self.out):
                 raise ValueError(f"out={self.out!r} is a folder: expected a file to append the JSON lines to")
             check_writable(os.path.dirname(os.path.abspath(self.out)))
+        if self.profile:
+            check_writable(self.profile, "profile")
+
+    def sized(self, gpu: bool) -> "BenchConfig":
+        """This config with every size left at 0 / empty set to its mode's default (SIZES)."""
+        mode = "quick" if self.quick else "check" if self.gpu_check else "plain"
+        return dataclasses.replace(self, **{k: v for k, v in SIZES[mode, gpu].items() if not getattr(self, k)})
 
 
 def emit(rows: list, out: str, figure: str, value: float, unit: str, **extra) -> None:
@@ -143,6 +215,22 @@ def emit(rows: list, out: str, figure: str, value: float, unit: str, **extra) ->
 def synchronize(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def profiled(fn, folder: str, label: str, device) -> None:
+    """Run fn once under torch.profiler and write its top operators by self time (device time on a GPU) to
+    folder/profile_<label>.txt."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.device(device).type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        synchronize(device)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"profile_{label}.txt")
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                          row_limit=30, max_name_column_width=60))
+    print(f"profile of {label}: {path}", flush=True)
 
 
 # ---- rollouts ----
@@ -188,15 +276,11 @@ def one_at_a_time_rollout(policy, n_episodes: int, cfg: BenchConfig, seed: int):
 
 
 def bench_rollout(policy, cfg: BenchConfig, rows: list, gpu: bool) -> None:
-    sizes = [int(b) for b in cfg.batch.split(",") if b.strip()] or ([4] if cfg.quick else [128, 512] if gpu else [32])
-    n_single = cfg.baseline_episodes or (2 if cfg.quick else 32 if gpu else 8)
-    for call in ("first", "second"):  # the first call of a process pays for CUDA's and the kernels' set-up
-        synchronize(policy.device)
-        start = time.perf_counter()
-        policy.generate([[{"role": "user", "content": "warm up"}]] * 4, max_new_tokens=16)
-        synchronize(policy.device)
-        emit(rows, cfg.out, f"generate_{call}_call_s", time.perf_counter() - start, "s", batch=4, max_new_tokens=16)
-    tokens, episodes, secs = one_at_a_time_rollout(policy, n_single, cfg, seed=10_000)
+    sizes = [int(b) for b in cfg.batch.split(",") if b.strip()]
+    for call in ("first", "second"):  # the first rollout of a process pays for the device's and kernels' set-up
+        _, episodes, secs, _ = batched_rollout(policy, 8, 8, cfg, seed=30_000)
+        emit(rows, cfg.out, f"rollout_{call}_s", secs, "s", batch=8, episodes=episodes)
+    tokens, episodes, secs = one_at_a_time_rollout(policy, cfg.baseline_episodes, cfg, seed=10_000)
     single_tps, single_eps = tokens / secs, episodes / secs
     emit(rows, cfg.out, "rollout_one_at_a_time_tokens_per_s", single_tps, "tokens/s", episodes=episodes)
     emit(rows, cfg.out, "rollout_one_at_a_time_episodes_per_s", single_eps, "episodes/s", episodes=episodes)
@@ -229,21 +313,29 @@ def bench_decode(policy, cfg: BenchConfig, rows: list, gpu: bool) -> None:
     eager and compiled; the engine's raw decode tokens/s; and a multi-turn rollout through the engine at the same
     batch against that raw rate."""
     import engine as E
-    b = cfg.decode_batch or 64
+    b = cfg.decode_batch
     env = GeneralPointsEnv(PointsConfig(), seed=0)
     prompts = [policy.encode([{"role": "user", "content": env.reset().text}]) for _ in range(b)]
     stops, policy.stop_ids = policy.stop_ids, [policy.model.config.vocab_size + 1]  # no answer stops early
     extra = {"batch": b, "model": os.path.basename(policy.model.name_or_path.rstrip("/"))}
     try:
-        plain = step_ms(lambda n: policy.generate(None, prompts=prompts, max_new_tokens=n, temperature=cfg.temperature))
+        def plain_generate(n):
+            return policy.generate(None, prompts=prompts, max_new_tokens=n, temperature=cfg.temperature)
+        plain = step_ms(plain_generate)
         emit(rows, cfg.out, "decode_plain_step_ms", plain, "ms", **extra)
+        emit(rows, cfg.out, "decode_plain_tokens_per_s", b * 1000 / plain, "tokens/s", **extra)
         variants = [("engine", False)] + ([("engine_compiled", True)] if cfg.compile and not cfg.quick else [])
         for label, compile in variants:
             engine = E.Engine(policy, compile=compile)
             ms = step_ms(lambda n: engine.generate(prompts, max_new_tokens=n, temperature=cfg.temperature))
             emit(rows, cfg.out, f"decode_{label}_step_ms", ms, "ms", **extra)
             emit(rows, cfg.out, f"decode_{label}_tokens_per_s", b * 1000 / ms, "tokens/s", **extra)
+            emit(rows, cfg.out, f"decode_{label}_vs_plain", plain / ms, "x", **extra)
             emit(rows, cfg.out, f"decode_{label}_warmup_s", engine.warmup_s, "s", **extra)
+        if cfg.profile:
+            profiled(lambda: plain_generate(33), cfg.profile, "decode_plain", policy.device)
+            profiled(lambda: engine.generate(prompts, max_new_tokens=33, temperature=cfg.temperature), cfg.profile,
+                     f"decode_{label}", policy.device)
     finally:
         policy.stop_ids = stops
     policy.engine = engine  # the last (compiled when asked) engine, for a rollout at raw decode's batch
@@ -276,8 +368,7 @@ def bench_train(name: str, label: str, cfg: BenchConfig, rows: list, device, gpu
     torch.manual_seed(0)
     policy = M.load_policy(name, device=device, temperature=cfg.temperature, precision="auto")
     n_params = policy.model.num_parameters()
-    turns = cfg.train_turns or (4 if cfg.quick else 256 if gpu else 16)
-    micro = cfg.micro_batch or (2 if cfg.quick else 32 if gpu else 4)
+    turns, micro = cfg.train_turns, cfg.micro_batch
     ppo = P.PPOConfig(model=name, turns=turns, minibatch=turns, micro_batch=micro, epochs=1, out="unused")
     batch = gp_turns(policy, turns)
     opt = P.build_optimizer(policy, ppo)
@@ -308,6 +399,9 @@ def bench_train(name: str, label: str, cfg: BenchConfig, rows: list, device, gpu
     else:
         emit(rows, cfg.out, f"train_{label}_peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
              "GiB", **extra)
+    if cfg.profile:
+        profiled(functools.partial(P.ppo_update, policy, opt, batch, ppo, update=2, world=1), cfg.profile,
+                 f"train_{label}", device)
     del policy, opt
 
 
@@ -376,42 +470,202 @@ def bench_env(cfg: BenchConfig, rows: list) -> None:
     emit(rows, cfg.out, "env_virl_vl_grids_per_s", rate(virl_vl.reset, seconds), "2x2 view grids/s per core")
 
 
+# ---- the GPU acceptance check ----
+
+class DeadlineReached(BaseException):
+    """The run's deadline passed (SIGALRM, wherever the run was): a BaseException, so that no `except Exception`
+    on the way swallows it."""
+
+
+@contextlib.contextmanager
+def deadline(minutes: float):
+    """Raise DeadlineReached in the main thread after `minutes` (0: never)."""
+    if not minutes:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise DeadlineReached(f"deadline of {minutes:g} minutes reached")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, minutes * 60)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def environment(cfg: BenchConfig, rows: list, device) -> None:
+    """The report's first row: the date, the device and the versions the figures were measured with."""
+    import transformers
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    gpu = torch.device(device).type == "cuda"
+    emit(rows, cfg.out, "environment", time.strftime("%Y-%m-%d %H:%M"), "date",
+         device=torch.cuda.get_device_name(device) if gpu else f"CPU, {os.cpu_count()} cores",
+         torch=torch.__version__, cuda=torch.version.cuda, transformers=transformers.__version__,
+         python=platform.python_version(), commit=commit, model="tiny-text" if cfg.quick else cfg.model)
+
+
+def rows_after(path: str, start: int) -> list:
+    """The JSON rows appended to the file at `path` after byte `start`; a line cut short by a killed writer is
+    left out."""
+    rows = []
+    if not os.path.exists(path):
+        return rows
+    with open(path, errors="replace") as f:
+        f.seek(start)
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return rows
+
+
+def check_tests(cfg: BenchConfig, rows: list, gpu: bool) -> None:
+    """cfg.check_tests under pytest in a child process: a `test` row per test (passed, failed or skipped, with
+    the reason), after the figures the tests measured, which they append to the report themselves
+    (SFTRL_CHECK_REPORT). Without CUDA the GPU tests run on the CPU (SFTRL_CHECK_ON_CPU), bf16 autocast there."""
+    import importlib.util
+    import tempfile
+    import xml.etree.ElementTree as ET
+    if importlib.util.find_spec("pytest") is None:
+        emit(rows, cfg.out, "skipped", "tests", "part", reason="pytest is not installed (pip install pytest)")
+        return
+    report = os.path.abspath(cfg.out)
+    start = os.path.getsize(report) if os.path.exists(report) else 0
+    env = {**os.environ, "SFTRL_CHECK_REPORT": report, **({} if gpu else {"SFTRL_CHECK_ON_CPU": "1"})}
+    with tempfile.TemporaryDirectory() as tmp:
+        junit = os.path.join(tmp, "junit.xml")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", f"--junitxml={junit}",
+               *shlex.split(cfg.check_tests)]
+        print("$ python " + shlex.join(cmd[1:]), flush=True)
+        # its own process group, so that a deadline also stops what the tests launched (torchrun and its workers)
+        child = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
+        try:
+            code = child.wait()
+        except BaseException:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            raise
+        finally:  # the figures the tests measured (by the deadline), already in the report
+            rows.extend(rows_after(report, start))
+        cases = ET.parse(junit).getroot().iter("testcase") if os.path.exists(junit) else []
+        for case in cases:
+            outcome = next(((tag, el.get("message") or "") for tag in ("failure", "error", "skipped")
+                            for el in case.findall(tag)), ("passed", ""))
+            value = {"failure": "failed", "error": "failed"}.get(outcome[0], outcome[0])
+            emit(rows, cfg.out, f"test {case.get('classname', '').split('.')[-1]}::{case.get('name')}", value, "test",
+                 **({"reason": outcome[1].splitlines()[0][:300]} if outcome[1] else {}))
+    if code not in (0, 1):  # 1: some test failed (rows above); others: pytest itself could not run them
+        emit(rows, cfg.out, "tests", "failed", "test", reason=f"pytest exited with code {code} ({cfg.check_tests})")
+
+
+def report_targets(cfg: BenchConfig, rows: list, gpu: bool) -> None:
+    """A `target_<figure>` row per target: the measured value (the last one), the target and whether it was met;
+    met is null when the figure was not measured, or when a speed target was measured on a CPU."""
+    model = "tiny-text" if cfg.quick else os.path.basename(cfg.model.rstrip("/"))
+    measured = {r["figure"]: r for r in rows}
+    for figure, op, target, speed in TARGETS:
+        figure = figure.format(model=model)
+        row = measured.get(figure)
+        value = row["value"] if row else None
+        met = None
+        if value is not None and (gpu or not speed):
+            met = value >= target if op == ">=" else value <= target
+        why = ("not measured" if row is None else "a speed target: judged on an H100 / H200 only" if met is None
+               else "")
+        emit(rows, cfg.out, f"target_{figure}", value, row["unit"] if row else "", target=f"{op} {target:g}",
+             met=met, **({"why": why} if why else {}), **{k: row[k] for k in ("model", "batch") if row and k in row})
+
+
 # ---- main ----
 
 def print_table(rows: list) -> None:
     print("\n| figure | value | unit |\n|---|---|---|")
     for r in rows:
         value = f"{r['value']:.3g}" if isinstance(r["value"], float) else r["value"]
+        if r["unit"] in ("part", "test") and r.get("reason"):
+            value = f"{value}: {r['reason']}"
+        if "target" in r:  # a target row: the value against the target, and the verdict or why there is none
+            value = f"{'-' if value is None else value} (target {r['target']}: " + (
+                {True: "met", False: "NOT met"}.get(r["met"]) or r.get("why", "")) + ")"
         print(f"| {r['figure']} | {value} | {r['unit']} |")
+
+
+def parts(cfg: BenchConfig, device, gpu: bool) -> list:
+    """The run's parts in order: (name, function of rows, or None with the reason it is skipped here)."""
+    name = "tiny-text" if cfg.quick else cfg.model
+    sections = cfg.sections.split(",")
+    load = lambda model: M.load_policy(model, device=device, temperature=cfg.temperature, precision="auto")  # noqa
+    out = []
+    if cfg.gpu_check and cfg.check_tests.strip():
+        out.append(("tests", lambda rows: check_tests(cfg, rows, gpu)))
+    if "rollout" in sections:
+        out.append(("rollout", lambda rows: bench_rollout(load(name), cfg, rows, gpu)))
+    if "decode" in sections:
+        decode_model = "tiny-text" if cfg.quick or not gpu else name
+        out.append(("decode", lambda rows: bench_decode(load(decode_model), cfg, rows, gpu)))
+        if cfg.gpu_check and decode_model != name:
+            out.append((f"decode on {name}", "needs a CUDA GPU (the CPU times tiny-text)"))
+    if "train" in sections:
+        label = os.path.basename(name.rstrip("/"))
+        out.append((f"train {label}", lambda rows: bench_train(name, label, cfg, rows, device, gpu)))
+        if cfg.llama_1b and not cfg.quick:
+            if gpu:
+                out.append(("train llama-1b-shape", lambda rows: bench_train(
+                    Z.random_llama_folder("llama-1b-shape", **LLAMA_1B_SHAPE), "llama-1b-shape", cfg, rows, device,
+                    gpu)))
+            elif cfg.gpu_check:
+                out.append(("train llama-1b-shape", "needs a CUDA GPU"))
+        if cfg.gpu_check and not gpu:
+            out.append((f"train {label} MFU and peak memory", "needs a CUDA GPU"))
+    if "env" in sections:
+        out.append(("env", lambda rows: bench_env(cfg, rows)))
+    if "memory" in sections:
+        out.append(("memory", lambda rows: bench_memory(cfg, rows)))
+    return out
 
 
 def run(cfg: BenchConfig) -> list:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
-    name = "tiny-text" if cfg.quick else cfg.model
-    sections = cfg.sections.split(",")
+    cfg = cfg.sized(gpu)
     rows = []
     if cfg.out:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     where = torch.cuda.get_device_name() if gpu else "CPU"
-    print(f"bench on {where} ({torch.get_num_threads()} threads), model {name}")
-    if "rollout" in sections:
-        bench_rollout(M.load_policy(name, device=device, temperature=cfg.temperature, precision="auto"), cfg, rows, gpu)
-    if "decode" in sections:
-        bench_decode(M.load_policy("tiny-text" if cfg.quick or not gpu else name, device=device,
-                                   temperature=cfg.temperature, precision="auto"), cfg, rows, gpu)
-    if "train" in sections:
-        bench_train(name, os.path.basename(name.rstrip("/")), cfg, rows, device, gpu)
-        if gpu and cfg.llama_1b and not cfg.quick:
-            llama_1b = Z.random_llama_folder("llama-1b-shape", **LLAMA_1B_SHAPE)
-            bench_train(llama_1b, "llama-1b-shape", cfg, rows, device, gpu)
-    if "env" in sections:
-        bench_env(cfg, rows)
-    if "memory" in sections:
-        bench_memory(cfg, rows)
+    print(f"bench on {where} ({torch.get_num_threads()} threads), model {'tiny-text' if cfg.quick else cfg.model}"
+          + (f", deadline {cfg.deadline_minutes:g} minutes" if cfg.deadline_minutes else ""), flush=True)
+    todo = parts(cfg, device, gpu)
+    with deadline(cfg.deadline_minutes):
+        try:
+            if cfg.gpu_check:
+                environment(cfg, rows, device)
+            while todo:
+                part, work = todo[0]
+                if callable(work):
+                    work(rows)
+                else:
+                    emit(rows, cfg.out, "skipped", part, "part", reason=work)
+                todo.pop(0)
+        except DeadlineReached as e:
+            print(f"{e}: every figure measured so far is kept; {len(todo)} part(s) not run", flush=True)
+            for k, (part, _) in enumerate(todo):   # the first was cut: what it measured before is kept
+                emit(rows, cfg.out, "skipped", part, "part", reason=("cut by" if k == 0 else "not started before")
+                     + f" the deadline of {cfg.deadline_minutes:g} minutes")
+    if cfg.gpu_check:
+        report_targets(cfg, rows, gpu)
     print_table(rows)
+    if cfg.out:
+        print(f"report: {cfg.out}")
     return rows
 
 
 if __name__ == "__main__":
-    main(BenchConfig, run)
+    rows = main(BenchConfig, run)
+    sys.exit(1 if any(r["unit"] == "test" and r["value"] == "failed" for r in rows) else 0)

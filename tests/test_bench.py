@@ -26,8 +26,9 @@ def test_quick_bench_emits_every_figure_with_its_unit(tmp_path):
                 "train_tiny-text_padding_share": "fraction",
                 "env_gp_reset_verify_per_s": "resets+verifies/s per core", "env_virl_steps_per_s": "steps/s per core",
                 "env_gp_vl_images_per_s": "images/s per core", "env_virl_vl_grids_per_s": "2x2 view grids/s per core",
-                "generate_first_call_s": "s", "generate_second_call_s": "s",
-                "decode_plain_step_ms": "ms", "decode_engine_step_ms": "ms", "decode_engine_tokens_per_s": "tokens/s",
+                "rollout_first_s": "s", "rollout_second_s": "s",
+                "decode_plain_step_ms": "ms", "decode_plain_tokens_per_s": "tokens/s", "decode_engine_step_ms": "ms",
+                "decode_engine_tokens_per_s": "tokens/s", "decode_engine_vs_plain": "x",
                 "decode_engine_warmup_s": "s", "rollout_engine_tokens_per_s": "tokens/s",
                 "rollout_engine_vs_raw_decode": "fraction",
                 **{f"memory_{m}": "GiB per GPU (estimate)"
@@ -64,3 +65,55 @@ def test_bad_section_is_one_line():
     run = subprocess.run([sys.executable, "bench.py", "--sections", "gpu"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 2 and "sections='gpu'" in run.stderr and run.stderr.strip().count("\n") == 0
+
+
+def gpu_check(tmp_path, *args):
+    """(exit code, report rows, stdout) of `bench.py --gpu-check --quick *args`."""
+    out = tmp_path / "check.jsonl"
+    run = subprocess.run([sys.executable, "bench.py", "--gpu-check", "--quick", "--out", str(out), *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    return run.returncode, rows, run.stdout + run.stderr
+
+
+def test_gpu_check_on_cpu_runs_the_gpu_tests_there_and_reports_every_target(tmp_path):
+    import bench as B
+    code, rows, output = gpu_check(tmp_path, "--sections", "train", "--check-tests", "tests/test_gpu.py -k one_process")
+    assert code == 0, output[-3000:]
+    env = rows[0]
+    assert env["figure"] == "environment" and env["torch"] and env["transformers"] and env["device"].startswith("CPU")
+    figures = {r["figure"]: r for r in rows}
+    # the GPU test ran on the CPU (bf16 autocast there) and its measurements are in the report, before its verdict
+    test = "test test_gpu::test_one_process_training_moves_the_master_weights_at_the_papers_learning_rates"
+    assert figures[test]["value"] == "passed"
+    assert figures["ppo_1_update_changed_share"]["value"] >= 0.9
+    assert rows.index(figures["ppo_1_update_changed_share"]) < rows.index(figures[test])
+    assert figures["train_tiny-text_tokens_per_s"]["value"] > 0
+    skipped = {r["value"]: r["reason"] for r in rows if r["figure"] == "skipped"}
+    assert skipped == {"train tiny-text MFU and peak memory": "needs a CUDA GPU"}
+    targets = [r for r in rows if r["figure"].startswith("target_")]
+    assert len(targets) == len(B.TARGETS)
+    verdicts = {r["figure"]: (r["met"], r.get("why")) for r in targets}
+    assert verdicts["target_ppo_1_update_changed_share"] == (True, None)   # device-independent: judged here
+    assert verdicts["target_train_tiny-text_mfu"] == (None, "not measured")
+    assert "| target_ppo_1_update_changed_share |" in output and "(target >= 0.9: met)" in output
+
+
+def test_gpu_check_deadline_keeps_what_was_measured_and_names_what_it_cut(tmp_path):
+    code, rows, output = gpu_check(tmp_path, "--check-tests", "", "--deadline-minutes", "0.05")
+    assert code == 0, output[-3000:]
+    printed = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert printed == rows   # every figure printed was written, the ones before the cut included
+    skipped = {r["value"]: r["reason"] for r in rows if r["figure"] == "skipped"}
+    assert any("cut by the deadline of 0.05 minutes" in reason for reason in skipped.values()), skipped
+    measured = {r["figure"].split("_")[0] for r in rows if isinstance(r["value"], float)}
+    sections = {"rollout", "decode", "train"}   # what is not skipped whole was measured, at least in part
+    assert all(s in measured or any(p.startswith(s) for p in skipped) for s in sections), (measured, skipped)
+    assert "train tiny-text" in skipped      # three seconds are not enough for the rollouts and the decode timing
+
+
+def test_gpu_check_that_cannot_run_its_tests_fails(tmp_path):
+    code, rows, output = gpu_check(tmp_path, "--sections", "memory", "--check-tests", "tests/test_gpu.py::no_such_test")
+    assert code == 1, output[-3000:]
+    failed = [r for r in rows if r["unit"] == "test" and r["value"] == "failed"]
+    assert failed and "pytest exited with code 4" in failed[0]["reason"]
