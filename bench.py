@@ -151,7 +151,8 @@ class BenchConfig:
     """the GPU acceptance run: --check-tests first, then rollout, decode and train at the targets' sizes, each
     target's row, within --deadline-minutes, into one report (--out); on CPU what runs there, the rest skipped"""
     check_tests: str = "tests/test_gpu.py"
-    """--gpu-check: pytest arguments of the tests it runs first, e.g. "tests/test_gpu.py -k tiny"; empty: none"""
+    """--gpu-check: pytest arguments of the tests it runs first, paths from the repository's root, e.g.
+    "tests/test_gpu.py -k tiny"; empty: none"""
     deadline_minutes: Optional[float] = None
     """stop after this many minutes, keeping every figure measured so far (None: 9 under --gpu-check, else none;
     0: none)"""
@@ -187,6 +188,9 @@ class BenchConfig:
         except ValueError as e:
             raise ValueError(f"check_tests={self.check_tests!r}: {e}") from None
         M.check_device(self.device)
+        if self.gpu_check and "RANK" in os.environ:
+            raise ValueError("gpu_check under torchrun: run `python bench.py --gpu-check` as one process (its tests "
+                             "start torchrun themselves)")
         if self.gpu_check and not self.out:
             self.out = os.path.join("runs", "gpu_check.jsonl")
         if self.out:
@@ -206,10 +210,10 @@ def emit(rows: list, out: str, figure: str, value: float, unit: str, **extra) ->
     """Print one figure as a JSON line and keep it for the table."""
     row = {"figure": figure, "value": round(value, 4) if isinstance(value, float) else value, "unit": unit, **extra}
     rows.append(row)
-    print(json.dumps(row), flush=True)
     if out:
         with open(out, "a") as f:
             f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
 
 
 def synchronize(device) -> None:
@@ -275,11 +279,16 @@ def one_at_a_time_rollout(policy, n_episodes: int, cfg: BenchConfig, seed: int):
     return generated, n_episodes, time.perf_counter() - start
 
 
-def bench_rollout(policy, cfg: BenchConfig, rows: list, gpu: bool) -> None:
-    sizes = [int(b) for b in cfg.batch.split(",") if b.strip()]
-    for call in ("first", "second"):  # the first rollout of a process pays for the device's and kernels' set-up
+def bench_first_rollout(policy, cfg: BenchConfig, rows: list) -> None:
+    """The process's first rollout after loading the model, and the same again: the first pays for the kernels'
+    and attention's set-up of every new shape."""
+    for call in ("first", "second"):
         _, episodes, secs, _ = batched_rollout(policy, 8, 8, cfg, seed=30_000)
         emit(rows, cfg.out, f"rollout_{call}_s", secs, "s", batch=8, episodes=episodes)
+
+
+def bench_rollout(policy, cfg: BenchConfig, rows: list, gpu: bool) -> None:
+    sizes = [int(b) for b in cfg.batch.split(",") if b.strip()]
     tokens, episodes, secs = one_at_a_time_rollout(policy, cfg.baseline_episodes, cfg, seed=10_000)
     single_tps, single_eps = tokens / secs, episodes / secs
     emit(rows, cfg.out, "rollout_one_at_a_time_tokens_per_s", single_tps, "tokens/s", episodes=episodes)
@@ -495,6 +504,11 @@ def deadline(minutes: float):
         signal.signal(signal.SIGALRM, previous)
 
 
+def model_label(cfg: BenchConfig) -> str:
+    """The name figures carry for the run's model: its folder's name (tiny-text under --quick)."""
+    return "tiny-text" if cfg.quick else os.path.basename(cfg.model.rstrip("/"))
+
+
 def environment(cfg: BenchConfig, rows: list, device) -> None:
     """The report's first row: the date, the device and the versions the figures were measured with."""
     import transformers
@@ -507,7 +521,7 @@ def environment(cfg: BenchConfig, rows: list, device) -> None:
     emit(rows, cfg.out, "environment", time.strftime("%Y-%m-%d %H:%M"), "date",
          device=torch.cuda.get_device_name(device) if gpu else f"CPU, {os.cpu_count()} cores",
          torch=torch.__version__, cuda=torch.version.cuda, transformers=transformers.__version__,
-         python=platform.python_version(), commit=commit, model="tiny-text" if cfg.quick else cfg.model)
+         python=platform.python_version(), commit=commit, model=model_label(cfg))
 
 
 def rows_after(path: str, start: int) -> list:
@@ -526,59 +540,87 @@ def rows_after(path: str, start: int) -> list:
     return rows
 
 
-def check_tests(cfg: BenchConfig, rows: list, gpu: bool) -> None:
+def stop(child: subprocess.Popen) -> None:
+    """Stop a child and its process group: SIGTERM first, which torchrun passes on to its workers (they run in
+    sessions of their own, out of the group's reach), then SIGKILL after 10 s."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, sig)
+        try:
+            child.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def child_device_env(device) -> dict:
+    """Environment variables that put the check's tests on `device`: SFTRL_CHECK_DEVICE (tests/test_gpu.py runs
+    there even without CUDA) and, for cuda:N, only that GPU visible (torchrun's rank 0 takes the first)."""
+    d = torch.device(device)
+    if d.type != "cuda" or d.index is None:
+        return {"SFTRL_CHECK_DEVICE": d.type}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    return {"SFTRL_CHECK_DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": ids[d.index]}
+
+
+def check_tests(cfg: BenchConfig, rows: list, device) -> None:
     """cfg.check_tests under pytest in a child process: a `test` row per test (passed, failed or skipped, with
     the reason), after the figures the tests measured, which they append to the report themselves
-    (SFTRL_CHECK_REPORT). Without CUDA the GPU tests run on the CPU (SFTRL_CHECK_ON_CPU), bf16 autocast there."""
+    (SFTRL_CHECK_REPORT). The tests run on the check's device: without CUDA, on the CPU under bf16 autocast."""
     import importlib.util
     import tempfile
     import xml.etree.ElementTree as ET
     if importlib.util.find_spec("pytest") is None:
-        emit(rows, cfg.out, "skipped", "tests", "part", reason="pytest is not installed (pip install pytest)")
-        return
+        raise RuntimeError("pytest is not installed (pip install pytest): the check's tests cannot run")
     report = os.path.abspath(cfg.out)
     start = os.path.getsize(report) if os.path.exists(report) else 0
-    env = {**os.environ, "SFTRL_CHECK_REPORT": report, **({} if gpu else {"SFTRL_CHECK_ON_CPU": "1"})}
+    env = {**os.environ, "SFTRL_CHECK_REPORT": report, **child_device_env(device)}
     with tempfile.TemporaryDirectory() as tmp:
         junit = os.path.join(tmp, "junit.xml")
         cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", f"--junitxml={junit}",
                *shlex.split(cfg.check_tests)]
         print("$ python " + shlex.join(cmd[1:]), flush=True)
-        # its own process group, so that a deadline also stops what the tests launched (torchrun and its workers)
-        child = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
+        child = None
+        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated check stops its child
         try:
+            child = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)  # its own process group
             code = child.wait()
         except BaseException:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
+            if child is not None:
+                stop(child)
             raise
-        finally:  # the figures the tests measured (by the deadline), already in the report
-            rows.extend(rows_after(report, start))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            rows.extend(rows_after(report, start))   # what the tests measured, by the deadline too
         cases = ET.parse(junit).getroot().iter("testcase") if os.path.exists(junit) else []
         for case in cases:
             outcome = next(((tag, el.get("message") or "") for tag in ("failure", "error", "skipped")
                             for el in case.findall(tag)), ("passed", ""))
             value = {"failure": "failed", "error": "failed"}.get(outcome[0], outcome[0])
-            emit(rows, cfg.out, f"test {case.get('classname', '').split('.')[-1]}::{case.get('name')}", value, "test",
+            where = case.get("classname", "").removeprefix("tests.")
+            emit(rows, cfg.out, f"test {where}::{case.get('name')}", value, "test",
                  **({"reason": outcome[1].splitlines()[0][:300]} if outcome[1] else {}))
     if code not in (0, 1):  # 1: some test failed (rows above); others: pytest itself could not run them
         emit(rows, cfg.out, "tests", "failed", "test", reason=f"pytest exited with code {code} ({cfg.check_tests})")
 
 
-def report_targets(cfg: BenchConfig, rows: list, gpu: bool) -> None:
+def report_targets(cfg: BenchConfig, rows: list, device) -> None:
     """A `target_<figure>` row per target: the measured value (the last one), the target and whether it was met;
-    met is null when the figure was not measured, or when a speed target was measured on a CPU."""
-    model = "tiny-text" if cfg.quick else os.path.basename(cfg.model.rstrip("/"))
+    met is null when the figure was not measured, or for a speed target measured elsewhere than an H100 / H200."""
+    gpu = torch.device(device).type == "cuda"
+    name = torch.cuda.get_device_name(device) if gpu else "a CPU"
+    target_gpu = any(g in name for g in ("H100", "H200"))
     measured = {r["figure"]: r for r in rows}
     for figure, op, target, speed in TARGETS:
-        figure = figure.format(model=model)
+        figure = figure.format(model=model_label(cfg))
         row = measured.get(figure)
         value = row["value"] if row else None
         met = None
-        if value is not None and (gpu or not speed):
+        if value is not None and (target_gpu or not speed):
             met = value >= target if op == ">=" else value <= target
-        why = ("not measured" if row is None else "a speed target: judged on an H100 / H200 only" if met is None
-               else "")
+        why = ("not measured" if row is None else f"a speed target for one H100 / H200: this ran on {name}"
+               if met is None else "")
         emit(rows, cfg.out, f"target_{figure}", value, row["unit"] if row else "", target=f"{op} {target:g}",
              met=met, **({"why": why} if why else {}), **{k: row[k] for k in ("model", "batch") if row and k in row})
 
@@ -598,37 +640,51 @@ def print_table(rows: list) -> None:
 
 
 def parts(cfg: BenchConfig, device, gpu: bool) -> list:
-    """The run's parts in order: (name, function of rows, or None with the reason it is skipped here)."""
-    name = "tiny-text" if cfg.quick else cfg.model
+    """The run's parts in order: (name, a function of rows, or the reason it is skipped here). The check puts
+    the targets' parts first and the one-at-a-time comparison last, so that a deadline cuts what matters least."""
+    name, label = ("tiny-text" if cfg.quick else cfg.model), model_label(cfg)
     sections = cfg.sections.split(",")
-    load = lambda model: M.load_policy(model, device=device, temperature=cfg.temperature, precision="auto")  # noqa
-    out = []
+    def load(model):
+        return M.load_policy(model, device=device, temperature=cfg.temperature, precision="auto")
+    first, later = [], []
     if cfg.gpu_check and cfg.check_tests.strip():
-        out.append(("tests", lambda rows: check_tests(cfg, rows, gpu)))
+        first.append(("tests", lambda rows: check_tests(cfg, rows, device)))
     if "rollout" in sections:
-        out.append(("rollout", lambda rows: bench_rollout(load(name), cfg, rows, gpu)))
+        first.append(("first rollout", lambda rows: bench_first_rollout(load(name), cfg, rows)))
+        (later if cfg.gpu_check else first).append(("rollout", lambda rows: bench_rollout(load(name), cfg, rows,
+                                                                                          gpu)))
     if "decode" in sections:
         decode_model = "tiny-text" if cfg.quick or not gpu else name
-        out.append(("decode", lambda rows: bench_decode(load(decode_model), cfg, rows, gpu)))
+        first.append(("decode", lambda rows: bench_decode(load(decode_model), cfg, rows, gpu)))
         if cfg.gpu_check and decode_model != name:
-            out.append((f"decode on {name}", "needs a CUDA GPU (the CPU times tiny-text)"))
+            first.append((f"decode on {label}", "needs a CUDA GPU (the CPU times tiny-text)"))
     if "train" in sections:
-        label = os.path.basename(name.rstrip("/"))
-        out.append((f"train {label}", lambda rows: bench_train(name, label, cfg, rows, device, gpu)))
+        first.append((f"train {label}", lambda rows: bench_train(name, label, cfg, rows, device, gpu)))
+        gpu_name = torch.cuda.get_device_name(device) if gpu else ""
+        if gpu and not any(k in gpu_name for k in BF16_PEAK):
+            first.append((f"train {label} MFU", f"the bf16 peak of {gpu_name} is not in BF16_PEAK"))
         if cfg.llama_1b and not cfg.quick:
             if gpu:
-                out.append(("train llama-1b-shape", lambda rows: bench_train(
+                first.append(("train llama-1b-shape", lambda rows: bench_train(
                     Z.random_llama_folder("llama-1b-shape", **LLAMA_1B_SHAPE), "llama-1b-shape", cfg, rows, device,
                     gpu)))
             elif cfg.gpu_check:
-                out.append(("train llama-1b-shape", "needs a CUDA GPU"))
+                first.append(("train llama-1b-shape", "needs a CUDA GPU"))
         if cfg.gpu_check and not gpu:
-            out.append((f"train {label} MFU and peak memory", "needs a CUDA GPU"))
+            first.append((f"train {label} MFU and peak memory", "needs a CUDA GPU"))
     if "env" in sections:
-        out.append(("env", lambda rows: bench_env(cfg, rows)))
+        first.append(("env", lambda rows: bench_env(cfg, rows)))
     if "memory" in sections:
-        out.append(("memory", lambda rows: bench_memory(cfg, rows)))
-    return out
+        first.append(("memory", lambda rows: bench_memory(cfg, rows)))
+    return first + later
+
+
+def free_memory(device) -> None:
+    """After a part that failed: drop what it left allocated, so that the next part has the device's memory."""
+    import gc
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def run(cfg: BenchConfig) -> list:
@@ -638,34 +694,45 @@ def run(cfg: BenchConfig) -> list:
     rows = []
     if cfg.out:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    where = torch.cuda.get_device_name() if gpu else "CPU"
+    where = torch.cuda.get_device_name(device) if gpu else "CPU"
     print(f"bench on {where} ({torch.get_num_threads()} threads), model {'tiny-text' if cfg.quick else cfg.model}"
           + (f", deadline {cfg.deadline_minutes:g} minutes" if cfg.deadline_minutes else ""), flush=True)
+    if cfg.gpu_check:
+        environment(cfg, rows, device)
     todo = parts(cfg, device, gpu)
-    with deadline(cfg.deadline_minutes):
-        try:
-            if cfg.gpu_check:
-                environment(cfg, rows, device)
+    try:
+        with deadline(cfg.deadline_minutes):
             while todo:
                 part, work = todo[0]
-                if callable(work):
-                    work(rows)
-                else:
+                if not callable(work):
                     emit(rows, cfg.out, "skipped", part, "part", reason=work)
+                elif not cfg.gpu_check:
+                    work(rows)
+                else:  # the check goes on after a part that fails (out of memory, a compiler error) and says so
+                    try:
+                        work(rows)
+                    except Exception as e:
+                        emit(rows, cfg.out, "failed", part, "part", reason=f"{type(e).__name__}: {e}"[:500])
+                        free_memory(device)
                 todo.pop(0)
-        except DeadlineReached as e:
-            print(f"{e}: every figure measured so far is kept; {len(todo)} part(s) not run", flush=True)
-            for k, (part, _) in enumerate(todo):   # the first was cut: what it measured before is kept
-                emit(rows, cfg.out, "skipped", part, "part", reason=("cut by" if k == 0 else "not started before")
-                     + f" the deadline of {cfg.deadline_minutes:g} minutes")
+    except DeadlineReached as e:
+        print(f"{e}: every figure measured so far is kept; {len(todo)} part(s) not run", flush=True)
+        for k, (part, _) in enumerate(todo):   # the first was cut: what it measured before is kept
+            emit(rows, cfg.out, "skipped", part, "part", reason=("cut by" if k == 0 else "not started before")
+                 + f" the deadline of {cfg.deadline_minutes:g} minutes")
     if cfg.gpu_check:
-        report_targets(cfg, rows, gpu)
+        report_targets(cfg, rows, device)
     print_table(rows)
     if cfg.out:
         print(f"report: {cfg.out}")
     return rows
 
 
+def check_failed(rows: list) -> bool:
+    """Whether the check's tests failed or did not all run (cut, or pytest missing), or a part failed."""
+    return any((r["unit"] == "test" and r["value"] == "failed") or (r["unit"] == "part" and r["value"] == "tests")
+               or r["figure"] == "failed" for r in rows)
+
+
 if __name__ == "__main__":
-    rows = main(BenchConfig, run)
-    sys.exit(1 if any(r["unit"] == "test" and r["value"] == "failed" for r in rows) else 0)
+    sys.exit(1 if check_failed(main(BenchConfig, run)) else 0)

@@ -67,11 +67,12 @@ def test_bad_section_is_one_line():
     assert run.returncode == 2 and "sections='gpu'" in run.stderr and run.stderr.strip().count("\n") == 0
 
 
-def gpu_check(tmp_path, *args):
-    """(exit code, report rows, stdout) of `bench.py --gpu-check --quick *args`."""
+def gpu_check(tmp_path, *args, quick=True):
+    """(exit code, report rows, stdout and stderr) of `bench.py --gpu-check --device cpu [--quick] *args`."""
     out = tmp_path / "check.jsonl"
-    run = subprocess.run([sys.executable, "bench.py", "--gpu-check", "--quick", "--out", str(out), *args], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "bench.py", "--gpu-check", "--device", "cpu", "--out", str(out),
+           *(["--quick"] if quick else []), *args]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     return run.returncode, rows, run.stdout + run.stderr
 
@@ -112,8 +113,14 @@ def test_gpu_check_deadline_keeps_what_was_measured_and_names_what_it_cut(tmp_pa
     assert "train tiny-text" in skipped      # three seconds are not enough for the rollouts and the decode timing
 
 
-def test_gpu_check_that_cannot_run_its_tests_fails(tmp_path):
-    code, rows, output = gpu_check(tmp_path, "--sections", "memory", "--check-tests", "tests/test_gpu.py::no_such_test")
+def test_gpu_check_goes_on_after_a_failure_reports_the_targets_and_fails(tmp_path):
+    import bench as B
+    missing = str(tmp_path / "no-model")
+    code, rows, output = gpu_check(tmp_path, "--sections", "rollout", "--model", missing,
+                                   "--check-tests", "tests/test_gpu.py::no_such_test", quick=False)
     assert code == 1, output[-3000:]
-    failed = [r for r in rows if r["unit"] == "test" and r["value"] == "failed"]
-    assert failed and "pytest exited with code 4" in failed[0]["reason"]
+    failed_tests = [r for r in rows if r["unit"] == "test" and r["value"] == "failed"]
+    assert len(failed_tests) == 1 and "pytest exited with code 4" in failed_tests[0]["reason"]
+    failed_parts = {r["value"]: r["reason"] for r in rows if r["figure"] == "failed"}
+    assert set(failed_parts) == {"first rollout", "rollout"} and all(missing in r for r in failed_parts.values())
+    assert len([r for r in rows if r["figure"].startswith("target_")]) == len(B.TARGETS)

@@ -1,8 +1,8 @@
 """GPU acceptance (skipped without CUDA): training at the paper's learning rates moves the fp32 master weights, in one
 process and under `torchrun --nproc_per_node 1` (FSDP2); generate and score agree under the training numerics (bf16
 compute over fp32 weights); the prefix cache changes nothing; the compiled engine answers as the plain path.
-`python bench.py --gpu-check` runs these first (then the benchmarks against their targets) and, on a machine without
-CUDA, runs them on the CPU under bf16 autocast (SFTRL_CHECK_ON_CPU): the same checks, slower, no CUDA graphs.
+`python bench.py --gpu-check` runs these first (then the benchmarks against their targets) on its device
+(SFTRL_CHECK_DEVICE); without CUDA, on the CPU under bf16 autocast: the same checks, slower, no CUDA graphs.
 By hand on a GPU: `python -m pytest -q tests/test_gpu.py -s` (prints what it measured)."""
 import os
 import sys
@@ -21,8 +21,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from test_precision import changed_share, metrics, ppo, sft  # noqa: E402
 from launch import report, torchrun  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not os.environ.get("SFTRL_CHECK_ON_CPU"),
+DEVICE = os.environ.get("SFTRL_CHECK_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not os.environ.get("SFTRL_CHECK_DEVICE"),
                                 reason="needs a CUDA GPU (bench.py --gpu-check runs these on the CPU)")
 
 
@@ -40,7 +40,7 @@ def divergence(policy, a, b):
     if x == y:
         return None
     k = next((j for j in range(min(len(x), len(y))) if x[j] != y[j]), min(len(x), len(y)))
-    if k == min(len(x), len(y)):   # one stopped where the other went on: compare against its stop token
+    if k == min(len(x), len(y)):   # one is the other's beginning: they parted by stopping, not at a near-tie
         return k, float("inf")
     with torch.no_grad():
         out = policy(policy.collate([a.prompt, b.prompt], [a.response_ids, b.response_ids]))
