@@ -75,7 +75,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 # GeneralPoints' environment-independent pieces: observation, answer parser, feedback wording, self-check, CLI
-from env_points import (THOUGHT_FIELD, OneLineArgumentParser, Observation, cannot_write, fail, failure_feedback,
+from env_points import (THOUGHT_FIELD, OneLineArgumentParser, Observation, cannot_write,
+                        check_protocol, fail, failure_feedback, official_answer, official_field, official_step_limit,
                         parse_answer, play_expert, retry_text)
 from streetview import StreetViews, render_grid, synthetic_views
 
@@ -107,8 +108,13 @@ class VirlConfig:
     streetview_dir: Optional[str] = None  # real routes + vision: folder of {pano_id}.jpg and .metadata.json
     streetview_map: Optional[str] = None  # real routes + vision: pickle {(lat, lng): pano_id}
     prompt_template: int = 0            # wording of the prompt, 0 to PROMPT_TEMPLATES - 1 (0: the original)
+    protocol: str = "project"           # "project" or "official" (env_points.PROTOCOLS): whose rules score and prompt
 
     def __post_init__(self):
+        check_protocol(self.protocol, "VirlConfig.protocol")
+        if self.protocol == "official" and self.prompt_template:
+            raise ValueError(f"VirlConfig.prompt_template={self.prompt_template}: protocol 'official' prompts with "
+                             "the official prompt only; expected 0")
         if self.verify_iter < 1:
             raise ValueError(f"VirlConfig.verify_iter={self.verify_iter}: expected an integer >= 1")
         if self.straight_line_length < 1:
@@ -546,11 +552,19 @@ def instructions(route: Route, init_heading: int) -> list:
 INTERSECTION_CUE = "You observe an intersection"
 
 
-def observation_text(pos: Position) -> str:
-    """What is in sight at a position: 'Maple Cafe is on your left; You observe an intersection'."""
-    parts = [("The destination " if name == pos.destination else "") + f"{name} is on your "
-             f"{relation_name(b - pos.heading)}" for name, b in pos.landmarks] or ["No landmarks nearby"]
-    return "; ".join(parts + ([INTERSECTION_CUE] if pos.at_intersection else []))
+def landmark_text(pos: Position) -> str:
+    """The landmarks in sight at a position: 'Maple Cafe is on your left', or 'No landmarks nearby' (the official
+    rail's "observation" field, which its intersection check reads)."""
+    return "; ".join([("The destination " if name == pos.destination else "") + f"{name} is on your "
+                      f"{relation_name(b - pos.heading)}" for name, b in pos.landmarks] or ["No landmarks nearby"])
+
+
+def observation_text(pos: Position, protocol: str = "project") -> str:
+    """What is in sight at a position: 'Maple Cafe is on your left; You observe an intersection'. The official
+    text always joins the cue with '; ', empty away from intersections: 'Maple Cafe is on your left; '."""
+    if protocol == "official":
+        return landmark_text(pos) + "; " + (INTERSECTION_CUE if pos.at_intersection else "")
+    return "; ".join([landmark_text(pos)] + ([INTERSECTION_CUE] if pos.at_intersection else []))
 
 
 def expected_action(pos: Position, absolute: bool) -> str:
@@ -645,7 +659,8 @@ def _choices(absolute: bool) -> str:
     return ", ".join(DIRECTIONS if absolute else TURNS)
 
 
-def verify(text, pos: Position, absolute: bool, literal_intersection_check: bool = False) -> Verdict:
+def verify(text, pos: Position, absolute: bool, literal_intersection_check: bool = False,
+           protocol: str = "project") -> Verdict:
     """Score one answer at a position: the single source of reward and success. Never raises.
 
     The paper's order (`step_rewards_virl`): the right action is correct whatever the observation
@@ -655,7 +670,10 @@ def verify(text, pos: Position, absolute: bool, literal_intersection_check: bool
     The claim is checked against the position by default. `literal_intersection_check` uses the
     paper code's test instead: the word "intersection" anywhere in the answer's observation ("no
     intersection" included) against the position's landmark text, which never holds the intersection
-    cue; so a wrong answer naming a real intersection scores -1.5 and a missed one only -1."""
+    cue; so a wrong answer naming a real intersection scores -1.5 and a missed one only -1. Protocol
+    "official" scores as the official code does (verify_official)."""
+    if protocol == "official":
+        return verify_official(text, pos, absolute)
     answer = parse_answer(text, ANSWER_FIELDS)
     said = answer["current observation"]
     claimed = claims_intersection(said)
@@ -675,6 +693,83 @@ def verify(text, pos: Position, absolute: bool, literal_intersection_check: bool
         return _failure("invalid_action", 'your "action" is not one of forward(), turn_direction(x) with x one of '
                         f"{_choices(absolute)}, or stop()", observation_ok)
     return _failure("wrong_action", f"{action} is not the right action for the current instruction", observation_ok)
+
+
+# ---- the official code's rules (protocol "official") ----
+# The paper's code (utils_rl.py step_rewards_virl, utils_general.py re_match, navigation_environment.py) restated:
+# the action and observation read as env_points.official_field reads fields; the action right only when it is the
+# expected action's exact text; otherwise -1.5 when the word "intersection" is in the answer's observation but not
+# in the position's landmark text (which never holds the intersection cue: naming a real intersection is penalized,
+# a missed one never is), or the other way round, else -1. The feedback repeats the answer template.
+
+OFFICIAL_FORMAT = ('\n[Output]\n{{\n  "current observation": latest observation from the streetview grid,\n'
+                   '  "current instruction": analyze the full instruction and identify the sentence to be executed,\n'
+                   '  "action": the action to be taken chosen from the action space,\n}}')  # doubled braces kept
+_OFFICIAL_MESSAGES = {
+    "not_there": "you are not at any intersection. Please avoid this observation and try again in the same format:",
+    "missed": "you are at an intersection. Please avoid this observation and try again in the same format:",
+    "wrong": "you make incorrect action. Please avoid this action and try again in the same format:"}
+
+
+def _mentions(value, word: str) -> bool:
+    """Python's `word in value`, as the official check runs it: a substring of a string, an item of a list, a
+    key of an object; for a number, null or true/false the official code crashes, here: no mention."""
+    try:
+        return word in value
+    except TypeError:
+        return False
+
+
+def verify_official(text, pos: Position, absolute: bool) -> Verdict:
+    """One answer scored as the official code scores it (see above). observation_ok is this project's own reading
+    of the claim (claims_intersection), for the recognition statistics; the reward does not use it."""
+    text = str(text)
+    action, said = official_field(text, "action"), official_field(text, "current observation")
+    observation_ok = claims_intersection(said) == pos.at_intersection
+    truth = expected_action(pos, absolute)
+    if action == truth:
+        return Verdict("correct", 1.0, "Correct action.", observation_ok)
+    claimed, real = _mentions(said, "intersection"), "intersection" in landmark_text(pos)
+    kind = "not_there" if claimed and not real else "missed" if real and not claimed else "wrong"
+    outcome = ("wrong_observation" if kind != "wrong" else
+               "wrong_action" if action in _action_strings(absolute) else "invalid_action")
+    reward = -1.5 if kind != "wrong" else -1.0
+    return Verdict(outcome, reward, f"You failed this trial because {_OFFICIAL_MESSAGES[kind]}{OFFICIAL_FORMAT}.",
+                   observation_ok)
+
+
+def _action_strings(absolute: bool) -> tuple:
+    """The action space as exact strings (the official rail's): forward(), stop(), turn_direction(x)."""
+    return ("forward()", "stop()") + tuple(f"turn_direction({x})" for x in (DIRECTIONS if absolute else TURNS))
+
+
+OFFICIAL_ACTION_SPACE = ('"forward()": indicates moving forward one step\n'
+                         '"turn_direction(x)": indicates adjust the ego agent direction towards x direction. x could '
+                         'be any following {}\n"stop()": indicates the navigation is finished.')
+
+
+def official_prompt(steps: list, history: list, current: str, absolute: bool, vision: bool) -> str:
+    """The official prompt (`Q_VIRL_L` / `Q_VIRL_VL` of the official prompt_lib/prompts.py, as the paper's appendix
+    prints it): the numbered instructions, the action space, the observations and actions so far ending in an
+    empty A_n, and the answer template, its typos kept."""
+    choices = (f"8 directions {list(DIRECTIONS)}" if absolute else str(list(TURNS)))
+    seq = "".join(f"O_{i + 1}: {o}\nA_{i + 1}: {a}\n" for i, (o, a) in enumerate(history))
+    seq += f"O_{len(history) + 1}: {current}\nA_{len(history) + 1}: \n"
+    where = ("while observing your surrounding stree tviews" if vision else "")
+    view = ("[Observation format]\nYou observe a 2x2 grid of streetview images with the following headings:\n"
+            "[front, right\n back, left]\nYou need to identify if any of the landmarks in the instruction are visible "
+            "in the street view grid.\n\n" if vision else "")
+    latest = "the street view grid" if vision else "the observation sequence"
+    return ("\n[Task Description]\nYou are an expert in navigation. You will receive a sequence of instructions to "
+            f"follow{' ' + where if where else ''}. You\nare also provided with your observation and action history "
+            "in text. Your goal is to first analyze the instruction and identify the next sentence to be executed. "
+            "\nThen, you need to provide the action to be taken based on the current observation and instruction.\n\n"
+            "[Instruction]\n" + "".join(f"{i + 1}. {s}\n" for i, s in enumerate(steps)) + "\n" + view +
+            "[Action space]\n" + OFFICIAL_ACTION_SPACE.format(choices) + "\n\n"
+            "[Observations and actions sequence]\n" + seq + "\n"
+            f'[Output]\n{{\n  "current observation": latest observation from {latest},\n'
+            '  "current instruction": analyze the full instruction and identify the sentence to be executed,\n'
+            '  "action": the action to be taken chosen from the action space,\n}\n')
 
 
 # ---- environment ----
@@ -932,11 +1027,13 @@ WRONG_ACTIONS = ("forward()", "stop()", "turn_direction(north)", "turn_direction
 
 
 def wrong_answer(expert: str, rng: random.Random) -> str:
-    """A plausible mistake for sequential-revision SFT data: the expert answer with another action, drawn
-    from `rng` among WRONG_ACTIONS. A thought, if any, stays: the mistake is in the action."""
-    answer = json.loads(expert)
-    answer[ACTION_FIELD] = rng.choice([a for a in WRONG_ACTIONS if a != answer[ACTION_FIELD]])
-    return json.dumps(answer)
+    """A plausible mistake for sequential-revision SFT data: the expert answer (JSON or the official template)
+    with another action, drawn from `rng` among WRONG_ACTIONS. A thought, if any, stays: the mistake is in the
+    action."""
+    action = parse_answer(expert, ANSWER_FIELDS)[ACTION_FIELD]
+    wrong = rng.choice([a for a in WRONG_ACTIONS if a != action])
+    # an action is letters, brackets and spaces, which JSON writes as they are: the same text in both formats
+    return expert.replace(f'"{ACTION_FIELD}": "{action}"', f'"{ACTION_FIELD}": "{wrong}"', 1)
 
 
 class NavigationEnv:
@@ -976,13 +1073,15 @@ class NavigationEnv:
     def reset(self, seed: Optional[int] = None, episode: Optional[int] = None,
               route: Optional[int] = None) -> Observation:
         """Start a route; `seed` restarts the RNG (start heading, dropped forwards). Episode k plays route
-        k % len(self.routes) (evaluation), `route` picks one by index; with neither, the RNG draws one."""
+        k % len(self.routes) (evaluation), `route` picks one by index; with neither, the RNG draws one. Under
+        protocol "official" the RNG draws it for an episode too: the official evaluation draws its routes with
+        replacement."""
         if seed is not None:
             self.rng = random.Random(seed)
         if episode is not None:
             if route is not None:
                 raise ValueError(f"reset(episode={episode}, route={route}): expected one of them, not both")
-            route = episode % len(self.routes)
+            route = episode % len(self.routes) if self.config.protocol != "official" else None
         if route is not None and not 0 <= route < len(self.routes):
             raise ValueError(f"route index {route} out of range: {len(self.routes)} routes loaded")
         self.route = self.routes[self.rng.randrange(len(self.routes)) if route is None else route]
@@ -996,8 +1095,11 @@ class NavigationEnv:
     def _current_text(self, pos: Position) -> str:
         """The current observation's line. V-IRL-VL must read landmarks off the image, but the paper's
         prompt still tells it when it stands at an intersection."""
+        official = self.config.protocol == "official"
         if not self.config.vision:
-            return observation_text(pos)
+            return observation_text(pos, self.config.protocol)
+        if official:  # the cue's place is always there, empty away from intersections
+            return "You observe an image of 4 views; " + (INTERSECTION_CUE if pos.at_intersection else "")
         return "You observe an image of 4 views" + (f"; {INTERSECTION_CUE}" if pos.at_intersection else "")
 
     def views(self, pos: Position) -> list:
@@ -1009,46 +1111,51 @@ class NavigationEnv:
                                self.config.view_size, spot)
 
     def _observation(self) -> Observation:
-        pos = self.position
-        text = prompt_text(self.steps, self.history, self._current_text(pos), self.config.absolute_actions,
-                           self.config.vision, self.config.prompt_template)
+        pos, cfg = self.position, self.config
+        text = (official_prompt(self.steps, self.history, self._current_text(pos), cfg.absolute_actions, cfg.vision)
+                if cfg.protocol == "official" else
+                prompt_text(self.steps, self.history, self._current_text(pos), cfg.absolute_actions, cfg.vision,
+                            cfg.prompt_template))
         image = render_grid(self.views(pos), self.config.view_size) if self.config.vision else None
         return Observation(text, image, continues=False)
 
     def step(self, response) -> tuple:
         if self.done:
             raise RuntimeError("NavigationEnv.step called on a finished route: call reset() first")
-        pos, absolute = self.position, self.config.absolute_actions
-        verdict = verify(response, pos, absolute, self.config.literal_intersection_check)
+        cfg = self.config
+        if self.attempt >= cfg.verify_iter:  # protocol "official": the answer after a position's last attempt
+            return official_step_limit(self)
+        pos, absolute, official = self.position, cfg.absolute_actions, cfg.protocol == "official"
+        verdict = verify(response, pos, absolute, cfg.literal_intersection_check, cfg.protocol)
         self.attempt += 1
         correct = verdict.outcome == "correct"
         info = {"outcome": verdict.outcome, "feedback": verdict.feedback, "attempt": self.attempt,
                 "position": self.index, "positions": len(self.rail), "route_id": self.route.route_id,
-                "recognized": verdict.observation_ok if self.config.vision else None}
+                "recognized": verdict.observation_ok if cfg.vision else None}
         if correct:  # past observations stay as text even in V-IRL-VL, as in the paper's prompt
-            self.history.append((observation_text(pos), expected_action(pos, absolute)))
+            self.history.append((observation_text(pos, cfg.protocol), expected_action(pos, absolute)))
             self.index, self.attempt = self.index + 1, 0
             self.done = self.index >= len(self.rail)
-        else:  # the paper truncates the route when a position's attempts run out
-            self.done = self.attempt >= self.config.verify_iter
+        else:  # the paper truncates the route when a position's attempts run out (officially after one more answer)
+            self.done = self.attempt >= cfg.verify_iter and not official
         if self.done:
             obs = Observation(verdict.feedback, None, False)
         elif correct:
             obs = self._observation()
         else:
-            obs = Observation(retry_text(verdict.feedback), None, continues=True)
+            obs = Observation(verdict.feedback if official else retry_text(verdict.feedback), None, continues=True)
         info["success"] = self.done and correct  # the last position is the stop(): every one was passed
         return obs, verdict.reward, self.done, info
 
     def expert_response(self, reasoning: bool = False) -> str:
         """The correct answer at the current position. `reasoning`: a "thought" field first, the chain of
         thought of `expert_thought`, in the same object."""
-        pos, absolute = self.position, self.config.absolute_actions
-        answer = {"current observation": observation_text(pos), "current instruction": self.steps[pos.instruction - 1],
-                  "action": expected_action(pos, absolute)}
+        pos, absolute, protocol = self.position, self.config.absolute_actions, self.config.protocol
+        answer = {"current observation": self._current_text(pos) if protocol == "official" else observation_text(pos),
+                  "current instruction": self.steps[pos.instruction - 1], "action": expected_action(pos, absolute)}
         if reasoning:  # first, so that the action still ends the answer
             answer = {THOUGHT_FIELD: expert_thought(pos, self.steps, absolute), **answer}
-        return json.dumps(answer)
+        return official_answer(answer) if protocol == "official" else json.dumps(answer)
 
 
 # ---- demo ----

@@ -3,6 +3,7 @@ import doctest
 import hashlib
 import itertools
 import json
+import math
 import operator
 import os
 import random
@@ -21,6 +22,17 @@ from env_points import GeneralPointsEnv, PointsConfig, evaluate_formula, solve, 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ID, OOD = PointsConfig(), PointsConfig(face_cards_as_10=False)
 VL = PointsConfig(vision=True)
+OFFICIAL, OFFICIAL_VL = PointsConfig(protocol="official"), PointsConfig(protocol="official", vision=True)
+
+
+def well_formed(v, cfg) -> bool:
+    """One outcome of the protocol's, with its reward (the official one adds its penalties up: a multiple of its
+    unit then), and feedback to show."""
+    if cfg.protocol == "official":
+        ok = v.outcome in E.OFFICIAL_REWARDS and math.isfinite(v.reward) and v.reward <= 5
+    else:
+        ok = v.outcome in E.REWARDS and v.reward == E.REWARDS[v.outcome]
+    return ok and isinstance(v.feedback, str) and bool(v.feedback)
 
 
 # ---- solver ----
@@ -228,12 +240,10 @@ ADVERSARIAL = [
 ]
 
 
-@pytest.mark.parametrize("cfg", [ID, OOD, VL])
+@pytest.mark.parametrize("cfg", [ID, OOD, VL, OFFICIAL, OFFICIAL_VL])
 def test_adversarial_answers_never_raise(cfg):
     for text in ADVERSARIAL + [t.encode("utf-8", "surrogatepass") for t in ADVERSARIAL[:5]]:
-        v = verify(text, ["A", "2", "3", "4"], cfg)
-        assert v.outcome in E.REWARDS and v.reward == E.REWARDS[v.outcome]
-        assert isinstance(v.feedback, str) and v.feedback
+        assert well_formed(verify(text, ["A", "2", "3", "4"], cfg), cfg), text[:80]
 
 
 def repeated(units, most=5000):
@@ -259,9 +269,8 @@ PATHOLOGICAL = st.one_of(
     PATHOLOGICAL,
 ))
 def test_any_string_yields_one_outcome(text):
-    for cfg in (ID, VL):
-        v = verify(text, ["K", "2", "2", "A"], cfg)
-        assert v.outcome in E.REWARDS and v.reward == E.REWARDS[v.outcome]
+    for cfg in (ID, VL, OFFICIAL, OFFICIAL_VL):
+        assert well_formed(verify(text, ["K", "2", "2", "A"], cfg), cfg)
 
 
 @pytest.mark.parametrize("formula,outcome", [

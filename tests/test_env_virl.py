@@ -439,10 +439,11 @@ ADVERSARIAL = ["", "{", "{" * 10_000, '{"action": ' * 2000, '{"action": null}', 
 
 
 @pytest.mark.parametrize("absolute", [True, False])
-def test_bad_strings_never_raise(absolute):
+@pytest.mark.parametrize("protocol", ["project", "official"])
+def test_bad_strings_never_raise(absolute, protocol):
     for pos in (position(), position(True, "turn", 0, 90)):
         for text in ADVERSARIAL + [t.encode() for t in ADVERSARIAL[:4]]:
-            v = V.verify(text, pos, absolute)
+            v = V.verify(text, pos, absolute, protocol=protocol)
             assert v.outcome in V.REWARDS and v.feedback
 
 
@@ -466,8 +467,9 @@ PATHOLOGICAL = st.one_of(
                  st.builds(answer, st.text(), st.text()), PATHOLOGICAL))
 def test_any_string_yields_one_outcome(text):
     for absolute in (True, False):
-        v = V.verify(text, position(True, "turn", 10, 350), absolute)
-        assert v.outcome in V.REWARDS and v.reward == V.REWARDS[v.outcome]
+        for protocol in ("project", "official"):
+            v = V.verify(text, position(True, "turn", 10, 350), absolute, protocol=protocol)
+            assert v.outcome in V.REWARDS and v.reward == V.REWARDS[v.outcome]
 
 
 # The regexes the linear parsers replaced, kept as the reference of what they must answer: on inputs this short
