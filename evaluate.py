@@ -6,7 +6,12 @@ OOD rule, as the paper does, the 18-route mini benchmark for OOD visuals, and 48
 on as an extra setting). The same seed gives the same episodes to every checkpoint, so curves compare
 like with like. Answers are sampled as the official evaluation does: up to 256 tokens with the
 checkpoint's own generation config (--temperature sets a temperature instead). The headline metric is
-the paper's: success for GP, per-step accuracy for V-IRL (route success beside it).
+the paper's: success for GP, per-step accuracy for V-IRL (route success beside it). V-IRL's per-step accuracy is
+reported both ways: this project's, correct answers over graded answers, and the official evaluator's, which
+also counts, for every route that failed, the answer after its last attempt as one more wrong sample (under
+--protocol official that answer is really asked for and scored -1); the tables show both, Figures 5 and 6 the
+protocol's own. `--protocol official` plays the episodes under the official rules (tasks' environments) and
+draws V-IRL's routes with replacement, as the official evaluation does.
 
     python evaluate.py --model smollm2-135m --task gp-l                  # a model name
     python evaluate.py --model runs/sft-gp-l,runs/ppo-gp-l --task gp-l   # every checkpoint of two runs
@@ -41,17 +46,26 @@ import model as M
 import runs as R
 from cli import check_writable, main, require
 from rollout import CONTEXT_OUTCOME, rollout
-from tasks import SETTINGS, check_task, env_config, evaluation_episodes, image_overrides, make_envs
+from tasks import SETTINGS, check_protocol, check_task, env_config, evaluation_episodes, image_overrides, make_envs
 
 # outcomes of answers that are not well-formed (no readable formula / action): what SFT teaches first
 MALFORMED = ("illegal_formula", "invalid_action", CONTEXT_OUTCOME)
+STEP_LIMIT = "step_limit"  # the official extra answer after a failed episode's last attempt: scored, never read
 SETTING_NAMES = {"id": "ID", "ood_rule": "OOD rule", "ood_visual": "OOD visual", "id_heldout": "ID held-out routes"}
 
 
-def headline(task: str) -> str:
+def headline(task: str, protocol: str = "project") -> str:
     """The metric the paper reports: GP success; V-IRL per-step accuracy (route success is near 0 for every
-    method in the paper)."""
-    return "per_step_accuracy" if task.startswith("virl") else "success"
+    method in the paper), counted as the protocol counts it."""
+    if not task.startswith("virl"):
+        return "success"
+    return "per_step_accuracy_official" if protocol == "official" else "per_step_accuracy"
+
+
+def metric_name(metric: str) -> str:
+    """How tables and figures name a metric."""
+    return {"success": "success", "per_step_accuracy": "per-step accuracy",
+            "per_step_accuracy_official": "per-step accuracy (official count)"}.get(metric, metric)
 
 
 @dataclass
@@ -93,9 +107,13 @@ class EvalConfig:
     """seconds after which no further checkpoint is started (0: none); a rerun reuses what is stored"""
     device: str = ""
     """cuda, cpu, ...; empty: the GPU when there is one"""
+    protocol: str = "project"
+    """project (this project's rules) or official (the official code's: its verifier, prompts, the -1 answer after
+    a failed episode, V-IRL routes drawn with replacement, its per-step accuracy as the headline)"""
 
     def __post_init__(self):
         check_task(self.task)
+        check_protocol(self.protocol)
         wanted = SETTINGS[self.task] if self.settings == "all" else tuple(s.strip() for s in self.settings.split(","))
         for s in wanted:
             check_task(self.task, s)
@@ -150,11 +168,13 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple:
 def summarize(episodes: list, task: str) -> dict:
     """Metrics of one checkpoint in one setting. Success: the episode was solved (GP) or the route
     completed (V-IRL) within its attempts; per-step accuracy (V-IRL, the paper's headline): correct
-    attempts over all attempts; recognition (VL): attempts whose cards / intersection were right."""
+    attempts over graded attempts (per_step_accuracy), and the official evaluator's count, which adds one wrong
+    sample per failed route, the answer after its last attempt (per_step_accuracy_official); recognition (VL):
+    attempts whose cards / intersection were right. The official extra answers (STEP_LIMIT) are no attempts."""
     n = len(episodes)
     wins = sum(e.success for e in episodes)
     p = wins / n if n else 0.0
-    outcomes = Counter(o for e in episodes for o in e.outcomes)
+    outcomes = Counter(o for e in episodes for o in e.outcomes if o != STEP_LIMIT)
     attempts = sum(outcomes.values())
     recognized = [r for e in episodes for r in e.recognized if r is not None]
     out = {"episodes": n, "success": p, "success_se": math.sqrt(p * (1 - p) / n) if n else 0.0,
@@ -162,11 +182,16 @@ def summarize(episodes: list, task: str) -> dict:
            "mean_reward": sum(e.total_reward for e in episodes) / n if n else 0.0,
            "format_valid": sum(v for k, v in outcomes.items() if k not in MALFORMED) / attempts if attempts else 0.0,
            "outcomes": dict(sorted(outcomes.items()))}
-    if task.startswith("virl"):  # every attempt is one sample, as in the paper
+    if task.startswith("virl"):
         correct = outcomes.get("correct", 0)
-        q = correct / attempts if attempts else 0.0
-        out.update(per_step_accuracy=q, per_step_accuracy_se=math.sqrt(q * (1 - q) / attempts) if attempts else 0.0,
-                   per_step_accuracy_ci95=list(wilson(correct, attempts)))
+        # the official count: a failed route's answer after its last attempt is one more sample, asked for or not
+        # (an episode cut by the context has its context_exceeded outcome in that place already)
+        samples = attempts + sum(1 for e in episodes if e.finished and not e.success and e.outcomes
+                                 and e.outcomes[-1] != CONTEXT_OUTCOME)
+        for name, k in (("per_step_accuracy", attempts), ("per_step_accuracy_official", samples)):
+            q = correct / k if k else 0.0
+            out.update({name: q, f"{name}_se": math.sqrt(q * (1 - q) / k) if k else 0.0,
+                        f"{name}_ci95": list(wilson(correct, k)), f"{name}_samples": k})
     if task.endswith("-vl"):
         q = sum(recognized) / len(recognized) if recognized else 0.0
         out["recognition_accuracy"] = q
@@ -203,7 +228,7 @@ def play_setting(policy, cfg: EvalConfig, setting: str, rank: int, world: int) -
     if not mine:
         return []
     overrides = {"verify_iter": cfg.verify_iter} if cfg.verify_iter else {}
-    overrides.update(image_overrides(cfg.task, cfg.image_size))
+    overrides.update(image_overrides(cfg.task, cfg.image_size), protocol=cfg.protocol)
     if setting == "id_heldout":  # draw only the routes evaluated (id and ood_rule use the training routes)
         overrides["n_routes"] = cfg.virl_routes
     envs = make_envs(cfg.task, setting, min(cfg.batch_size, len(mine)), seed=cfg.seed, **overrides)
@@ -236,20 +261,24 @@ def with_initializations(results: list) -> list:
 
 # ---- outputs ----
 
-def markdown_table(results: list, settings: list, task: str) -> str:
-    metric = headline(task)
-    what = "per-step accuracy [95% CI], route success" if metric == "per_step_accuracy" else "success [95% CI]"
+def markdown_table(results: list, settings: list, task: str, protocol: str = "project") -> str:
+    """One row per checkpoint, one cell per setting: the headline metric with its 95% interval; for V-IRL the other
+    per-step count beside it ("other count") and route success; the share of well-formed answers."""
+    metric = headline(task, protocol)
+    other = {"per_step_accuracy": "per_step_accuracy_official",
+             "per_step_accuracy_official": "per_step_accuracy"}.get(metric)
+    what = f"{metric_name(metric)} [95% CI]" + (f", {metric_name(other)}, route success" if other else "")
     head = "| run | checkpoint | GFLOPs | " + " | ".join(f"{SETTING_NAMES[s]}: {what}, well-formed answers"
                                                        for s in settings) + " |"
-    rows = [head, "|" + "---|" * (3 + len(settings))]
+    rows = [f"Protocol: {protocol}.", "", head, "|" + "---|" * (3 + len(settings))]
     for run in results:
         for ck in run["checkpoints"]:
             cells = []
             for s in settings:
                 m = ck["settings"][s]
                 lo, hi = m[f"{metric}_ci95"]
-                route = f", route {100 * m['success']:.1f}%" if metric != "success" else ""
-                cells.append(f"{100 * m[metric]:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]{route}, "
+                beside = f", {100 * m[other]:.1f}%, route {100 * m['success']:.1f}%" if other else ""
+                cells.append(f"{100 * m[metric]:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]{beside}, "
                              f"valid {100 * m['format_valid']:.0f}%")
             rows.append(f"| {run['run']} | {os.path.basename(ck['path'].rstrip('/'))} | {ck['gflops']:.3g} | "
                         + " | ".join(cells) + " |")
@@ -277,12 +306,12 @@ def mean_ci95(values: list) -> tuple:
     return mean, [mean - t * sd / math.sqrt(n), mean + t * sd / math.sqrt(n)]
 
 
-def ood_changes(results: list, settings: list, task: str) -> list:
+def ood_changes(results: list, settings: list, task: str, protocol: str = "project") -> list:
     """The paper's Figure 6: for each arm (the seeds of a recipe) and OOD setting, the change in points of
-    the headline metric (GP success, V-IRL per-step accuracy) from each run's first checkpoint (its
-    initialization, when that was evaluated) to its last, per seed, with their mean and 95% interval. Runs
-    of one checkpoint have no change and are left out."""
-    metric, arms, rows = headline(task), {}, []
+    the headline metric (GP success, V-IRL per-step accuracy as the protocol counts it) from each run's first
+    checkpoint (its initialization, when that was evaluated) to its last, per seed, with their mean and 95%
+    interval. Runs of one checkpoint have no change and are left out."""
+    metric, arms, rows = headline(task, protocol), {}, []
     for run in results:
         if len(run["checkpoints"]) > 1:  # a lone checkpoint (a base model, an initialization) has no change
             arms.setdefault(arm_of(run["run"]), []).append(run)
@@ -291,16 +320,17 @@ def ood_changes(results: list, settings: list, task: str) -> list:
             deltas = [100 * (r["checkpoints"][-1]["settings"][s][metric] - r["checkpoints"][0]["settings"][s][metric])
                       for r in runs]
             mean, ci = mean_ci95(deltas)
-            rows.append({"arm": arm, "setting": s, "metric": metric, "seeds": len(deltas), "mean": mean, "ci95": ci,
-                         "deltas": deltas, "runs": [r["run"] for r in runs]})
+            rows.append({"arm": arm, "setting": s, "metric": metric, "protocol": protocol, "seeds": len(deltas),
+                         "mean": mean, "ci95": ci, "deltas": deltas, "runs": [r["run"] for r in runs]})
     return rows
 
 
 def changes_table(changes: list) -> str:
     if not changes:  # e.g. a lone base model: nothing has changed yet, say so rather than print an empty table
         return "No OOD change to show: no run has more than one checkpoint (an initialization and later ones)."
-    what = "per-step accuracy" if changes[0]["metric"] == "per_step_accuracy" else "success"
-    rows = [f"| arm | setting | seeds | OOD change in {what} (points) | 95% interval | per seed |",
+    what = metric_name(changes[0]["metric"])
+    rows = [f"Protocol: {changes[0]['protocol']}.", "",
+            f"| arm | setting | seeds | OOD change in {what} (points) | 95% interval | per seed |",
             "|---|---|---|---|---|---|"]
     for c in changes:
         ci = f"[{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]" if c["ci95"] else "n/a"
@@ -337,7 +367,7 @@ def draw_curves(plt, results: list, settings: list, task: str, metric: str, labe
     return path
 
 
-def draw_plots(results: list, changes: list, settings: list, task: str, out: str) -> list:
+def draw_plots(results: list, changes: list, settings: list, task: str, out: str, protocol: str = "project") -> list:
     """fig5: the headline metric (GP success, V-IRL per-step accuracy) vs GFLOPs per setting; fig6: each arm's
     mean OOD change with its 95% interval, seeds as dots; for VL tasks fig8: recognition accuracy vs GFLOPs
     (the paper's Figure 8, from a one-attempt evaluation: --verify-iter 1)."""
@@ -349,8 +379,9 @@ def draw_plots(results: list, changes: list, settings: list, task: str, out: str
         print("plots skipped: pip install matplotlib to draw them")
         return []
     os.makedirs(out, exist_ok=True)
-    label = "per-step accuracy (%)" if task.startswith("virl") else "success (%)"
-    paths = [draw_curves(plt, results, settings, task, headline(task), label, os.path.join(out, f"fig5_{task}.png"))]
+    metric = headline(task, protocol)
+    label = f"{metric_name(metric)} (%)"
+    paths = [draw_curves(plt, results, settings, task, metric, label, os.path.join(out, f"fig5_{task}.png"))]
     if task.endswith("-vl"):
         paths.append(draw_curves(plt, results, settings, task, "recognition_accuracy", "recognition accuracy (%)",
                                  os.path.join(out, f"fig8_{task}.png")))
@@ -363,8 +394,8 @@ def draw_plots(results: list, changes: list, settings: list, task: str, out: str
         ax.plot([i] * len(c["deltas"]), c["deltas"], "k.", markersize=5)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(changes)), [f"{c['arm']}\n{SETTING_NAMES[c['setting']]}" for c in changes], fontsize=8)
-    ax.set_ylabel(f"OOD change in {label.split(' (')[0]} (points)")
-    ax.set_title(f"{task}: last checkpoint vs initialization")
+    ax.set_ylabel(f"OOD change in {label[:-4]} (points)", fontsize=8)
+    ax.set_title(f"{task} ({protocol} protocol): last checkpoint vs initialization", fontsize=9)
     fig.tight_layout()
     paths.append(os.path.join(out, f"fig6_{task}.png"))
     fig.savefig(paths[-1], dpi=110)
@@ -374,7 +405,7 @@ def draw_plots(results: list, changes: list, settings: list, task: str, out: str
 
 # what an evaluation's numbers depend on besides the checkpoint: a stored result is reused only if these match
 RESULT_KEY_FIELDS = ("task", "episodes", "virl_routes", "max_new_tokens", "temperature", "top_p", "verify_iter", "seed",
-                     "image_size")
+                     "image_size", "protocol")
 
 
 def result_id(path: str, key: dict) -> tuple:
@@ -435,6 +466,9 @@ def evaluate(cfg: EvalConfig) -> list:
                 break
             answers += [a for a in stored_answers if (checkpoint_key(a["checkpoint"]), a["result"]) == rid
                         and a["setting"] in entry["settings"] and a["setting"] not in todo]
+            trained = state.get("config", {}).get("protocol", "project")
+            if todo and state.get("config") and trained != cfg.protocol and rank == 0:
+                print(f"warning: {ckpt} was trained under protocol {trained}; evaluating under {cfg.protocol}")
             if todo:
                 policy = M.load_policy(ckpt, device=cfg.device or dist_device)
                 if cfg.engine:
@@ -468,8 +502,8 @@ def evaluate(cfg: EvalConfig) -> list:
         if rank == 0:
             print(f"time limit of {cfg.time_limit:g} s reached: rerun to evaluate the rest (stored results are reused)")
     elif rank == 0:
-        table = markdown_table(results, settings, cfg.task)
-        changes = ood_changes(with_initializations(results), settings, cfg.task)
+        table = markdown_table(results, settings, cfg.task, cfg.protocol)
+        changes = ood_changes(with_initializations(results), settings, cfg.task, cfg.protocol)
         print(table + "\n\n" + changes_table(changes))
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, f"table_{cfg.task}.md"), "w") as f:
@@ -479,7 +513,7 @@ def evaluate(cfg: EvalConfig) -> list:
         with open(os.path.join(cfg.out, f"fig6_{cfg.task}.json"), "w") as f:
             json.dump(changes, f, indent=1)
         if cfg.plots:
-            for path in draw_plots(with_initializations(results), changes, settings, cfg.task, cfg.out):
+            for path in draw_plots(with_initializations(results), changes, settings, cfg.task, cfg.out, cfg.protocol):
                 print(f"wrote {path}")
     R.leave_distributed()
     return results

@@ -19,6 +19,10 @@ shares the study folder, its initialization and the arms it has in common with t
 Compute is the paper's axis (train_sft.py and train_ppo.py count it into every checkpoint): SFT
 6 N x tokens trained; RL 2 N x rollout tokens + 6 N x tokens trained, all four PPO epochs included.
 The scale presets hold the sizes; every one of them can be overridden by its flag.
+
+`--protocol official` runs every phase under the official code's effective rules (train_ppo.py, train_sft.py,
+evaluate.py: docs/fidelity.md), in its own study folder (<out>-official by default); a phase found done under
+another protocol is refused, never mixed in. The tables and figures say which protocol produced them.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from typing import Optional
 
 import runs as R
 from cli import check_writable, main, require
-from tasks import check_task
+from tasks import check_protocol, check_task
 
 # Sizes per scale. "cpu" runs the whole protocol on 2 CPU cores in one to two hours per task (a check of
 # the pipeline, far too small to move a policy much); "gpu" is the one-GPU replication; "gpu-small" fits about
@@ -86,6 +90,8 @@ class ReplicateConfig:
     sft-window (docs/experiments.md); all share the study folder, its initialization and arms"""
     seeds: str = "0,1,2"
     """seeds of each arm, comma-separated"""
+    protocol: str = "project"
+    """project (this project's rules) or official (the official run's effective ones) for every phase"""
     out: str = ""
     """folder of the whole study; empty: runs/replicate-<task>-<scale>"""
     model: Optional[str] = None
@@ -131,6 +137,7 @@ class ReplicateConfig:
 
     def __post_init__(self):
         check_task(self.task)
+        check_protocol(self.protocol)
         if self.experiment not in EXPERIMENTS:
             raise ValueError(f"experiment={self.experiment!r}: expected one of {', '.join(EXPERIMENTS)}")
         if self.scale not in SCALES:
@@ -155,7 +162,11 @@ class ReplicateConfig:
         self.started = time.time()  # the deadline counts from here
         if self.rl_updates % self.checkpoints:
             raise ValueError(f"rl_updates={self.rl_updates} is not a multiple of checkpoints={self.checkpoints}")
-        self.out = self.out or os.path.join("runs", f"replicate-{self.task}-{self.scale}")
+        if self.protocol == "official" and self.experiment == "prompt-diversity":
+            raise ValueError("experiment prompt-diversity: the official protocol has one prompt; expected --protocol "
+                             "project")
+        suffix = "-official" if self.protocol == "official" else ""
+        self.out = self.out or os.path.join("runs", f"replicate-{self.task}-{self.scale}{suffix}")
         check_writable(self.out)
 
 
@@ -168,7 +179,14 @@ def finished(run: str, steps: int) -> Optional[str]:
 
 
 def run_phase(name: str, args: list, run: str, steps: int, cfg: ReplicateConfig) -> None:
-    """Run one training phase to `steps`, resuming it when a checkpoint of it exists; skip it when done."""
+    """Run one training phase to `steps` under the study's protocol, resuming it when a checkpoint of it exists;
+    skip it when done. A phase begun under another protocol stops the study: its results would mix the two."""
+    last = R.last_checkpoint(run)
+    found = R.read_trainer_state(last).get("config", {}).get("protocol", "project") if last else cfg.protocol
+    if found != cfg.protocol:
+        raise ValueError(f"phase {name}: {run} was trained under protocol {found}, this study runs {cfg.protocol}; "
+                         "expected another --out (each protocol has its own study folder)")
+    args = [*args, "--protocol", cfg.protocol]
     if finished(run, steps):
         print(f"[{name}] done: {run}")
         return
@@ -254,7 +272,7 @@ def sft_arm(cfg: ReplicateConfig, arm: str, init: str, rl_runs: list, *extra: st
 def evaluate(cfg: ReplicateConfig, models: list, out: str, *extra: str, max_new_tokens: int = 0) -> None:
     """evaluate.py on every checkpoint of `models`, figures into `out` (results accumulate in each run folder);
     answers up to max_new_tokens tokens (0: the study's)."""
-    command("evaluate", ["evaluate.py", "--task", cfg.task, "--model", ",".join(models),
+    command("evaluate", ["evaluate.py", "--task", cfg.task, "--model", ",".join(models), "--protocol", cfg.protocol,
                          "--episodes", str(cfg.eval_episodes), "--virl-routes", str(cfg.eval_virl_routes),
                          "--max-new-tokens", str(max_new_tokens or cfg.max_new_tokens),
                          "--batch-size", str(cfg.eval_batch),
@@ -331,7 +349,7 @@ def sft_window(cfg: ReplicateConfig, init: str) -> dict:
     evaluate(cfg, [init_run], out)
     if cfg.dry_run:
         return {"init": init}
-    picks = window_checkpoints(init_run, cfg.task)
+    picks = window_checkpoints(init_run, cfg.task, cfg.protocol)
     arm_of = {}                                                    # checkpoint -> its RL runs
     for name, ckpt in picks.items():
         if ckpt not in arm_of:
@@ -345,13 +363,13 @@ EXPERIMENTS = {"main": main_study, "recognition": recognition, "rl-from-base": r
                "sft-window": sft_window}
 
 
-def window_checkpoints(init_run: str, task: str) -> dict:
+def window_checkpoints(init_run: str, task: str, protocol: str = "project") -> dict:
     """{"early", "peak", "late"}: the initialization's first checkpoint, the one with the best OOD headline metric
     (GP success, V-IRL per-step accuracy, summed over the OOD settings) and its last."""
     import evaluate as EV
     with open(os.path.join(init_run, f"eval_{task}.json")) as f:
         entries = sorted(json.load(f)["checkpoints"], key=lambda e: e["step"])
-    metric = EV.headline(task)
+    metric = EV.headline(task, protocol)
     ood = lambda e: sum(m[metric] for s, m in e["settings"].items() if s.startswith("ood"))  # noqa: E731
     return {"early": entries[0]["path"], "peak": max(entries, key=ood)["path"], "late": entries[-1]["path"]}
 

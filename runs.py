@@ -71,13 +71,14 @@ def read_trainer_state(folder: str) -> dict:
         return json.load(f)
 
 
-def cosine_lr(step: int, peak: float, total: int, warmup: int = 0, floor: float = 0.0) -> float:
+def cosine_lr(step: int, peak: float, total: int, warmup: int = 0, floor: float = 0.0, hold: bool = True) -> float:
     """Linear warmup to `peak` over `warmup` steps, then cosine decay to `floor` at step `total`, held there
-    (torch's CosineAnnealingLR with T_max = total and eta_min = floor, without its rise after T_max)."""
+    (torch's CosineAnnealingLR with T_max = total and eta_min = floor, without its rise after T_max); with
+    `hold` False it rises again after `total` as torch's does, periodic in 2 x total."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (min(1.0, progress) if hold else progress)))
 
 
 def remove_torn_saves(run: str) -> None:

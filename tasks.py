@@ -10,13 +10,18 @@ from dataclasses import replace
 
 import env_points
 import env_virl
-from env_points import GeneralPointsEnv, PointsConfig
+from env_points import PROTOCOLS, GeneralPointsEnv, PointsConfig, check_protocol  # noqa: F401 (re-exported)
 from env_virl import NavigationEnv, VirlConfig
 
 TASKS = ("gp-l", "gp-vl", "virl-l", "virl-vl")
 SETTINGS = {"gp-l": ("id", "ood_rule"), "gp-vl": ("id", "ood_rule", "ood_visual"),
             "virl-l": ("id", "ood_rule", "id_heldout"), "virl-vl": ("id", "ood_rule", "ood_visual", "id_heldout")}
 VIRL_TRAIN_SEED, VIRL_HELDOUT_SEED = 0, 1  # the training routes and other routes of the ID city
+# The official runs' learning rates. PPO: scripts/*_training/*.sh (V-IRL-VL 1e-7, the others 1e-6). SFT: the rates
+# the official sft/sft_scripts/gp_l.sh lists (1e-6 for GP-L, 5e-7 and 1e-6 commented out beside it) as the paper's
+# appendix assigns them: the language tasks 1e-6, the vision-language ones 5e-7.
+OFFICIAL_PPO_LR = {"gp-l": 1e-6, "gp-vl": 1e-6, "virl-l": 1e-6, "virl-vl": 1e-7}
+OFFICIAL_SFT_LR = {"gp-l": 1e-6, "gp-vl": 5e-7, "virl-l": 1e-6, "virl-vl": 5e-7}
 
 
 def check_task(task: str, setting: str = "id") -> None:
@@ -34,7 +39,7 @@ def env_config(task: str, setting: str = "id", **overrides):
     V-IRL: id = compass actions on the training routes in "nyc" (as the paper evaluates: memorizing
            them shows); ood_rule = relative actions on the same routes; ood_visual = the 18-route mini
            benchmark in nine other cities; id_heldout = compass actions on routes of "nyc" never trained on.
-    `overrides` set config fields (verify_iter, n_routes, route_seed, ...)."""
+    `overrides` set config fields (verify_iter, n_routes, route_seed, protocol, ...)."""
     check_task(task, setting)
     vision = task.endswith("-vl")
     if task.startswith("gp"):

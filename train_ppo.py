@@ -27,6 +27,14 @@ advantage. Both are in `policy_loss`, side by side.
 
 Every update re-seeds the environments and the sampler from (seed, update, rank), so a resumed run
 continues exactly as the uninterrupted one would, from the checkpoint's weights and optimizer state.
+
+`--protocol official` runs what the official runs effectively did instead of this project's deliberate choices,
+as one set (docs/fidelity.md): the official verifier, feedback, answer template and extra -1 answer in the
+environments; the cosine advanced `--official-processes` (8) steps per update, as accelerate advanced it on the
+official 8 GPUs, rising again past its period; gradients clipped at 1.0 (DeepSpeed's, the configured 0.01 never
+applied); the official action tokens (`official_action_weights`); advantages normalized per rank; and a response
+whose ratio exceeds 10 trained on the clipped term alone. The learning rate defaults to the task's official one
+under either protocol (1e-6; V-IRL-VL 1e-7).
 """
 from __future__ import annotations
 
@@ -48,7 +56,7 @@ import model as M
 import runs as R
 from cli import check_writable, main, require
 from rollout import rollout
-from tasks import action_field, check_task, env_config, image_overrides, make_envs
+from tasks import OFFICIAL_PPO_LR, action_field, check_protocol, check_task, env_config, image_overrides, make_envs
 
 # the official runs' cosine period in updates (CosineAnnealingLR T_max): GP 100 over 20 updates (the rate stays
 # near 1e-6), V-IRL 20 over 15 updates (scripts/*_training/*.sh of the paper's code)
@@ -82,8 +90,13 @@ class PPOConfig:
     """turns per optimizer step, all ranks together"""
     micro_batch: int = 4
     """turns per forward pass on one rank (gradient accumulation)"""
-    lr: float = 1e-6
-    """Adam learning rate at the first update (the paper's 1e-6)"""
+    protocol: str = "project"
+    """project (this project's rules) or official (what the official run effectively did: docs/fidelity.md)"""
+    official_processes: int = 8
+    """official protocol: the official run's process count, which set how far accelerate advanced the cosine per
+    update (its 8 GPUs: 8 steps)"""
+    lr: Optional[float] = None
+    """Adam learning rate at the first update; default: the task's official one (1e-6; V-IRL-VL 1e-7)"""
     lr_max_steps: int = 0
     """updates for the cosine from lr to end_lr; 0: the task's (GP 100, V-IRL 20)"""
     end_lr: float = 1e-9
@@ -106,8 +119,9 @@ class PPOConfig:
     """entropy bonus coefficient (the paper: off)"""
     kl_coef: float = 0.0
     """KL penalty to the initial policy (the paper: off; on keeps a frozen copy)"""
-    grad_clip: float = 0.01
-    """max gradient norm"""
+    grad_clip: Optional[float] = None
+    """max gradient norm; default: 0.01 (the official configs' value); official protocol: 1.0 (DeepSpeed's, the
+    norm the official run applied: its configured 0.01 never ran)"""
     pre_action_coef: float = 0.5
     """weight of the tokens before the action field in the response's log-prob"""
     token_level: bool = False
@@ -153,8 +167,12 @@ class PPOConfig:
 
     def __post_init__(self):
         check_task(self.task)
-        require(self, "updates turns envs epochs minibatch micro_batch max_new_tokens save_every", lambda v: v >= 1,
-                "a positive integer")
+        check_protocol(self.protocol)
+        self.lr = self.lr if self.lr is not None else OFFICIAL_PPO_LR[self.task]
+        self.grad_clip = self.grad_clip if self.grad_clip is not None else (
+            1.0 if self.protocol == "official" else 0.01)
+        require(self, "updates turns envs epochs minibatch micro_batch max_new_tokens save_every official_processes",
+                lambda v: v >= 1, "a positive integer")
         require(self, "lr_max_steps verify_iter image_size top_k", lambda v: v >= 0,
                 "0 (the default) or a positive integer")
         require(self, "lr adam_eps clip temperature grad_clip", lambda v: v > 0, "a positive number")
@@ -219,8 +237,11 @@ def group_advantages(rewards: list, episodes: list, group_size: int, use_std: bo
     return torch.tensor([adv[ep] for ep in episodes], dtype=torch.float32)
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """(x - mean) / std over all ranks' elements together."""
+def normalize(x: torch.Tensor, per_rank: bool = False) -> torch.Tensor:
+    """(x - mean) / std over all ranks' elements together; `per_rank`: over this rank's alone, with the official
+    code's unbiased std + 1e-5 (it never all-reduces)."""
+    if per_rank:
+        return (x - x.mean()) / (x.std() + 1e-5) if x.numel() > 1 else x - x.mean()
     n = R.all_reduce_sum(float(x.numel()))
     mean = R.all_reduce_sum(float(x.sum())) / n
     var = R.all_reduce_sum(float(((x - mean) ** 2).sum())) / max(n - 1, 1)
@@ -238,6 +259,45 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> Optional[
     return None if var_y <= 1e-12 else 1 - var_e / var_y
 
 
+def official_action_weights(tokenizer, response_ids: torch.Tensor, coef: float) -> torch.Tensor:
+    """(R,) weights of the official action log-prob (model_tz_llama.py `evaluate`), for every task: it searches the
+    answer for the tokens of ' "formula":' (its V-IRL search raises and falls back to this one, so V-IRL never finds
+    its key), and scores tokens 1..R-1 only (entry j of its sums is token j + 1; token 0 is never counted). Found at
+    token k: tokens 2..k-1 weigh `coef`, k..R-1 weigh 1. Not found: the last five tokens weigh 1, tokens 2..R-6
+    `coef`. Under five tokens: no token (its log-prob is a constant, so the answer trains the value head alone).
+    The key is found here in the decoded text, the token holding the space before its quote being token k (the
+    official code matched Llama-3's token ids).
+    Example, R = 8, no key: [0, 0, c, 1, 1, 1, 1, 1]."""
+    ids = response_ids.tolist()
+    weights, entries = torch.zeros(len(ids)), list(range(len(ids) - 1))  # entry j scores token j + 1
+    if len(entries) < 4:
+        return weights
+    start = tokenizer.decode(ids, skip_special_tokens=True).rfind(' "formula":')
+    if start >= 0:
+        k = token_at(tokenizer, ids, start)
+    else:
+        k = entries[-4]  # the official `nonzero()[-4]`: an entry index, which its slices then use as a token index
+    # the official slices, Python's negative indices included: sum(entries[1:k-1]) and sum(entries[k-1:])
+    for j in entries[1:k - 1]:
+        weights[j + 1] = coef
+    for j in entries[k - 1:]:
+        weights[j + 1] = 1.0
+    return weights
+
+
+def token_at(tokenizer, ids: list, char: int) -> int:
+    """The index of the token whose text holds character `char` of the decoded answer: the first token whose
+    prefix decodes past it (a binary search over prefixes)."""
+    lo, hi = 0, len(ids) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(ids[:mid + 1], skip_special_tokens=True)) > char:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def action_weights(tokenizer, response_ids: torch.Tensor, field_name: str, coef: float) -> torch.Tensor:
     """(R,) weights of the paper's action log-prob: `coef` for the tokens before the answer's last
     '"<field_name>"' key (found in the decoded text), 1 from the token that starts it on; all 1 when
@@ -247,35 +307,34 @@ def action_weights(tokenizer, response_ids: torch.Tensor, field_name: str, coef:
     start = tokenizer.decode(ids, skip_special_tokens=True).rfind(f'"{field_name}"')
     if start < 0:
         return weights
-    lo, hi = 0, len(ids) - 1  # the first token whose prefix decodes past `start`
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if len(tokenizer.decode(ids[:mid + 1], skip_special_tokens=True)) > start:
-            hi = mid
-        else:
-            lo = mid + 1
-    weights[:lo] = coef
+    weights[:token_at(tokenizer, ids, start)] = coef
     return weights
 
 
-def clipped_surrogate(logratio: torch.Tensor, advantages: torch.Tensor, clip: float) -> torch.Tensor:
-    """PPO's objective to minimize, per element: -min(r A, clip(r, 1 - c, 1 + c) A), r = exp(logratio)."""
+def clipped_surrogate(logratio: torch.Tensor, advantages: torch.Tensor, clip: float,
+                      guard: bool = False) -> torch.Tensor:
+    """PPO's objective to minimize, per element: -min(r A, clip(r, 1 - c, 1 + c) A), r = exp(logratio).
+    `guard` (the official code's, after TRL): an element whose ratio exceeds 10 takes the clipped term alone,
+    which has no gradient there; it differs from PPO's only where A < 0."""
     ratio = logratio.exp()
-    return -torch.min(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
+    clipped = ratio.clamp(1 - clip, 1 + clip) * advantages
+    terms = -torch.min(ratio * advantages, clipped)
+    return torch.where(ratio > 10, -clipped, terms) if guard else terms
 
 
-def policy_loss(new_logprobs, old_logprobs, weights, mask, advantages, clip: float, token_level: bool):
+def policy_loss(new_logprobs, old_logprobs, weights, mask, advantages, clip: float, token_level: bool,
+                guard: bool = False):
     """Summed clipped-surrogate terms of a micro-batch and its ratios.
 
     new/old_logprobs, weights, mask: (B, R) per response token; advantages: (B,).
     Paper (token_level False): one ratio per response, of its weighted log-prob sum_t w_t log p_t.
-    Token level: one ratio per token, each with its response's advantage."""
+    Token level: one ratio per token, each with its response's advantage. `guard`: see clipped_surrogate."""
     if token_level:
         logratio = (new_logprobs - old_logprobs) * mask                                     # (B, R)
-        terms = clipped_surrogate(logratio, advantages[:, None], clip) * mask               # (B, R)
+        terms = clipped_surrogate(logratio, advantages[:, None], clip, guard) * mask        # (B, R)
         return terms.sum(), logratio.exp()[mask.bool()]
     logratio = ((new_logprobs - old_logprobs) * weights * mask).sum(1)                      # (B,)
-    return clipped_surrogate(logratio, advantages, clip).sum(), logratio.exp()
+    return clipped_surrogate(logratio, advantages, clip, guard).sum(), logratio.exp()
 
 
 def clipped_value_loss(values, old_values, returns, clip: float) -> torch.Tensor:
@@ -304,6 +363,7 @@ def update_seed(seed: int, update: int, rank: int, purpose: int = 0) -> int:
 def default_envs(cfg: PPOConfig) -> Callable:
     """envs(update, rank) -> the ID-setting environments one rank plays in one update."""
     overrides = {"verify_iter": cfg.verify_iter} if cfg.verify_iter else {}
+    overrides["protocol"] = cfg.protocol
     overrides.update(image_overrides(cfg.task, cfg.image_size))
     env_config(cfg.task, "id", **overrides)  # a bad override fails here, before any work
 
@@ -430,7 +490,7 @@ def ppo_update(policy, opt, batch: Batch, cfg: PPOConfig, update: int, world: in
             weights = pad([batch.weights[i] for i in idx], width, dev)                       # (B, R)
             advantages = batch.advantages[idx].to(dev)                                       # (B,)
             pg_sum, ratio = policy_loss(out["logprobs"], old_logprobs, weights, mask, advantages, cfg.clip,
-                                        cfg.token_level)
+                                        cfg.token_level, guard=cfg.protocol == "official")
             v_sum = clipped_value_loss(out["values"], batch.old_values[idx].to(dev), batch.returns[idx].to(dev),
                                        cfg.value_clip).sum()
             entropy_sum = (out["entropy"] * mask).sum()
@@ -469,9 +529,14 @@ def build_optimizer(policy, cfg: PPOConfig):
 
 
 def lr_at(update: int, peak: float, cfg: PPOConfig) -> float:
-    """The official schedule: torch's CosineAnnealingLR stepped once per update, from `peak` at update 0 toward
-    end_lr at lr_max_steps (the task's when 0), which may lie beyond the run's last update."""
-    return R.cosine_lr(update, peak, cfg.lr_max_steps or LR_MAX_STEPS[cfg.task.split("-")[0]], floor=cfg.end_lr)
+    """The learning rate of an update: torch's CosineAnnealingLR from `peak` toward end_lr at lr_max_steps (the
+    task's when 0). Project: stepped once per update, as the official trainer calls it, and held at end_lr past
+    lr_max_steps. Official: stepped `official_processes` times per update, as accelerate's scheduler wrapper
+    stepped it (once per process), and rising again past lr_max_steps as torch's does."""
+    total = cfg.lr_max_steps or LR_MAX_STEPS[cfg.task.split("-")[0]]
+    if cfg.protocol == "official":
+        return R.cosine_lr(update * cfg.official_processes, peak, total, floor=cfg.end_lr, hold=False)
+    return R.cosine_lr(update, peak, total, floor=cfg.end_lr)
 
 
 def gather_counters(c: Counter, world: int) -> Counter:
@@ -601,10 +666,11 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
         else:
             advantages, returns = gae(rewards, old_values.tolist(), [t.done for t in turns], episodes, boot,
                                       cfg.gamma, cfg.lam)
-            advantages = normalize(advantages)
-        batch = Batch(prompts, responses, old_logprobs,
-                      [action_weights(policy.tokenizer, r, field_name, cfg.pre_action_coef) for r in responses],
-                      old_values, advantages, returns)
+            advantages = normalize(advantages, per_rank=cfg.protocol == "official")
+        weights = ([official_action_weights(policy.tokenizer, r, cfg.pre_action_coef) for r in responses]
+                   if cfg.protocol == "official" else
+                   [action_weights(policy.tokenizer, r, field_name, cfg.pre_action_coef) for r in responses])
+        batch = Batch(prompts, responses, old_logprobs, weights, old_values, advantages, returns)
         if reference is not None:
             batch.ref_logprobs, _ = score_turns(reference, prompts, responses, cfg.micro_batch)
 
