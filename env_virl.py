@@ -764,9 +764,9 @@ def official_prompt(steps: list, history: list, current: str, absolute: bool, vi
             f"follow{' ' + where if where else ''}. You\nare also provided with your observation and action history "
             "in text. Your goal is to first analyze the instruction and identify the next sentence to be executed. "
             "\nThen, you need to provide the action to be taken based on the current observation and instruction.\n\n"
-            "[Instruction]\n" + "".join(f"{i + 1}. {s}\n" for i, s in enumerate(steps)) + "\n" + view +
+            "[Instruction]\n" + "".join(f"{i + 1}. {s}\n" for i, s in enumerate(steps)) + "\n\n" + view +
             "[Action space]\n" + OFFICIAL_ACTION_SPACE.format(choices) + "\n\n"
-            "[Observations and actions sequence]\n" + seq + "\n"
+            "[Observations and actions sequence]\n" + seq + "\n\n"
             f'[Output]\n{{\n  "current observation": latest observation from {latest},\n'
             '  "current instruction": analyze the full instruction and identify the sentence to be executed,\n'
             '  "action": the action to be taken chosen from the action space,\n}\n')
@@ -1074,14 +1074,15 @@ class NavigationEnv:
               route: Optional[int] = None) -> Observation:
         """Start a route; `seed` restarts the RNG (start heading, dropped forwards). Episode k plays route
         k % len(self.routes) (evaluation), `route` picks one by index; with neither, the RNG draws one. Under
-        protocol "official" the RNG draws it for an episode too: the official evaluation draws its routes with
-        replacement."""
+        protocol "official" the RNG draws it for an episode too, as the official evaluation draws its routes with
+        replacement, but on the mini benchmark, which it plays in order."""
         if seed is not None:
             self.rng = random.Random(seed)
         if episode is not None:
             if route is not None:
                 raise ValueError(f"reset(episode={episode}, route={route}): expected one of them, not both")
-            route = episode % len(self.routes) if self.config.protocol != "official" else None
+            in_order = self.config.protocol != "official" or self.config.routes == "mini"
+            route = episode % len(self.routes) if in_order else None
         if route is not None and not 0 <= route < len(self.routes):
             raise ValueError(f"route index {route} out of range: {len(self.routes)} routes loaded")
         self.route = self.routes[self.rng.randrange(len(self.routes)) if route is None else route]

@@ -339,7 +339,8 @@ def changes_table(changes: list) -> str:
     return "\n".join(rows)
 
 
-def draw_curves(plt, results: list, settings: list, task: str, metric: str, label: str, path: str) -> str:
+def draw_curves(plt, results: list, settings: list, task: str, metric: str, label: str, path: str,
+                protocol: str = "project") -> str:
     """One panel per setting: `metric` (with its `_se` error bars) vs training GFLOPs, one line per run, one
     colour per arm."""
     arms = list(dict.fromkeys(arm_of(run["run"]) for run in results))
@@ -355,7 +356,7 @@ def draw_curves(plt, results: list, settings: list, task: str, metric: str, labe
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=colour[arm], alpha=0.8,
                         label=None if arm in labelled else arm)
             labelled.add(arm)
-        ax.set_title(f"{task} {SETTING_NAMES[s]}")
+        ax.set_title(f"{task} {SETTING_NAMES[s]}" + (f" ({protocol} protocol)" if protocol != "project" else ""))
         ax.set_xlabel("training GFLOPs")
         ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 3))
         ax.set_ylabel(label)
@@ -381,7 +382,7 @@ def draw_plots(results: list, changes: list, settings: list, task: str, out: str
     os.makedirs(out, exist_ok=True)
     metric = headline(task, protocol)
     label = f"{metric_name(metric)} (%)"
-    paths = [draw_curves(plt, results, settings, task, metric, label, os.path.join(out, f"fig5_{task}.png"))]
+    paths = [draw_curves(plt, results, settings, task, metric, label, os.path.join(out, f"fig5_{task}.png"), protocol)]
     if task.endswith("-vl"):
         paths.append(draw_curves(plt, results, settings, task, "recognition_accuracy", "recognition accuracy (%)",
                                  os.path.join(out, f"fig8_{task}.png")))
@@ -466,9 +467,9 @@ def evaluate(cfg: EvalConfig) -> list:
                 break
             answers += [a for a in stored_answers if (checkpoint_key(a["checkpoint"]), a["result"]) == rid
                         and a["setting"] in entry["settings"] and a["setting"] not in todo]
-            trained = state.get("config", {}).get("protocol", "project")
-            if todo and state.get("config") and trained != cfg.protocol and rank == 0:
-                print(f"warning: {ckpt} was trained under protocol {trained}; evaluating under {cfg.protocol}")
+            if todo and rank == 0:
+                for line in R.recipe_warnings(state, cfg.task, cfg.protocol, ckpt):
+                    print(f"warning: {line}")
             if todo:
                 policy = M.load_policy(ckpt, device=cfg.device or dist_device)
                 if cfg.engine:

@@ -21,8 +21,10 @@ Compute is the paper's axis (train_sft.py and train_ppo.py count it into every c
 The scale presets hold the sizes; every one of them can be overridden by its flag.
 
 `--protocol official` runs every phase under the official code's effective rules (train_ppo.py, train_sft.py,
-evaluate.py: docs/fidelity.md), in its own study folder (<out>-official by default); a phase found done under
-another protocol is refused, never mixed in. The tables and figures say which protocol produced them.
+evaluate.py: docs/fidelity.md), in its own study folder (runs/replicate-<task>-<scale>-official unless --out is
+given), with the task's official learning rates for RL and continued SFT unless --rl-lr / --sft-lr are given; a
+phase found done under another protocol is refused, never mixed in. The tables and figures say which protocol
+produced them.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from typing import Optional
 
 import runs as R
 from cli import check_writable, main, require
-from tasks import check_protocol, check_task
+from tasks import OFFICIAL_PPO_LR, OFFICIAL_SFT_LR, check_protocol, check_task
 
 # Sizes per scale. "cpu" runs the whole protocol on 2 CPU cores in one to two hours per task (a check of
 # the pipeline, far too small to move a policy much); "gpu" is the one-GPU replication; "gpu-small" fits about
@@ -105,7 +107,7 @@ class ReplicateConfig:
     init_lr: Optional[float] = None
     """learning rate of the SFT initialization"""
     sft_lr: Optional[float] = None
-    """learning rate of continued SFT (the paper's grid: 1e-4 ... 1e-7)"""
+    """learning rate of continued SFT (the paper's grid: 1e-4 ... 1e-7; official protocol: the task's official one)"""
     rl_updates: Optional[int] = None
     """PPO updates of each RL run"""
     rl_turns: Optional[int] = None
@@ -117,7 +119,7 @@ class ReplicateConfig:
     rl_micro_batch: Optional[int] = None
     """turns per forward pass in PPO"""
     rl_lr: Optional[float] = None
-    """PPO learning rate (the paper: 1e-6)"""
+    """PPO learning rate (the paper: 1e-6; official protocol: the task's official one, V-IRL-VL 1e-7)"""
     checkpoints: Optional[int] = None
     """checkpoints per arm run, at equal compute fractions"""
     eval_episodes: Optional[int] = None
@@ -142,6 +144,9 @@ class ReplicateConfig:
             raise ValueError(f"experiment={self.experiment!r}: expected one of {', '.join(EXPERIMENTS)}")
         if self.scale not in SCALES:
             raise ValueError(f"scale={self.scale!r}: expected one of {', '.join(SCALES)}")
+        if self.protocol == "official":  # the official runs' rates (the initialization stays the preset's own)
+            self.rl_lr = self.rl_lr if self.rl_lr is not None else OFFICIAL_PPO_LR.get(self.task)
+            self.sft_lr = self.sft_lr if self.sft_lr is not None else OFFICIAL_SFT_LR.get(self.task)
         if self.task.endswith("-vl"):  # the scale's text model cannot see, and the engine serves text models only
             self.model = self.model or VL_MODELS[self.scale]
             self.engine = bool(self.engine)
@@ -182,7 +187,7 @@ def run_phase(name: str, args: list, run: str, steps: int, cfg: ReplicateConfig)
     """Run one training phase to `steps` under the study's protocol, resuming it when a checkpoint of it exists;
     skip it when done. A phase begun under another protocol stops the study: its results would mix the two."""
     last = R.last_checkpoint(run)
-    found = R.read_trainer_state(last).get("config", {}).get("protocol", "project") if last else cfg.protocol
+    found = (R.trained_protocol(R.read_trainer_state(last)) if last else None) or cfg.protocol
     if found != cfg.protocol:
         raise ValueError(f"phase {name}: {run} was trained under protocol {found}, this study runs {cfg.protocol}; "
                          "expected another --out (each protocol has its own study folder)")
@@ -367,9 +372,11 @@ def window_checkpoints(init_run: str, task: str, protocol: str = "project") -> d
     """{"early", "peak", "late"}: the initialization's first checkpoint, the one with the best OOD headline metric
     (GP success, V-IRL per-step accuracy, summed over the OOD settings) and its last."""
     import evaluate as EV
-    with open(os.path.join(init_run, f"eval_{task}.json")) as f:
-        entries = sorted(json.load(f)["checkpoints"], key=lambda e: e["step"])
     metric = EV.headline(task, protocol)
+    with open(os.path.join(init_run, f"eval_{task}.json")) as f:  # this protocol's full-attempt evaluations only
+        entries = sorted((e for e in json.load(f)["checkpoints"] if e.get("key", {}).get("protocol") == protocol
+                          and not e["key"].get("verify_iter") and all(metric in m for m in e["settings"].values())),
+                         key=lambda e: e["step"])
     ood = lambda e: sum(m[metric] for s, m in e["settings"].items() if s.startswith("ood"))  # noqa: E731
     return {"early": entries[0]["path"], "peak": max(entries, key=ood)["path"], "late": entries[-1]["path"]}
 

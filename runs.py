@@ -81,6 +81,24 @@ def cosine_lr(step: int, peak: float, total: int, warmup: int = 0, floor: float 
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (min(1.0, progress) if hold else progress)))
 
 
+def trained_protocol(state: dict):
+    """The protocol a checkpoint was trained under, from its trainer state ("project" before there were two);
+    None for a base model, which has no state."""
+    return state["config"].get("protocol", "project") if state.get("config") else None
+
+
+def recipe_warnings(state: dict, task: str, protocol: str, where: str) -> list:
+    """Warnings that the checkpoint at `where`, whose trainer state is `state`, was trained on another task or under
+    another protocol than the run about to start from it (a base model has no state: nothing to warn of)."""
+    out = []
+    if state.get("task", task) != task:
+        out.append(f"{where} was trained on {state['task']}; this run trains on {task}")
+    trained = trained_protocol(state) or protocol
+    if trained != protocol:
+        out.append(f"{where} was trained under protocol {trained}; this run uses {protocol}")
+    return out
+
+
 def remove_torn_saves(run: str) -> None:
     """Delete what killed saves left in a run folder: the hidden `.<name>.tmp-*` folders of saves that never
     finished and `.<name>.old-*` ones that a finished save had set aside."""

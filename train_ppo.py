@@ -4,7 +4,7 @@ Each update collects a fixed number of answers ("turns") with `rollout.py`, ever
 own environments and seeds; computes returns and advantages with GAE over each episode's turns;
 then runs PPO epochs over shuffled minibatches. The defaults are the official code's (gamma 0.9,
 lambda 0.95, clip 0.1 for ratios and values, 4 epochs, value coefficient 0.5, max grad norm 0.01, Adam
-lr 1e-6 and eps 1e-7 on a cosine toward 1e-9 over 100 updates for GP and 20 for V-IRL, temperature 0.2,
+lr 1e-6 (V-IRL-VL 1e-7) and eps 1e-7 on a cosine toward 1e-9 over 100 updates for GP and 20 for V-IRL, temperature 0.2,
 answers up to 512 tokens, no entropy bonus: its config names 0.01 but its loss leaves it out, no KL
 penalty); the turn counts are sized for a CPU. docs/fidelity.md compares every point.
 
@@ -32,7 +32,8 @@ continues exactly as the uninterrupted one would, from the checkpoint's weights 
 as one set (docs/fidelity.md): the official verifier, feedback, answer template and extra -1 answer in the
 environments; the cosine advanced `--official-processes` (8) steps per update, as accelerate advanced it on the
 official 8 GPUs, rising again past its period; gradients clipped at 1.0 (DeepSpeed's, the configured 0.01 never
-applied); the official action tokens (`official_action_weights`); advantages normalized per rank; and a response
+applied); the official action tokens (`official_action_weights`); advantages normalized over each official
+process's share of the turns; and a response
 whose ratio exceeds 10 trained on the clipped term alone. The learning rate defaults to the task's official one
 under either protocol (1e-6; V-IRL-VL 1e-7).
 """
@@ -58,8 +59,8 @@ from cli import check_writable, main, require
 from rollout import rollout
 from tasks import OFFICIAL_PPO_LR, action_field, check_protocol, check_task, env_config, image_overrides, make_envs
 
-# the official runs' cosine period in updates (CosineAnnealingLR T_max): GP 100 over 20 updates (the rate stays
-# near 1e-6), V-IRL 20 over 15 updates (scripts/*_training/*.sh of the paper's code)
+# the official runs' cosine period (CosineAnnealingLR T_max, scripts/*_training/*.sh of the paper's code): GP 100,
+# V-IRL 20; in scheduler steps, of which the official runs took 8 per update (lr_at)
 LR_MAX_STEPS = {"gp": 100, "virl": 20}
 
 # ---- config ----
@@ -237,11 +238,13 @@ def group_advantages(rewards: list, episodes: list, group_size: int, use_std: bo
     return torch.tensor([adv[ep] for ep in episodes], dtype=torch.float32)
 
 
-def normalize(x: torch.Tensor, per_rank: bool = False) -> torch.Tensor:
-    """(x - mean) / std over all ranks' elements together; `per_rank`: over this rank's alone, with the official
-    code's unbiased std + 1e-5 (it never all-reduces)."""
-    if per_rank:
-        return (x - x.mean()) / (x.std() + 1e-5) if x.numel() > 1 else x - x.mean()
+def normalize(x: torch.Tensor, groups: int = 0) -> torch.Tensor:
+    """(x - mean) / std over all ranks' elements together; with `groups`, over each of that many consecutive groups
+    of this rank's elements apart, with the official code's unbiased std + 1e-5 (each official GPU normalized its own
+    turns and never all-reduced). Example, groups 2: [1, 2, 3, 5] -> [-0.71, 0.71, -0.71, 0.71]."""
+    if groups:
+        return torch.cat([(g - g.mean()) / (g.std() + 1e-5) if g.numel() > 1 else g - g.mean()
+                          for g in x.tensor_split(groups) if g.numel()])
     n = R.all_reduce_sum(float(x.numel()))
     mean = R.all_reduce_sum(float(x.sum())) / n
     var = R.all_reduce_sum(float(((x - mean) ** 2).sum())) / max(n - 1, 1)
@@ -605,8 +608,8 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
     if cfg.resume and resume_from is None:
         raise ValueError(f"--resume: no complete checkpoint in {cfg.out!r}")
     state = R.read_trainer_state(resume_from or init)
-    if state.get("task", cfg.task) != cfg.task:
-        print0(f"warning: {resume_from or init} was trained on {state['task']}; this run trains on {cfg.task}")
+    for line in R.recipe_warnings(state, cfg.task, cfg.protocol, resume_from or init):
+        print0(f"warning: {line}")
     torch.manual_seed(cfg.seed)  # a fresh value head's initialization
     policy = M.load_policy(resume_from or init, device=device, temperature=cfg.temperature, precision=cfg.precision)
     reference = (M.load_policy(init, device=device, temperature=cfg.temperature, precision=cfg.precision).eval()
@@ -666,7 +669,9 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
         else:
             advantages, returns = gae(rewards, old_values.tolist(), [t.done for t in turns], episodes, boot,
                                       cfg.gamma, cfg.lam)
-            advantages = normalize(advantages, per_rank=cfg.protocol == "official")
+            # officially each of the GPUs normalized its own share of the turns: as many groups over this run's ranks
+            official = cfg.protocol == "official"
+            advantages = normalize(advantages, groups=max(1, cfg.official_processes // world) if official else 0)
         weights = ([official_action_weights(policy.tokenizer, r, cfg.pre_action_coef) for r in responses]
                    if cfg.protocol == "official" else
                    [action_weights(policy.tokenizer, r, field_name, cfg.pre_action_coef) for r in responses])

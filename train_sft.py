@@ -260,8 +260,8 @@ def train(cfg: SFTConfig) -> dict:
         raise ValueError(f"--resume: no complete checkpoint in {cfg.out!r}")
     init = resume_from or cfg.model
     state = R.read_trainer_state(init)
-    if state.get("task", cfg.task) != cfg.task:
-        print0(f"warning: {init} was trained on {state['task']}; this run trains on {cfg.task}")
+    for line in R.recipe_warnings(state, cfg.task, cfg.protocol, init):
+        print0(f"warning: {line}")
     torch.manual_seed(cfg.seed)
     policy = M.load_policy(init, device=device, precision=cfg.precision)
     n_params = policy.model.num_parameters()

@@ -102,7 +102,10 @@ def test_ratio_guard_and_per_rank_advantages():
     assert guarded[:3].tolist() == plain[:3].tolist()      # a positive advantage: the clip decides either way
     assert plain[3] == pytest.approx(20.0) and guarded[3] == pytest.approx(1.1)   # A < 0, ratio > 10: clipped only
     x = torch.tensor([1.0, 2.0, 3.0, 6.0])
-    assert P.normalize(x, per_rank=True).tolist() == pytest.approx(((x - x.mean()) / (x.std() + 1e-5)).tolist())
+    assert P.normalize(x, groups=1).tolist() == pytest.approx(((x - x.mean()) / (x.std() + 1e-5)).tolist())
+    halves = P.normalize(x, groups=2).tolist()  # as two official GPUs of two turns each
+    assert halves == pytest.approx([-0.7071, 0.7071, -0.7071, 0.7071], abs=1e-4)
+    assert P.normalize(x).tolist() == pytest.approx(((x - x.mean()) / (x.std() + 1e-8)).tolist())  # one process
 
 
 # ---- environments: the answer after the last failed attempt ----
@@ -170,6 +173,12 @@ def test_official_rollout_scores_the_extra_answer_and_draws_routes_with_replacem
         env.reset(seed=k, episode=k)
         drawn.append(env.route.route_id)
     assert len(set(drawn)) > 1 and drawn != [env.routes[k % 3].route_id for k in range(30)]
+    mini = V.NavigationEnv(V.VirlConfig(protocol="official", routes="mini"), seed=0)  # V-IRL-VL's OOD visual routes
+    played = []
+    for k in range(len(mini.routes)):   # the mini benchmark is played in order, every route once
+        mini.reset(seed=k, episode=k)
+        played.append(mini.route.route_id)
+    assert played == [r.route_id for r in mini.routes]
 
 
 # ---- a study under one protocol ----
@@ -192,11 +201,13 @@ def test_official_solver_accepts_the_projects_hands():
     """The official solver (restated: official_solutions) and the project's accept the same hands: here a
     deterministic sample of rank multisets under both rules (all 3640 were checked once; docs/fidelity.md)."""
     import itertools
+    from official_rules import official_solutions as restated  # written apart from env_points: a second reading
     hands = list(itertools.combinations_with_replacement(G.RANKS, 4))[::61]
     for face10 in (True, False):
         for ranks in hands:
             values = tuple(G.card_value(r, face10) for r in ranks)
             assert bool(G.official_solutions(values)) == G.is_solvable(values), (ranks, face10)
+            assert set(G.official_solutions(values)) == set(restated(list(values), 24)), (ranks, face10)
             # every official string is a formula the project's exact verifier finds right
             assert all(G.evaluate_formula(s) == 24 for s in list(G.official_solutions(values))[:20])
 
@@ -228,3 +239,115 @@ def test_paper_scale_commands_and_defaults_are_the_official_runs():
         # task : SFT rate : PPO rate : updates, each the official run's
         assert specs == ["gp-l:1e-6:1e-6:20", "gp-vl:5e-7:1e-6:20", "virl-l:1e-6:1e-6:15", "virl-vl:5e-7:1e-7:15"]
         assert "--turns 2048 --envs 32 --minibatch 1024 --micro-batch 1 --lr $rl_lr" in text, page
+
+
+# The official prompts (prompt_lib/prompts.py of the official code at 5a6ea55, as the paper's appendix prints them)
+# and its action space (utils_rl.py set_str_action_space), kept here as the fixture the official protocol must
+# reproduce character for character.
+OFFICIAL_GP_L = """
+[Task Description]
+You are an expert {target_number} points card game player. You will receive a set of 4 cards.
+Note that {face_card_msg}, and each card must be used once.
+{goal}
+
+[Input]
+Cards: {cards}
+
+[Output]
+{{
+  "cards": [x, y, z, w], where {face_card_msg},
+  "number": [a, b, c, d], where a, b, c, and d are the numbers on the cards,
+  "formula": 'an equation that equals {target_number}',
+}}
+
+"""
+OFFICIAL_GP_VL = """
+[Task Description]
+You are an expert {target_number} points card game player. You are observing these four cards in the image.
+Note that {face_card_msg}, and each card must be used once.
+{goal}
+
+[Output]
+Your response should be a valid json file in the following format:
+{{
+  "cards": [x, y, z, w], where {face_card_msg},
+  "number": [a, b, c, d], where a, b, c, and d are the numbers on the cards,
+  "formula": 'an equation that equals {target_number}',
+}}
+
+"""
+OFFICIAL_VIRL = """
+[Task Description]
+{navigator}
+{history_line}
+Then, you need to provide the action to be taken based on the current observation and instruction.
+
+[Instruction]
+{instruction}
+
+{view}[Action space]
+{action_space}
+
+[Observations and actions sequence]
+{obs_act_seq}
+
+[Output]
+{{
+  "current observation": latest observation from {latest},
+  "current instruction": analyze the full instruction and identify the sentence to be executed,
+  "action": the action to be taken chosen from the action space,
+}}
+"""
+OFFICIAL_VIEW = """[Observation format]
+You observe a 2x2 grid of streetview images with the following headings:
+[front, right
+ back, left]
+You need to identify if any of the landmarks in the instruction are visible in the street view grid.
+
+"""
+# the templates' lines over 120 characters, filled in before the rest
+LONG_LINES = {"goal": "Your goal is to output a formula that evaluates to {target_number} using numbers from the cards "
+                      "and operators such as '+', '-', '*', '/', '(', ')', and '='.",
+              "navigator": "You are an expert in navigation. You will receive a sequence of instructions to "
+                           "follow{where}. You",
+              "history_line": "are also provided with your observation and action history in text. Your goal is to "
+                              "first analyze the instruction and identify the next sentence to be executed. "}
+
+
+def official(template: str, **fields) -> str:
+    """An official template with its long lines put back, then filled in."""
+    for name, line in LONG_LINES.items():
+        template = template.replace("{" + name + "}", line)
+    return template.format(**fields)
+
+
+OFFICIAL_ACTIONS = """"forward()": indicates moving forward one step
+"turn_direction(x)": indicates adjust the ego agent direction towards x direction. x could be any following {}
+"stop()": indicates the navigation is finished."""
+
+
+@pytest.mark.parametrize("vision,face10", [(False, True), (False, False), (True, True)])
+def test_official_gp_prompt_is_the_official_template(vision, face10):
+    cfg = G.PointsConfig(protocol="official", vision=vision, face_cards_as_10=face10)
+    faces = ("'J', 'Q', and 'K' count as '10'." if face10
+             else "'J', 'Q', and 'K' count as '11', '12', and '13' respectively.")
+    expected = official(OFFICIAL_GP_VL if vision else OFFICIAL_GP_L, target_number=24, face_card_msg=faces,
+                        cards=["A", "2", "10", "K"])
+    assert G.prompt_text(["A", "2", "10", "K"], cfg) == expected
+
+
+@pytest.mark.parametrize("vision,absolute", [(False, True), (False, False), (True, True)])
+def test_official_virl_prompt_is_the_official_template(vision, absolute):
+    steps = ["First, turn right to face east.", "Move forward until you reach destination where Cafe is on your left."]
+    history = [("No landmarks nearby; ", "turn_direction(east)")]
+    current = "You observe an image of 4 views; " if vision else "Cafe is on your left; "
+    choices = ("8 directions ['north', 'northeast', 'east', 'southeast', 'south', 'southwest', 'west', 'northwest']"
+               if absolute else "['left', 'right', 'slightly left', 'slightly right']")
+    expected = official(
+        OFFICIAL_VIRL, where=" while observing your surrounding stree tviews" if vision else "",
+        instruction="1. First, turn right to face east.\n2. Move forward until you reach destination where Cafe is on "
+                    "your left.\n",
+        view=OFFICIAL_VIEW if vision else "", action_space=OFFICIAL_ACTIONS.format(choices),
+        obs_act_seq=f"O_1: No landmarks nearby; \nA_1: turn_direction(east)\nO_2: {current}\nA_2: \n",
+        latest="the street view grid" if vision else "the observation sequence")
+    assert V.official_prompt(steps, history, current, absolute, vision) == expected

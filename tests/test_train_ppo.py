@@ -247,7 +247,8 @@ def test_rewind_log_drops_the_steps_after_the_checkpoint(tmp_path):
 
 
 def test_the_official_learning_rate_schedule_and_adam_epsilon():
-    """CosineAnnealingLR(T_max=lr_max_steps, eta_min=1e-9) stepped once per update, as the official runs: GP
+    """The project protocol's schedule: CosineAnnealingLR(T_max=lr_max_steps, eta_min=1e-9) stepped once per update,
+    as the official trainer calls it (the official runs stepped it 8 times: tests/test_protocol.py): GP
     (T_max 100) is still at 0.91e-6 at its 20th update, V-IRL (T_max 20) at 0.21e-6 at its 15th."""
     gp, virl = P.PPOConfig(task="gp-l", out="x"), P.PPOConfig(task="virl-l", out="x")
     assert P.lr_at(0, gp.lr, gp) == pytest.approx(1e-6)
