@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import json
 import os
 import random
@@ -122,6 +121,13 @@ class PointsConfig:
 def check_protocol(protocol, what: str = "protocol") -> None:
     if protocol not in PROTOCOLS:
         raise ValueError(f"{what}={protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+
+
+def official_rules():
+    """official.py, the official code's rules, imported only under protocol "official": without it this file copies
+    out alone."""
+    import official
+    return official
 
 
 def card_value(rank: str, face_cards_as_10: bool = True) -> int:
@@ -488,9 +494,10 @@ def verify(text, ranks, config: PointsConfig) -> Verdict:
 
     Outcomes, first that applies: wrong_cards (vision only), illegal_formula, wrong_numbers,
     wrong_value, correct. A trailing '=<target>' after the formula is accepted. Under protocol "official" the
-    official code's rules decide instead (verify_official)."""
+    official code's rules decide instead (official.py)."""
     if config.protocol == "official":
-        return verify_official(text, ranks, config)
+        return Verdict(*official_rules().gp_verify(text, ranks, [card_value(r, config.face_cards_as_10) for r in ranks],
+                                           config.vision, config.target))
     answer = parse_answer(text)
     cards_ok = None
     if config.vision:
@@ -525,178 +532,6 @@ def verify(text, ranks, config: PointsConfig) -> Verdict:
                    cards_ok, formula)
 
 
-# ---- the official code's rules (protocol "official") ----
-# What the paper's code (github LeslieTrue/SFTvsRL at 5a6ea55: utils_rl.py step_rewards, utils_general.py re_match,
-# general_points_oneline.py) does with an answer, restated: each field from the whole text as JSON, else from a
-# regex that wants `"key": ` with one space; everything from the first "=" dropped; any character besides digits
-# and + - * / ( ) illegal (-3, nothing else checked); otherwise every bad token order -3 and every number error -2,
-# added up; a clean formula evaluated in floats, +5 at exactly the target; one that does not evaluate but begins
-# one of the official solver's strings +1 ("partial solution"); else -1 at the first token where no solution
-# string begins that way, or 0 when every prefix begins one (an official solution whose float value misses).
-
-OFFICIAL_REWARDS = {"correct": 5.0, "partial_solution": 1.0, "float_miss": 0.0, "wrong_value": -1.0,
-                    "wrong_cards": -1.5, "wrong_numbers": -2.0, "illegal_formula": -3.0, "step_limit": -1.0}
-_OFFICIAL_FIELD_RE = {"formula": re.compile(r'"formula": "(.*?)"'), "cards": re.compile(r'"cards": \[([^\]]+)\]'),
-                      "action": re.compile(r'"action": "(.*?)"'),
-                      "current observation": re.compile(r'"current observation": "(.*?)"')}
-_OFFICIAL_TOKEN_RE = re.compile(r"\d+|[+\-*/()]")  # \d as the official one: any Unicode digit
-# the official solver's bracket layouts of a op b op c op d
-_OFFICIAL_LAYOUTS = ("{}{}{}{}{}{}{}", "({}{}{}){}{}{}{}", "({}{}{}{}{}){}{}", "{}{}({}{}{}){}{}", "{}{}({}{}{}{}{})",
-                     "{}{}{}{}({}{}{})", "({}{}{}){}({}{}{})")
-
-
-def official_field(text: str, key: str):
-    """The official `re_match`: the key's value when the whole text is a JSON object that has it (typed as JSON
-    types it), else the first match of the key's pattern (for "cards": a list of ints when every ', '-separated
-    item is one, else the bracketed text), else the string "None"."""
-    try:
-        return json.loads(text)[key]
-    except Exception:  # the official code catches everything here: not JSON, not an object, no such key
-        pass
-    m = _OFFICIAL_FIELD_RE[key].search(text)
-    if m is None:
-        return "None"
-    if key != "cards":
-        return m.group(1)
-    try:
-        return [int(item) for item in m.group(1).split(", ")]
-    except ValueError:
-        return "[" + m.group(1) + "]"
-
-
-def official_card_list(value) -> list:
-    """The official `robust_str_to_list`: a string with its brackets, single quotes and spaces removed, split at
-    commas, when that gives exactly four items; [] otherwise (a JSON list included: it is no string)."""
-    if not isinstance(value, str):
-        return []
-    items = value.replace("[", "").replace("]", "").replace("'", "").replace(" ", "").split(",")
-    return items if len(items) == 4 else []
-
-
-@functools.lru_cache(maxsize=4096)
-def official_solutions(values: tuple, target: int = 24) -> frozenset:
-    """Every string the official solver lists for a hand: the numbers in every order, every three operators, the
-    seven bracket layouts, no spaces, kept when the exact value is the target."""
-    out = set()
-    for perm in set(itertools.permutations(values)):
-        for ops in itertools.product("+-*/", repeat=3):
-            parts = [str(perm[0]), ops[0], str(perm[1]), ops[1], str(perm[2]), ops[2], str(perm[3])]
-            for layout in _OFFICIAL_LAYOUTS:
-                text = layout.format(*parts)
-                try:
-                    if evaluate_formula(text) == target:
-                        out.add(text)
-                except ValueError:  # a division by zero
-                    pass
-    return frozenset(out)
-
-
-def _official_syntax(tokens: list) -> list:
-    """The official token-order scan: one "-3" message per bad step, the scan going on after each. It never
-    flags a "(" left open, an operator at the end or an empty formula."""
-    messages, prev, depth = [], None, 0
-    for tok in tokens:
-        kind = ("operator" if tok in "+-*/" else "open" if tok == "(" else "close" if tok == ")" else "number")
-        if kind == "number" and prev not in (None, "operator", "open"):
-            messages.append("invalid sequence after number")
-        elif kind == "operator" and prev not in ("number", "close"):
-            messages.append("invalid sequence after operator")
-        elif kind == "open":
-            if prev in (None, "operator", "open"):
-                depth += 1
-            else:
-                messages.append("invalid sequence before '('")
-        elif kind == "close":
-            if prev not in ("number", "close"):
-                messages.append("invalid sequence after ')'")
-            elif depth:
-                depth -= 1
-            else:
-                messages.append("unmatched closing parenthesis")
-        prev = kind
-    return messages
-
-
-def _official_numbers(formula: str, values: list) -> list:
-    """The official number check's messages ("-2" each): numbers not on any card, else numbers used too often;
-    and, apart, card numbers not used up. Lists in order of first appearance, as Python prints them."""
-    used = Counter(int(n) for n in re.findall(r"\d+", formula))
-    have = Counter(values)
-    invalid = [n for n in used if n not in have]
-    overused = [n for n in used if used[n] > have[n]]
-    unused = [n for n in have if have[n] > used[n]]
-    return ([f"you used invalid numbers: {invalid}"] if invalid else
-            [f"you used numbers: {overused} too many times"] if overused else []) + \
-           ([f"you didn't use numbers: {unused}"] if unused else [])
-
-
-def _official_verdict(outcome: str, reward: float, messages: list, cards_ok, formula=None) -> Verdict:
-    message = ", ".join(messages) + "."
-    feedback = message if outcome == "correct" else f"You failed this trial because {message}"
-    return Verdict(outcome, reward, feedback, cards_ok, formula)
-
-
-def verify_official(text, ranks, config: PointsConfig) -> Verdict:
-    """One answer scored as the official code scores it (see above). Where that code would crash (a "formula"
-    that strict JSON gives as a number, null or list; a number too long for int()) the answer is illegal, -3.
-    The feedback is the official message after "You failed this trial because " (a +1 or 0 answer too fails)."""
-    text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
-    cards_ok = None
-    if config.vision:
-        if sorted(official_card_list(official_field(text, "cards"))) != sorted(ranks):
-            # the official vision failure is a bare tuple: its message has no final period
-            return Verdict("wrong_cards", OFFICIAL_REWARDS["wrong_cards"],
-                           "You failed this trial because you recognized wrong cards", False)
-        cards_ok = True
-    formula = official_field(text, "formula")
-    if not isinstance(formula, str):
-        return _official_verdict("illegal_formula", -3.0, ["illegal characters"], cards_ok)
-    formula = formula.split("=")[0]
-    tokens = _OFFICIAL_TOKEN_RE.findall(formula)
-    if "".join(tokens) != formula:
-        return _official_verdict("illegal_formula", -3.0, ["illegal characters"], cards_ok, formula)
-    values = [card_value(r, config.face_cards_as_10) for r in ranks]
-    syntax = _official_syntax(tokens)
-    try:
-        numbers = _official_numbers(formula, values)
-    except ValueError:  # int() of a number over 4300 digits: the official code crashes
-        return _official_verdict("illegal_formula", -3.0, ["illegal characters"], cards_ok, formula)
-    if syntax or numbers:
-        reward = -3.0 * len(syntax) - 2.0 * len(numbers)
-        return _official_verdict("illegal_formula" if syntax else "wrong_numbers", reward, syntax + numbers,
-                                 cards_ok, formula)
-    solutions = official_solutions(tuple(values), config.target)
-    try:  # only digits and + - * / ( ) are left: Python's own float arithmetic, as the official code's eval
-        if eval(formula, {"__builtins__": {}}, {}) == config.target:
-            return _official_verdict("correct", 5.0, ["Correct solution"], cards_ok, formula)
-    except Exception:  # unbalanced, a division by zero, a leading zero: a beginning of a solution scores +1
-        if any(s.startswith(formula) for s in solutions):
-            return _official_verdict("partial_solution", 1.0, ["partial solution"], cards_ok, formula)
-    register = ""
-    for tok in tokens:
-        prefix, register = register, register + tok
-        if not any(s.startswith(register) for s in solutions):
-            reason = (f"{prefix} is partially correct but the full formula does not match any solution" if prefix
-                      else "your formula does not match any solution")
-            return _official_verdict("wrong_value", -1.0, [reason], cards_ok, formula)
-    return _official_verdict("float_miss", 0.0, [], cards_ok, formula)
-
-
-def official_formula(values, target: int = 24) -> str:
-    """A formula the official scorer counts correct: a solution whose float value is exactly the target (the
-    first of `solve`'s), or, for the one hand that has none (3, 3, 8, 8), the shortest exact one."""
-    found = solve(values, target)
-    return next((f for f in found if eval(f, {"__builtins__": {}}, {}) == target), found[0])
-
-
-def official_answer(fields: dict) -> str:
-    """An answer in the official template (`ResponseEqn`, `ResponseVIRL` of prompt_lib/prompts.py): one
-    `"key": value,` line per field, a trailing comma, strings in double quotes and lists as Python prints them,
-    which is not JSON: the official parser reads it with its field patterns."""
-    lines = [f'  "{k}": ' + (f'"{v}"' if isinstance(v, str) else repr(v)) + "," for k, v in fields.items()]
-    return "\n{\n" + "\n".join(lines) + "\n}"
-
-
 # ---- prompts ----
 
 def rule_text(config: PointsConfig) -> str:
@@ -709,29 +544,9 @@ def prompt_text(ranks, config: PointsConfig) -> str:
     """The task statement for a new hand, in the wording of `config.prompt_template`, or the official prompt under
     protocol "official": GP-L lists the cards, GP-VL refers to the image."""
     if config.protocol == "official":
-        return official_prompt(ranks, config)
+        return official_rules().gp_prompt(ranks, tuple(card_value(r, config.face_cards_as_10) for r in FACE_CARDS),
+                                  config.vision, config.target)
     return _TEMPLATES[config.prompt_template](ranks, config)
-
-
-def official_prompt(ranks, config: PointsConfig) -> str:
-    """The official prompt (`Q_GeneralPoint_EQN_L` / `_VL` of the official prompt_lib/prompts.py, as the paper's
-    appendix prints it), its quirks kept: the rule's sentence ends in a period inside the sentence, the formula's
-    placeholder is single-quoted (an answer that copies it scores -3), and A = 1 is never said."""
-    j, q, k = (card_value(r, config.face_cards_as_10) for r in FACE_CARDS)
-    faces = ("'J', 'Q', and 'K' count as '10'." if config.face_cards_as_10
-             else f"'J', 'Q', and 'K' count as '{j}', '{q}', and '{k}' respectively.")
-    seen = ("You are observing these four cards in the image." if config.vision
-            else "You will receive a set of 4 cards.")
-    task = (f"\n[Task Description]\nYou are an expert {config.target} points card game player. {seen}\n"
-            f"Note that {faces}, and each card must be used once.\n"
-            f"Your goal is to output a formula that evaluates to {config.target} using numbers from the cards and "
-            "operators such as '+', '-', '*', '/', '(', ')', and '='.\n\n")
-    shown = "" if config.vision else f"[Input]\nCards: {list(ranks)}\n\n"
-    intro = "Your response should be a valid json file in the following format:\n" if config.vision else ""
-    return (task + shown + "[Output]\n" + intro +
-            f'{{\n  "cards": [x, y, z, w], where {faces},\n'
-            '  "number": [a, b, c, d], where a, b, c, and d are the numbers on the cards,\n'
-            f"  \"formula\": 'an equation that equals {config.target}',\n}}\n\n")
 
 
 def _template_0(ranks, config: PointsConfig) -> str:
@@ -1188,16 +1003,20 @@ class GeneralPointsEnv:
         if self.done:
             raise RuntimeError("GeneralPointsEnv.step called on a finished episode: call reset() first")
         if self.attempt >= self.config.verify_iter:  # protocol "official": the answer after the last attempt
-            return official_step_limit(self)
+            reward, outcome, feedback = official_rules().step_limit()
+            self.attempt, self.done = self.attempt + 1, True
+            info = {"outcome": outcome, "feedback": feedback, "success": False, "attempt": self.attempt,
+                    "recognized": None, "cards": self.ranks}
+            return Observation(feedback, None), reward, True, info
         verdict = verify(response, self.ranks, self.config)
         self.attempt += 1
         success = verdict.outcome == "correct"
-        # the official code asks for one more answer after the last failed attempt (official_step_limit)
+        # the official code asks for one more answer after the last failed attempt (the branch above)
         self.done = success or (self.attempt >= self.config.verify_iter and self.config.protocol != "official")
         info = {"outcome": verdict.outcome, "feedback": verdict.feedback, "success": success,
                 "attempt": self.attempt, "recognized": verdict.cards_ok, "cards": self.ranks}
-        official = self.config.protocol == "official"  # the official feedback is the message alone
-        obs = Observation(verdict.feedback if self.done or official else retry_text(verdict.feedback), None,
+        alone = self.done or self.config.protocol == "official"  # the official feedback is the message alone
+        obs = Observation(verdict.feedback if alone else retry_text(verdict.feedback), None,
                           continues=not self.done)
         return obs, verdict.reward, self.done, info
 
@@ -1206,24 +1025,14 @@ class GeneralPointsEnv:
         under protocol "official" in the official template, with a formula that float arithmetic finds correct
         and "=<target>" after it, as the official prompt's example writes it.
         `reasoning`: a "thought" field first, the chain of thought of `expert_thought`, in the same answer."""
-        official = self.config.protocol == "official"
-        formula = official_formula(self.values, self.config.target) if official else solve(self.values,
-                                                                                           self.config.target)[0]
+        official = official_rules() if self.config.protocol == "official" else None
+        found = solve(self.values, self.config.target)
+        formula = official.gp_formula(found, self.config.target) if official else found[0]
         answer = {"cards": self.ranks, "number": self.values,
                   "formula": formula + (f"={self.config.target}" if official else "")}
         if reasoning:  # first, so that the formula, the action, still ends the answer
             answer = {THOUGHT_FIELD: expert_thought(self.ranks, formula, self.config), **answer}
-        return official_answer(answer) if official else json.dumps(answer)
-
-
-def official_step_limit(env) -> tuple:
-    """The official environments' step after the last failed attempt (protocol "official"): the answer is not
-    read, scores -1 and ends the episode (truncated, in the official code's terms). Shared with V-IRL."""
-    env.attempt += 1
-    env.done = True
-    info = {"outcome": "step_limit", "feedback": "step_limit_reached", "success": False, "attempt": env.attempt,
-            "recognized": None}
-    return Observation("step_limit_reached", None, continues=False), OFFICIAL_REWARDS["step_limit"], True, info
+        return official.answer(answer) if official else json.dumps(answer)
 
 
 # ---- demo ----

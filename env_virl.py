@@ -75,9 +75,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 # GeneralPoints' environment-independent pieces: observation, answer parser, feedback wording, self-check, CLI
-from env_points import (THOUGHT_FIELD, OneLineArgumentParser, Observation, cannot_write,
-                        check_protocol, fail, failure_feedback, official_answer, official_field, official_step_limit,
-                        parse_answer, play_expert, retry_text)
+from env_points import (THOUGHT_FIELD, OneLineArgumentParser, Observation, cannot_write, check_protocol, fail,
+                        failure_feedback, parse_answer, play_expert, retry_text)
 from streetview import StreetViews, render_grid, synthetic_views
 
 DIRECTIONS = ("north", "northeast", "east", "southeast", "south", "southwest", "west", "northwest")
@@ -671,9 +670,11 @@ def verify(text, pos: Position, absolute: bool, literal_intersection_check: bool
     paper code's test instead: the word "intersection" anywhere in the answer's observation ("no
     intersection" included) against the position's landmark text, which never holds the intersection
     cue; so a wrong answer naming a real intersection scores -1.5 and a missed one only -1. Protocol
-    "official" scores as the official code does (verify_official)."""
-    if protocol == "official":
-        return verify_official(text, pos, absolute)
+    "official" scores as the official code does (official.py)."""
+    if protocol == "official":  # observation_ok: this project's reading of the claim, for the recognition statistics
+        outcome, reward, feedback, said = official_rules().virl_verify(
+            text, expected_action(pos, absolute), landmark_text(pos), _action_strings(absolute))
+        return Verdict(outcome, reward, feedback, claims_intersection(said) == pos.at_intersection)
     answer = parse_answer(text, ANSWER_FIELDS)
     said = answer["current observation"]
     claimed = claims_intersection(said)
@@ -695,81 +696,22 @@ def verify(text, pos: Position, absolute: bool, literal_intersection_check: bool
     return _failure("wrong_action", f"{action} is not the right action for the current instruction", observation_ok)
 
 
-# ---- the official code's rules (protocol "official") ----
-# The paper's code (utils_rl.py step_rewards_virl, utils_general.py re_match, navigation_environment.py) restated:
-# the action and observation read as env_points.official_field reads fields; the action right only when it is the
-# expected action's exact text; otherwise -1.5 when the word "intersection" is in the answer's observation but not
-# in the position's landmark text (which never holds the intersection cue: naming a real intersection is penalized,
-# a missed one never is), or the other way round, else -1. The feedback repeats the answer template.
-
-OFFICIAL_FORMAT = ('\n[Output]\n{{\n  "current observation": latest observation from the streetview grid,\n'
-                   '  "current instruction": analyze the full instruction and identify the sentence to be executed,\n'
-                   '  "action": the action to be taken chosen from the action space,\n}}')  # doubled braces kept
-_OFFICIAL_MESSAGES = {
-    "not_there": "you are not at any intersection. Please avoid this observation and try again in the same format:",
-    "missed": "you are at an intersection. Please avoid this observation and try again in the same format:",
-    "wrong": "you make incorrect action. Please avoid this action and try again in the same format:"}
-
-
-def _mentions(value, word: str) -> bool:
-    """Python's `word in value`, as the official check runs it: a substring of a string, an item of a list, a
-    key of an object; for a number, null or true/false the official code crashes, here: no mention."""
-    try:
-        return word in value
-    except TypeError:
-        return False
-
-
-def verify_official(text, pos: Position, absolute: bool) -> Verdict:
-    """One answer scored as the official code scores it (see above). observation_ok is this project's own reading
-    of the claim (claims_intersection), for the recognition statistics; the reward does not use it."""
-    text = str(text)
-    action, said = official_field(text, "action"), official_field(text, "current observation")
-    observation_ok = claims_intersection(said) == pos.at_intersection
-    truth = expected_action(pos, absolute)
-    if action == truth:
-        return Verdict("correct", 1.0, "Correct action.", observation_ok)
-    claimed, real = _mentions(said, "intersection"), "intersection" in landmark_text(pos)
-    kind = "not_there" if claimed and not real else "missed" if real and not claimed else "wrong"
-    outcome = ("wrong_observation" if kind != "wrong" else
-               "wrong_action" if action in _action_strings(absolute) else "invalid_action")
-    reward = -1.5 if kind != "wrong" else -1.0
-    return Verdict(outcome, reward, f"You failed this trial because {_OFFICIAL_MESSAGES[kind]}{OFFICIAL_FORMAT}.",
-                   observation_ok)
-
-
 def _action_strings(absolute: bool) -> tuple:
     """The action space as exact strings (the official rail's): forward(), stop(), turn_direction(x)."""
     return ("forward()", "stop()") + tuple(f"turn_direction({x})" for x in (DIRECTIONS if absolute else TURNS))
 
 
-OFFICIAL_ACTION_SPACE = ('"forward()": indicates moving forward one step\n'
-                         '"turn_direction(x)": indicates adjust the ego agent direction towards x direction. x could '
-                         'be any following {}\n"stop()": indicates the navigation is finished.')
+def official_rules():
+    """official.py, the official code's rules, imported only under protocol "official": without it this file copies
+    out alone."""
+    import official
+    return official
 
 
 def official_prompt(steps: list, history: list, current: str, absolute: bool, vision: bool) -> str:
-    """The official prompt (`Q_VIRL_L` / `Q_VIRL_VL` of the official prompt_lib/prompts.py, as the paper's appendix
-    prints it): the numbered instructions, the action space, the observations and actions so far ending in an
-    empty A_n, and the answer template, its typos kept."""
-    choices = (f"8 directions {list(DIRECTIONS)}" if absolute else str(list(TURNS)))
-    seq = "".join(f"O_{i + 1}: {o}\nA_{i + 1}: {a}\n" for i, (o, a) in enumerate(history))
-    seq += f"O_{len(history) + 1}: {current}\nA_{len(history) + 1}: \n"
-    where = ("while observing your surrounding stree tviews" if vision else "")
-    view = ("[Observation format]\nYou observe a 2x2 grid of streetview images with the following headings:\n"
-            "[front, right\n back, left]\nYou need to identify if any of the landmarks in the instruction are visible "
-            "in the street view grid.\n\n" if vision else "")
-    latest = "the street view grid" if vision else "the observation sequence"
-    return ("\n[Task Description]\nYou are an expert in navigation. You will receive a sequence of instructions to "
-            f"follow{' ' + where if where else ''}. You\nare also provided with your observation and action history "
-            "in text. Your goal is to first analyze the instruction and identify the next sentence to be executed. "
-            "\nThen, you need to provide the action to be taken based on the current observation and instruction.\n\n"
-            "[Instruction]\n" + "".join(f"{i + 1}. {s}\n" for i, s in enumerate(steps)) + "\n\n" + view +
-            "[Action space]\n" + OFFICIAL_ACTION_SPACE.format(choices) + "\n\n"
-            "[Observations and actions sequence]\n" + seq + "\n\n"
-            f'[Output]\n{{\n  "current observation": latest observation from {latest},\n'
-            '  "current instruction": analyze the full instruction and identify the sentence to be executed,\n'
-            '  "action": the action to be taken chosen from the action space,\n}\n')
+    """The official prompt (official.virl_prompt) over this rule's action space."""
+    choices = f"8 directions {list(DIRECTIONS)}" if absolute else str(list(TURNS))
+    return official_rules().virl_prompt(steps, history, current, choices, vision)
 
 
 # ---- environment ----
@@ -1125,7 +1067,11 @@ class NavigationEnv:
             raise RuntimeError("NavigationEnv.step called on a finished route: call reset() first")
         cfg = self.config
         if self.attempt >= cfg.verify_iter:  # protocol "official": the answer after a position's last attempt
-            return official_step_limit(self)
+            reward, outcome, feedback = official_rules().step_limit()
+            self.attempt, self.done = self.attempt + 1, True
+            return Observation(feedback, None), reward, True, {"outcome": outcome, "feedback": feedback,
+                                                               "success": False, "attempt": self.attempt,
+                                                               "recognized": None}
         pos, absolute, official = self.position, cfg.absolute_actions, cfg.protocol == "official"
         verdict = verify(response, pos, absolute, cfg.literal_intersection_check, cfg.protocol)
         self.attempt += 1
@@ -1156,7 +1102,7 @@ class NavigationEnv:
                   "current instruction": self.steps[pos.instruction - 1], "action": expected_action(pos, absolute)}
         if reasoning:  # first, so that the action still ends the answer
             answer = {THOUGHT_FIELD: expert_thought(pos, self.steps, absolute), **answer}
-        return official_answer(answer) if protocol == "official" else json.dumps(answer)
+        return official_rules().answer(answer) if protocol == "official" else json.dumps(answer)
 
 
 # ---- demo ----

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import env_points as E
+import official
 from env_points import GeneralPointsEnv, PointsConfig, evaluate_formula, solve, verify
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +30,7 @@ def well_formed(v, cfg) -> bool:
     """One outcome of the protocol's, with its reward (the official one adds its penalties up: a multiple of its
     unit then), and feedback to show."""
     if cfg.protocol == "official":
-        ok = v.outcome in E.OFFICIAL_REWARDS and math.isfinite(v.reward) and v.reward <= 5
+        ok = v.outcome in official.REWARDS and math.isfinite(v.reward) and v.reward <= 5
     else:
         ok = v.outcome in E.REWARDS and v.reward == E.REWARDS[v.outcome]
     return ok and isinstance(v.feedback, str) and bool(v.feedback)
