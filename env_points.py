@@ -2,54 +2,27 @@
 
 Four cards are dealt; the player answers with one JSON object
     {"cards": ["A", "7", "K", "3"], "number": [1, 7, 10, 3], "formula": "1+10*3-7"}
-whose formula uses every card's number exactly once and evaluates to the target (24).
-
-Rules (ID vs OOD rule):  J, Q, K count as 10 (ID, `face_cards_as_10=True`) or as 11, 12, 13
-(OOD, `face_cards_as_10=False`).
-Dealing, as the official code deals: every rank and suit drawn independently, so a hand may hold
-the same card twice, and the hand redrawn until it is solvable under the rule. ID: four ranks
-uniform over A..K. OOD (`face_card_required`, on by default exactly under the OOD rule): three
-ranks uniform over A..K and one over J, Q, K, shuffled, so that every hand holds a face card.
-Visuals (ID vs OOD visual): black suits (spades, clubs) or red suits (hearts, diamonds).
-
-Reward per attempt, one outcome each, checked in this order:
+whose formula uses every card's number exactly once and evaluates to the target (24). J, Q, K count as 10 (ID
+rule) or 11, 12, 13 (OOD rule, where every hand holds a face card); GP-VL shows the cards in an image, in black
+suits (ID visuals) or red ones (OOD visuals), and also checks the "cards" field. Reward per attempt, the first
+outcome that applies:
     wrong_cards      -1.5  (GP-VL only) the "cards" field is not the dealt ranks as a multiset
     illegal_formula  -3    formula missing, unparseable, illegal token, division by zero
     wrong_numbers    -2    the formula's numbers are not exactly the cards' numbers
     wrong_value      -1    legal formula with the right numbers but another value
     correct          +5
-After a failed attempt the verifier's message continues the conversation (sequential
-revision); the episode ends when solved or after `verify_iter` attempts.
+After a failed attempt the verifier's message continues the conversation (sequential revision) until the answer is
+correct or `verify_iter` attempts are spent. Arithmetic is exact; protocol "official" plays by the official rules.
 
-Departures from the official code: formulas are evaluated exactly (the official float `eval`
-misses answers such as 8/(3-8/3)), each attempt has exactly one outcome (the official penalties
-add up, e.g. -4 for an invented and a missing number, and it has a +1 "partial solution"), and
-answers are parsed tolerantly. The GP-VL image (`image_size` pixels a side, 448 by default; the
-official one is 1200) is drawn with Pillow shapes and its built-in font rather than pasted from
-photographed card art, on the official #35654d table green, every card inside the frame.
-
-The environment contract, which env_virl.py follows too, so that the trainers and the evaluator hold no
-fact of either environment:
-    env.reset(seed=None, episode=None) -> Observation   a new hand; `seed` restarts the dealing RNG. The
-        evaluation plays episode k of a setting as reset(seed=s, episode=k); a hand comes from the seed
-        alone, so GeneralPoints ignores `episode`.
-    env.step(answer) -> (Observation, reward, done, info)   verify one attempt
-    env.expert_response(reasoning=False) -> str           a correct answer (the SFT target). reasoning=True: the same
-        JSON object opened by a "thought" field (THOUGHT_FIELD), a chain of thought ending in the action: here
-        each card's number under the active rule, then each operation of the formula with its value
-    ACTION_FIELD = "formula"   the answer's final field, the action itself (the PPO trainer weights the tokens
-        before it, the thought among them, by `pre_action_coef` in the action's log-probability)
-    wrong_answer(expert: str, rng: random.Random) -> str   a plausible mistake made from an expert answer:
-        one operator of the formula changed (sequential-revision SFT data); a thought is kept as it was
-    config.prompt_template: int = 0   which of PROMPT_TEMPLATES wordings of the task prompt reset() shows; 0 is the
-        original. Each states the same facts and asks for the same fields (prompt diversity for SFT data, as
-        in "Debunk the Myth of SFT Generalization", arXiv 2510.00237). The verifier and its feedback are the same.
-The verifier reads only the answer's own fields: a "thought" or any other extra field is ignored.
-
-This file copies out alone: it needs the standard library and Pillow, nothing else of the project. The V-IRL
-files reuse its environment-independent pieces: the answer parser (`parse_answer`), `Observation`, the
-feedback wording (`failure_feedback`, `retry_text`), Pillow's font (`default_font`), the expert self-check
-(`play_expert`) and the one-line command-line errors (`fail`, `OneLineArgumentParser`, `cannot_write`).
+The environment contract, which env_virl.py follows too, so that trainers and evaluator hold no fact of either:
+    reset(seed=None, episode=None) -> Observation   a new hand, from the seed alone (`episode` is ignored)
+    step(answer) -> (Observation, reward, done, info)
+    expert_response(reasoning=False) -> str        a correct answer (reasoning: opened by a THOUGHT_FIELD field)
+    ACTION_FIELD = "formula"                       the answer's last field, the action
+    wrong_answer(expert, rng) -> str               a plausible mistake, for sequential-revision SFT data
+    PROMPT_TEMPLATES                               wordings of the prompt (`PointsConfig.prompt_template`)
+The file copies out alone (the standard library and Pillow; official.py only under protocol "official").
+More: docs/environments.md, docs/fidelity.md.
 
     python env_points.py                       # sample GP-L prompt, sample GP-VL image, expert play
     python env_points.py --ood-rule --suits red --episodes 5000
@@ -58,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import random
@@ -74,18 +48,13 @@ FACE_CARDS = ("J", "Q", "K")          # ordered: the OOD deal draws from it with
 FACE_RANKS = frozenset(FACE_CARDS)
 SUIT_SETS = {"black": ("spades", "clubs"), "red": ("hearts", "diamonds"),
              "mixed": ("spades", "hearts", "clubs", "diamonds")}
-REWARDS = {"correct": 5.0, "wrong_value": -1.0, "wrong_cards": -1.5,
-           "wrong_numbers": -2.0, "illegal_formula": -3.0}
-MAX_FORMULA_CHARS = 512  # longer "formulas" are illegal: no honest answer over four cards needs more, and it
-                         # keeps exact values within a few hundred digits, quick to compute and to print
+REWARDS = {"correct": 5.0, "wrong_value": -1.0, "wrong_cards": -1.5, "wrong_numbers": -2.0, "illegal_formula": -3.0}
+MAX_FORMULA_CHARS = 512  # no honest answer needs more; keeps exact values a few hundred digits long, quick to print
 MAX_NESTING = 64         # parenthesis depth; keeps the recursive parser far from Python's stack limit
 MAX_IMAGE_SIZE = 4096    # pixels a side: far above the official 1200, far below a size that exhausts memory
 PROMPT_TEMPLATES = 10    # wordings of the task prompt, `PointsConfig.prompt_template` 0 to 9 (0: the original one)
 THOUGHT_FIELD = "thought"  # the reasoning an answer may open with (expert_response(reasoning=True)); never verified
-# "project": this project's rules (above); "official": what the paper's official code effectively did, point by
-# point (docs/fidelity.md): its answer parsing, stacked rewards and float evaluation, its feedback, its answer
-# template, and one more answer scored -1 unread after the last failed attempt
-PROTOCOLS = ("project", "official")
+PROTOCOLS = ("project", "official")  # the rules above, or what the official code did, accidents included
 
 
 @dataclass
@@ -95,7 +64,7 @@ class PointsConfig:
     suits: str = "black"                    # "black" (ID visuals), "red" (OOD visuals) or "mixed"
     vision: bool = False                    # GP-VL: cards in an image, "cards" field verified
     verify_iter: int = 5                    # attempts per episode (sequential revision)
-    face_card_required: Optional[bool] = None  # OOD deal (see deal()); None: exactly under the OOD rule
+    face_card_required: Optional[bool] = None  # OOD deal (see deal_hand()); None: exactly under the OOD rule
     image_size: int = 448                   # GP-VL image side in pixels (the official code: 1200)
     prompt_template: int = 0                # wording of the task prompt, 0 to PROMPT_TEMPLATES - 1 (0: the original)
     protocol: str = "project"               # "project" or "official" (PROTOCOLS): whose rules score and prompt
@@ -124,8 +93,7 @@ def check_protocol(protocol, what: str = "protocol") -> None:
 
 
 def official_rules():
-    """official.py, the official code's rules, imported only under protocol "official": without it this file copies
-    out alone."""
+    """official.py, imported only under protocol "official": without it this file copies out alone."""
     import official
     return official
 
@@ -137,23 +105,39 @@ def card_value(rank: str, face_cards_as_10: bool = True) -> int:
     return 1 if rank == "A" else int(rank)
 
 
-# ---- solver ----
-# Expressions are built bottom-up over sub-multisets in a canonical form, so that formulas
-# differing only by commutativity or associativity are generated once:
-#   sums     ("+", positive terms, negative terms)      a-(b-c) -> a+c-b
-#   products ("*", numerator factors, denominator factors)  a/(b/c) -> a*c/b
-#   numbers  ("n", digits)
-# Children are sorted tuples of their rendered strings, so a node is identified by its string.
-# Why not a brute force over every ordering, parenthesization and operator? It finds the same formulas
-# (tests/test_env_points.py checks it against one) but solves all 1820 hands in 13.5 s instead of 1.2 s,
-# a cost every new process pays as it deals (and the tests pay several times over).
+# ---- deal ----
 
-def _sum_parts(node):
-    return (node[1], node[2]) if node[0] == "+" else ((node,), ())
+def deal_hand(rng: random.Random, config: PointsConfig) -> list:
+    """Four (rank, suit) cards as the official code deals them: rank and suit drawn independently (a card may come
+    twice), the hand redrawn until solvable. ID: four ranks uniform over A..K. OOD (`face_card_required`): three
+    such and one over J, Q, K, shuffled (rejecting face-less uniform hands would give 68% one-face hands, not 50%)."""
+    for _ in range(100_000):
+        if config.face_card_required:
+            ranks = rng.choices(RANKS, k=3) + [rng.choice(FACE_CARDS)]
+            rng.shuffle(ranks)  # else the face card would always be the last one shown
+        else:
+            ranks = rng.choices(RANKS, k=4)
+        if _dealable(tuple(sorted(ranks)), config.face_cards_as_10, config.target):
+            return list(zip(ranks, rng.choices(SUIT_SETS[config.suits], k=4)))
+    top = max(card_value(r, config.face_cards_as_10) for r in RANKS) ** 4
+    raise ValueError(f"target={config.target}: no solvable hand in 100000 deals; expected a target that four "
+                     f"cards reach under this rule, such as 24 (all lie between -{top} and {top})")
 
 
-def _prod_parts(node):
-    return (node[1], node[2]) if node[0] == "*" else ((node,), ())
+@functools.lru_cache(maxsize=None)  # per sorted hand: card values and the solver's cache lookup cost more
+def _dealable(ranks: tuple, face_cards_as_10: bool, target: int) -> bool:
+    return is_solvable([card_value(r, face_cards_as_10) for r in ranks], target)
+
+
+# ---- solve ----
+# Expressions are built bottom-up over sub-multisets in a canonical form, children sorted by their rendered strings,
+# so that formulas differing only by commutativity or associativity come once: sums ("+", positive terms, negative
+# terms) write a-(b-c) as a+c-b, products ("*", numerators, denominators) a/(b/c) as a*c/b, numbers are ("n", digits).
+# A brute force finds the same formulas (the tests check it) but solves all 1820 hands in 13.5 s instead of 1.2 s.
+_parts = lambda node, kind: (node[1], node[2]) if node[0] == kind else ((node,), ())  # a node as (pos, neg) `kind`
+_node = lambda kind, pos, neg: (kind, tuple(sorted(pos, key=_render)), tuple(sorted(neg, key=_render)))
+_APPLY = {"+": lambda a, b: a + b, "x-y": lambda a, b: a - b, "y-x": lambda a, b: b - a,
+          "*": lambda a, b: a * b, "x/y": lambda a, b: a / b if b else None, "y/x": lambda a, b: b / a if a else None}
 
 
 def _render(node) -> str:
@@ -166,15 +150,10 @@ def _render(node) -> str:
     return "*".join(map(wrap, a)) + "".join("/" + wrap(f) for f in b)
 
 
-def _node(kind, pos, neg):
-    key = lambda n: _render(n)
-    return (kind, tuple(sorted(pos, key=key)), tuple(sorted(neg, key=key)))
-
-
 def _combine(x, y):
     """The six binary combinations of two canonical nodes: (op name, node)."""
-    (xp, xn), (yp, yn) = _sum_parts(x), _sum_parts(y)
-    (xu, xd), (yu, yd) = _prod_parts(x), _prod_parts(y)
+    (xp, xn), (yp, yn) = _parts(x, "+"), _parts(y, "+")
+    (xu, xd), (yu, yd) = _parts(x, "*"), _parts(y, "*")
     yield "+", _node("+", xp + yp, xn + yn)
     yield "x-y", _node("+", xp + yn, xn + yp)
     yield "y-x", _node("+", yp + xn, yn + xp)
@@ -183,29 +162,11 @@ def _combine(x, y):
     yield "y/x", _node("*", yu + xd, yd + xu)
 
 
-def _apply(op: str, a: Fraction, b: Fraction) -> Optional[Fraction]:
-    if op == "+":
-        return a + b
-    if op == "x-y":
-        return a - b
-    if op == "y-x":
-        return b - a
-    if op == "*":
-        return a * b
-    if op == "x/y":
-        return a / b if b else None
-    return b / a if a else None
-
-
-def _splits(values: tuple):
-    """Unordered splits of a sorted multiset into two non-empty sorted sub-multisets."""
-    n, seen = len(values), set()
-    for mask in range(1, 2 ** (n - 1)):  # the last element always lands in `right`: each split once
-        left = tuple(v for i, v in enumerate(values) if mask >> i & 1)
-        right = tuple(v for i, v in enumerate(values) if not mask >> i & 1)
-        if (left, right) not in seen:
-            seen.add((left, right))
-            yield left, right
+def _splits(values: tuple) -> list:
+    """Unordered splits of a sorted multiset into two non-empty sorted sub-multisets, each once: the last element
+    always lands on the right, and repeats (of equal values) are dropped."""
+    side = lambda mask, bit: tuple(v for i, v in enumerate(values) if (mask >> i & 1) == bit)
+    return list(dict.fromkeys((side(mask, 1), side(mask, 0)) for mask in range(1, 2 ** (len(values) - 1))))
 
 
 @functools.lru_cache(maxsize=None)
@@ -216,23 +177,19 @@ def _expressions(values: tuple) -> dict:
         return {Fraction(values[0]): {_render(node): node}}
     out: dict = {}
     for left, right in _splits(values):
-        for xv, xs in _expressions(left).items():
-            for yv, ys in _expressions(right).items():
-                for x in xs.values():
-                    for y in ys.values():
-                        for op, node in _combine(x, y):
-                            v = _apply(op, xv, yv)
-                            if v is not None:
-                                out.setdefault(v, {})[_render(node)] = node
+        for (xv, xs), (yv, ys) in itertools.product(_expressions(left).items(), _expressions(right).items()):
+            for x, y in itertools.product(xs.values(), ys.values()):
+                for op, node in _combine(x, y):
+                    v = _APPLY[op](xv, yv)
+                    if v is not None:
+                        out.setdefault(v, {})[_render(node)] = node
     return out
 
 
 @functools.lru_cache(maxsize=None)
 def _solutions(values: tuple, target: int) -> tuple:
-    """Sorted formulas over the sorted multiset `values` that equal `target`.
-
-    Only the last combination is restricted to the target: for each split, each left value x
-    asks the right sub-multiset for the six values y with x op y == target."""
+    """Sorted formulas over the sorted multiset `values` that equal `target`. Only the last combination aims at
+    the target: for each split, each left value x asks the right sub-multiset for the six y with x op y == target."""
     t = Fraction(target)
     if len(values) == 1 or t == 0:  # x/y == 0 holds for any y: ask the full enumeration instead
         return tuple(sorted(_expressions(values).get(t, {}), key=lambda s: (len(s), s)))
@@ -245,18 +202,14 @@ def _solutions(values: tuple, target: int) -> tuple:
             for op, yv in wanted.items():
                 if yv is None or yv not in rexp or (op == "x/y" and yv == 0):
                     continue
-                for x in xs.values():
-                    for y in rexp[yv].values():
-                        node = dict(_combine(x, y))[op]
-                        found[_render(node)] = True
+                for x, y in itertools.product(xs.values(), rexp[yv].values()):
+                    found[_render(dict(_combine(x, y))[op])] = True
     return tuple(sorted(found, key=lambda s: (len(s), s)))
 
 
 def solve(values, target: int = 24) -> list[str]:
-    """Every distinct formula that uses each of `values` once and equals `target`, exactly.
-
-    Distinct means distinct up to commutativity and associativity (a+b and b+a are one formula,
-    a-(b-c) is written a+c-b). Shortest first. Empty when the hand is unsolvable.
+    """Every formula that uses each of `values` once and equals `target` exactly, shortest first, one per class of
+    commutative and associative variants (a+b and b+a are one; a-(b-c) is written a+c-b); empty when unsolvable.
     >>> solve([3, 3, 8, 8])
     ['8/(3-8/3)']
     """
@@ -267,101 +220,71 @@ def is_solvable(values, target: int = 24) -> bool:
     return bool(_solutions(tuple(sorted(int(v) for v in values)), int(target)))
 
 
-# ---- formula parser ----
+# ---- parse: formulas and answers ----
 
 _TOKEN_RE = re.compile(r"[0-9]+|\S")  # ASCII digits: \d would admit "٣", which int() reads
 _OPERATORS = frozenset("+-*/()")
 
 
-def _tokenize(text: str) -> list:
-    """'(8-3)*4' -> ['(', 8, '-', 3, ')', '*', 4]: ints for numbers, str for operators."""
-    tokens = _TOKEN_RE.findall(text)  # every non-space character is matched: nothing is skipped
+def parse_formula(text: str, steps: Optional[list] = None) -> tuple:
+    """(exact value: an int, or a Fraction once a division does not come out even; the integers it uses in order),
+    ValueError on anything but a formula. `steps`: a list that receives each operation with its value. Recursive
+    descent over expr := term (('+'|'-') term)*, term := factor (('*'|'/') factor)*, factor := INT | '(' expr ')'."""
+    tokens = _TOKEN_RE.findall(text)  # '(8-3)*4' -> ['(', 8, '-', 3, ')', '*', 4]; every non-space is matched
     for i, tok in enumerate(tokens):
         if tok in _OPERATORS:
             continue
-        if "0" <= tok[0] <= "9":
-            tokens[i] = int(tok)
-        else:
+        if not "0" <= tok[0] <= "9":
             position = [m.start() for m in _TOKEN_RE.finditer(text)][i]
             raise ValueError(f"illegal token {tok!r} at position {position}; only integers, "
                              "+ - * / and parentheses are allowed")
-    return tokens
+        tokens[i] = int(tok)
+    if not tokens:
+        raise ValueError("the formula is empty")
+    tokens, numbers, at, depth = tokens + [None], [], 0, 0
+    show = lambda v: f"({v})" if v < 0 or v.denominator != 1 else str(v)  # 3-(8/3), not 3-8/3 computed anew
 
-
-def _divide(a, b):
-    """a / b exactly: an int when it divides, else a Fraction (int arithmetic is several times faster)."""
-    if type(a) is int and type(b) is int:
-        return a // b if a % b == 0 else Fraction(a, b)
-    return a / b
-
-
-class _Parser:
-    """Recursive descent over   expr := term (('+'|'-') term)*
-                                term := factor (('*'|'/') factor)*
-                                factor := INT | '(' expr ')'
-    No unary minus: card numbers are positive and a formula must combine them with operators.
-    Values are exact: ints, and Fractions once a division does not come out even."""
-
-    def __init__(self, tokens):
-        self.tokens, self.i, self.depth, self.numbers = tokens + [None], 0, 0, []
-
-    def expr(self):
-        value = self.term()
-        tokens = self.tokens
-        while tokens[self.i] == "+" or tokens[self.i] == "-":
-            op = tokens[self.i]
-            self.i += 1
-            rhs = self.term()
-            value = value + rhs if op == "+" else value - rhs
-        return value
-
-    def term(self):
-        value = self.factor()
-        tokens = self.tokens
-        while tokens[self.i] == "*" or tokens[self.i] == "/":
-            op = tokens[self.i]
-            self.i += 1
-            rhs = self.factor()
-            if op == "*":
-                value = value * rhs
-            elif rhs == 0:
+    def chain(level):  # level 0: an expr, terms joined by + and -; level 1: a term, factors joined by * and /
+        nonlocal at
+        ops = ("+", "-") if level == 0 else ("*", "/")
+        a = chain(1) if level == 0 else factor()
+        while tokens[at] in ops:
+            op, at = tokens[at], at + 1
+            b = chain(1) if level == 0 else factor()
+            if op != "/":
+                value = a + b if op == "+" else a - b if op == "-" else a * b
+            elif b == 0:
                 raise ValueError("division by zero")
             else:
-                value = _divide(value, rhs)
-        return value
+                value = (a // b if a % b == 0 else Fraction(a, b)) if type(a) is int and type(b) is int else a / b
+            if steps is not None:
+                steps.append(f"{show(a)}{op}{show(b)}={value}")
+            a = value
+        return a
 
-    def factor(self):
-        tok = self.tokens[self.i]
-        self.i += 1
+    def factor():
+        nonlocal at, depth
+        tok, at = tokens[at], at + 1
         if type(tok) is int:
-            self.numbers.append(tok)
+            numbers.append(tok)
             return tok
         if tok == "(":
-            self.depth += 1
-            if self.depth > MAX_NESTING:
+            depth += 1
+            if depth > MAX_NESTING:
                 raise ValueError(f"parentheses nested deeper than {MAX_NESTING}")
-            value = self.expr()
-            if self.tokens[self.i] != ")":
+            value = chain(0)
+            if tokens[at] != ")":
                 raise ValueError("unbalanced parentheses: a '(' is never closed")
-            self.i += 1
-            self.depth -= 1
+            at, depth = at + 1, depth - 1
             return value
         if tok is None:
             raise ValueError("the formula ends where a number or '(' was expected")
         raise ValueError(f"{tok!r} where a number or '(' was expected")
 
-
-def parse_formula(text: str) -> tuple:
-    """(exact value, an int or a Fraction; the integers it uses in order). ValueError on anything
-    but a formula."""
-    tokens = _tokenize(text)
-    if not tokens:
-        raise ValueError("the formula is empty")
-    parser = _Parser(tokens)
-    value = parser.expr()
-    if parser.i != len(tokens):
-        raise ValueError(f"unexpected {tokens[parser.i]!r} after a complete formula")
-    return value, parser.numbers
+    value = chain(0)
+    if tokens[at] is not None:
+        raise ValueError(f"unexpected {tokens[at]!r} after a complete formula")
+    return value, numbers
 
 
 def evaluate_formula(text: str) -> Fraction:
@@ -371,8 +294,6 @@ def evaluate_formula(text: str) -> Fraction:
     """
     return Fraction(parse_formula(text)[0])
 
-
-# ---- answer extraction and verifier ----
 
 ANSWER_FIELDS = ("cards", "number", "formula")
 ACTION_FIELD = "formula"  # the final field, the action itself: the PPO trainer weights the tokens before it
@@ -387,13 +308,13 @@ def _field_re(name: str):
 
 _RANK_RE = re.compile(r"\b(10|[1-9]|ace|jack|queen|king|ten|[ajqkt])\b", re.IGNORECASE)
 _RANK_ALIASES = {"1": "A", "ACE": "A", "JACK": "J", "QUEEN": "Q", "KING": "K", "TEN": "10", "T": "10"}
+_THOUGHT_RE = re.compile(r"""(["']%s["']\s*:\s*")((?:[^"\\]|\\[\s\S])*)(")""" % THOUGHT_FIELD, re.IGNORECASE)
 _MAX_SCAN_CHARS = 50_000  # answers are a few hundred characters; never scan megabytes of noise
 
 
 def _json_object(text: str, key: str) -> Optional[dict]:
     """The first JSON object in the text that has `key` (or, failing that, the first object)."""
-    decoder, first = json.JSONDecoder(), None
-    start = text.find("{")
+    decoder, first, start = json.JSONDecoder(), None, text.find("{")
     for _ in range(16):  # bounded: adversarial text with thousands of '{' costs no more
         if start < 0:
             break
@@ -410,41 +331,24 @@ def _json_object(text: str, key: str) -> Optional[dict]:
 
 
 def parse_answer(text, fields=ANSWER_FIELDS) -> dict:
-    """{field: value or None} from a model's answer; the last field is the one that matters most.
-
-    Strict JSON first (anywhere in the text, e.g. inside a ```json fence), then the field
-    patterns of JSON-like text ('formula': (1+2)*8, "cards": [A, 3, K, 6] ...), outside any
-    "thought" string. Other fields, the thought among them, are ignored. Never raises.
-    Shared with env_virl, whose answers have the fields of V-IRL."""
+    """{field: value or None} from a model's answer (env_virl's fields too); the last field matters most. Strict JSON
+    first (anywhere, e.g. in a ```json fence), then the field patterns of JSON-like text ('formula': (1+2)*8, "cards":
+    [A, 3, K, 6]) outside a "thought" string, which may mention a field. Other fields are ignored. Never raises."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", errors="replace")
     text = str(text)[:_MAX_SCAN_CHARS]
     obj = _json_object(text, fields[-1]) or {}
     out = {key: obj.get(key) for key in fields}
     missing = [key for key in fields if out[key] is None]
-    if missing:
-        text = _blank_thought(text)
+    if missing and THOUGHT_FIELD in text.lower():  # blank the thought's string out
+        text = _THOUGHT_RE.sub(lambda m: m.group(1) + " " * len(m.group(2)) + m.group(3), text)
     for key in missing:
         m = _field_re(key).search(text)
         if m:
             dq, sq, lst, bare = m.groups()
-            if lst is not None:
-                out[key] = [item.strip().strip("\"'") for item in lst.split(",") if item.strip()]
-            else:
-                out[key] = next(g for g in (dq, sq, bare) if g is not None).strip()
+            out[key] = ([item.strip().strip("\"'") for item in lst.split(",") if item.strip()] if lst is not None
+                        else next(g for g in (dq, sq, bare) if g is not None).strip())
     return out
-
-
-_THOUGHT_RE = re.compile(r"""(["']%s["']\s*:\s*")((?:[^"\\]|\\[\s\S])*)(")""" % THOUGHT_FIELD, re.IGNORECASE)
-
-
-def _blank_thought(text: str) -> str:
-    """The text with the string value of its "thought" field blanked out, so that the field patterns read the
-    answer's own fields, never one the reasoning merely mentions ('... so the formula: 3*8 ...'). Strict JSON
-    needs no such care: its fields are read by key."""
-    if THOUGHT_FIELD not in text.lower():
-        return text
-    return _THOUGHT_RE.sub(lambda m: m.group(1) + " " * len(m.group(2)) + m.group(3), text)
 
 
 def normalize_rank(item) -> Optional[str]:
@@ -452,11 +356,11 @@ def normalize_rank(item) -> Optional[str]:
     if isinstance(item, bool) or not isinstance(item, (str, int)):
         return None
     m = _RANK_RE.search(str(item))
-    if not m:
-        return None
-    rank = m.group(1).upper()
+    rank = m.group(1).upper() if m else None
     return _RANK_ALIASES.get(rank, rank)
 
+
+# ---- verify, reward, feedback ----
 
 @dataclass
 class Verdict:
@@ -472,43 +376,37 @@ def failure_feedback(reason: str) -> str:
     return f"You failed this trial because {reason}."
 
 
+def retry_text(feedback: str) -> str:
+    """A failed attempt's feedback as the next user turn (V-IRL's too): it asks for another answer."""
+    return feedback + " Try again, answering with one JSON object in the same format."
+
+
 def _failure(outcome: str, reason: str, cards_ok, formula=None) -> Verdict:
     return Verdict(outcome, REWARDS[outcome], failure_feedback(reason), cards_ok, formula)
 
 
-def _formula_text(raw) -> tuple[Optional[str], Optional[str]]:
-    """(formula ready to parse, or None; the reason it is not)."""
-    if raw is None:
-        return None, 'your answer has no "formula" field'
-    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
-        return None, 'the "formula" field is not a string'
-    formula = str(raw).strip()
-    if len(formula) > MAX_FORMULA_CHARS:
-        return None, f"the formula is longer than {MAX_FORMULA_CHARS} characters"
-    return formula, None
-
-
 def verify(text, ranks, config: PointsConfig) -> Verdict:
-    """Score one answer for the dealt `ranks` under `config`: the single source of reward and
-    success for training and evaluation alike. Never raises, whatever `text` holds.
-
-    Outcomes, first that applies: wrong_cards (vision only), illegal_formula, wrong_numbers,
-    wrong_value, correct. A trailing '=<target>' after the formula is accepted. Under protocol "official" the
-    official code's rules decide instead (official.py)."""
+    """Score one answer for the dealt `ranks`: the one source of reward and success for training and evaluation.
+    Never raises, whatever `text` holds. Outcomes as in REWARDS, the first that applies; a trailing '=<target>' is
+    accepted. Under protocol "official" the official code's rules decide instead (official.py)."""
     if config.protocol == "official":
         return Verdict(*official_rules().gp_verify(text, ranks, [card_value(r, config.face_cards_as_10) for r in ranks],
-                                           config.vision, config.target))
-    answer = parse_answer(text)
-    cards_ok = None
+                                                   config.vision, config.target))
+    answer, cards_ok = parse_answer(text), None
     if config.vision:
         said = answer["cards"] if isinstance(answer["cards"], list) else []
         said = [normalize_rank(c) for c in said] if len(said) == len(ranks) else []  # another length: unread
         cards_ok = len(said) == len(ranks) and None not in said and sorted(said) == sorted(ranks)
         if not cards_ok:
             return _failure("wrong_cards", "the cards you recognized are not the cards in the image", False)
-    formula, reason = _formula_text(answer["formula"])
-    if formula is None:
-        return _failure("illegal_formula", reason, cards_ok)
+    raw = answer["formula"]
+    if raw is None:
+        return _failure("illegal_formula", 'your answer has no "formula" field', cards_ok)
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        return _failure("illegal_formula", 'the "formula" field is not a string', cards_ok)
+    formula = str(raw).strip()
+    if len(formula) > MAX_FORMULA_CHARS:
+        return _failure("illegal_formula", f"the formula is longer than {MAX_FORMULA_CHARS} characters", cards_ok)
     lhs, eq, rhs = formula.partition("=")
     if eq and rhs.strip() != str(config.target):
         return _failure("illegal_formula", f"only '={config.target}' may follow the formula, "
@@ -526,18 +424,96 @@ def verify(text, ranks, config: PointsConfig) -> Verdict:
         return _failure("wrong_numbers", "your formula must use each card's number exactly once, but "
                         + " and ".join(parts), cards_ok, formula)
     if value != config.target:
-        return _failure("wrong_value", f"your formula evaluates to {value}, not {config.target}",
-                        cards_ok, formula)
-    return Verdict("correct", REWARDS["correct"], f"Correct: {lhs.strip()} = {config.target}.",
-                   cards_ok, formula)
+        return _failure("wrong_value", f"your formula evaluates to {value}, not {config.target}", cards_ok, formula)
+    return Verdict("correct", REWARDS["correct"], f"Correct: {lhs.strip()} = {config.target}.", cards_ok, formula)
 
 
 # ---- prompts ----
+# Prompt diversity ("Debunk the Myth of SFT Generalization", arXiv 2510.00237): SFT on many wordings of one task keeps
+# a model from tying the task to one template. Each (0: the original) states the same facts in its own words and order:
+# (cards in the image, cards listed: {} the ranks as `join` joins them, join, faces by ID rule, by OOD rule, $-text).
 
-def rule_text(config: PointsConfig) -> str:
-    faces = ("J, Q and K each count as 10" if config.face_cards_as_10
-             else "J counts as 11, Q as 12 and K as 13")
-    return f"An A counts as 1, {faces}, and every other card counts as the number printed on it."
+def _and_list(items) -> str:
+    items = list(items)
+    return ", ".join(items[:-1]) + " and " + items[-1] if len(items) > 1 else "".join(items)
+
+
+_json_list = lambda ranks: json.dumps(list(ranks))
+_TEMPLATES = [
+    ("The four cards are shown in the image.", "Your cards: {}.", _json_list,
+     "J, Q and K each count as 10", "J counts as 11, Q as 12 and K as 13",
+     "You are an expert player of the $target points card game. You are dealt four cards. Write one arithmetic "
+     "formula that uses the number of every card exactly once, combined with +, -, *, / and parentheses, and that "
+     "evaluates to $target.\nAn A counts as 1, $faces, and every other card counts as the number printed on it.\n"
+     '$cards\nAnswer with one JSON object and nothing else:\n{"cards": [x, y, z, w], "number": [a, b, c, d], '
+     '"formula": "..."}\nwhere "cards" are the ranks of the four cards (A, 2-10, J, Q, K), "number" the numbers they '
+     'count for under the rule above, in the same order, and "formula" your formula, for example "(2+4)*(9-5)".'),
+    ("Your hand is the four cards in the image.", "Your hand: {}.", ", ".join,
+     "J = Q = K = 10", "J = 11, Q = 12, K = 13",
+     "Answer with a single JSON object, with no text around it, of the form\n"
+     '{"cards": [...], "number": [...], "formula": "..."}\nPut in "cards" the ranks of your four cards (written A, '
+     '2-10, J, Q, K), in "number" the value each card counts for, in the same order, and in "formula" an arithmetic '
+     'expression such as "(3+5)*(7-4)".\n$cards\nCard values: A = 1, $faces, and the cards 2 to 10 are worth the '
+     "number they show.\nThe expression must use each card's value once and only once, may combine the values with "
+     "+ - * / and brackets, and must come to exactly $target."),
+    ("Four cards lie on the table, as the image shows.", "Four cards lie on the table: {}.", _json_list,
+     "a jack, queen or king (J, Q, K) is 10", "a jack (J) is 11, a queen (Q) 12 and a king (K) 13",
+     "$cards\nYour job is to reach $target with them. Each card stands for one number, and you must use every one of "
+     "these numbers exactly once, joined by addition, subtraction, multiplication, division and parentheses.\n"
+     "What a card stands for: an ace (A) is 1, $faces, and any other card is its printed number.\n"
+     'Reply with JSON only, one object holding three keys in this order: "cards" (the four ranks, as A, 2-10, J, Q '
+     'or K), "number" (the number of each card, in the same order) and "formula" (your expression, e.g. "4*(5+1)").'),
+    ("see the image (four cards)", "{}", " ".join, "J, Q and K are 10", "J is 11, Q is 12, K is 13",
+     "Solve a round of the $target points card game.\nCards dealt: $cards\nRules:\n"
+     "1. Every card has a value: A is 1, $faces; the cards 2 to 10 have their printed value.\n"
+     "2. Write a formula that uses each of the four values exactly once.\n"
+     "3. Only +, -, *, / and parentheses may join the values.\n4. The formula must evaluate to $target.\n"
+     'Output format (one JSON object, nothing else):\n{"cards": ["<rank>", "<rank>", "<rank>", "<rank>"], "number": '
+     '[<value>, <value>, <value>, <value>], "formula": "<formula>"}\n"cards" holds the ranks as dealt (A, 2-10, J, '
+     'Q, K), "number" their values in the same order and "formula" the formula, for instance "(8-2)*(1+3)".'),
+    ("the four cards in the image", "the cards {}", _and_list,
+     "J, Q, K count as 10 each", "J counts as 11, Q as 12, K as 13",
+     "Question: given $cards, how can you make $target?\nCounting: the ranks 2 through 10 count as printed, A counts "
+     "as 1, and $faces.\nConstraints: use the number of each card exactly once; combine the numbers with +, -, *, / "
+     'and parentheses only.\nAnswer as one JSON object with the fields "cards" (the four ranks: A, 2-10, J, Q, K), '
+     '"number" (what each card counts as, same order) and "formula" (an expression equal to $target, like '
+     '"(6-2)*(3+3)"). Write nothing but the JSON object.'),
+    ("in the image", "[{}]", ", ".join, "J=Q=K=10", "J=11, Q=12, K=13",
+     "Card values in this game: A=1, 2-10 = the printed number, $faces.\nTarget: $target.\nCards: $cards\n"
+     "Task: combine the four card values, each used exactly once, with + - * / and ( ), into a formula equal to the "
+     'target.\nOutput: exactly one JSON object {"cards": [...], "number": [...], "formula": "..."}, where "cards" = '
+     'the ranks (A, 2-10, J, Q, K), "number" = their values in the same order, "formula" = the formula, e.g. '
+     '"2*(3+9)".'),
+    ("I deal you four cards; you can see them in the image.", "I deal you four cards: {}.", ", ".join,
+     "J, Q and K are each 10", "J is 11, Q is 12 and K is 13",
+     "Let's play $target. $cards\nBuild an arithmetic expression that equals $target, using the value of each of "
+     "your cards one time, no more and no less. You may add, subtract, multiply and divide, and group with "
+     "parentheses.\nRemember how cards are valued: A is 1; $faces; every other card is worth the number on it.\n"
+     'When you answer, give only a JSON object whose "cards" field lists the four ranks (A, 2-10, J, Q, K), whose '
+     '"number" field lists the value of each card in that same order, and whose "formula" field is your expression, '
+     'for example "(5-1)*(4+2)".'),
+    ("The cards you hold are pictured in the image.", "The cards you hold: {}", _json_list,
+     "J, Q and K count 10", "J counts 11, Q 12, K 13",
+     "Respond in JSON, as one object with exactly these keys, in this order:\n"
+     '- "cards": a list of the four ranks (A, 2-10, J, Q, K)\n- "number": a list of the four numbers those cards '
+     'count for, in the same order\n- "formula": a string holding your formula, e.g. "(7-3)*(2+4)"\n'
+     "The formula must combine all four numbers, each exactly once, using +, -, *, / and parentheses, and equal "
+     "$target.\nNumbers of the cards: A counts 1, $faces, and a number card counts its printed number.\n$cards"),
+    ("Shown in the image.", "{}", " | ".join, "J, Q, K -> 10", "J -> 11, Q -> 12, K -> 13",
+     "## Game\n$target points: turn four playing cards into the number $target.\n## Card values\n"
+     "A -> 1, 2..10 -> as printed, $faces\n## Your cards\n$cards\n## What to do\n"
+     "Use each card's value exactly once with +, -, *, / and parentheses so that the result is $target.\n"
+     '## Answer format\nA single JSON object and nothing else: {"cards": [ranks A, 2-10, J, Q, K], "number": '
+     '[values, same order], "formula": "your formula, e.g. (9-3)*(1+3)"}'),
+    ("the four cards shown in the image", "the cards {}", _and_list, "J, Q and K as 10", "J as 11, Q as 12 and K as 13",
+     "Exercise ($target points). You hold $cards; A counts as 1, $faces, any other card as its number.\n"
+     "Write down a formula over these four numbers that uses each exactly once, uses only +, -, *, / and "
+     'parentheses, and equals $target.\nGive your solution as one JSON object, nothing else: "cards" for the ranks '
+     '(A, 2-10, J, Q, K), "number" for the numbers they count as, in the same order, and "formula" for the formula '
+     '(e.g. "(2+2)*(3+3)"), as in {"cards": [...], "number": [...], "formula": "..."}.'),
+]
+# as %-formats the texts are filled in one call: reset() is a hot path
+_FORMATS = [re.sub(r"\$(cards|faces|target)", r"%(\1)s", text.replace("%", "%%")) for *_, text in _TEMPLATES]
 
 
 def prompt_text(ranks, config: PointsConfig) -> str:
@@ -545,273 +521,30 @@ def prompt_text(ranks, config: PointsConfig) -> str:
     protocol "official": GP-L lists the cards, GP-VL refers to the image."""
     if config.protocol == "official":
         return official_rules().gp_prompt(ranks, tuple(card_value(r, config.face_cards_as_10) for r in FACE_CARDS),
-                                  config.vision, config.target)
-    return _TEMPLATES[config.prompt_template](ranks, config)
+                                          config.vision, config.target)
+    in_image, listed, join, faces_id, faces_ood, _ = _TEMPLATES[config.prompt_template]
+    cards = in_image if config.vision else listed.format(join(ranks))
+    faces = faces_id if config.face_cards_as_10 else faces_ood  # the values card_value gives J, Q, K
+    return _FORMATS[config.prompt_template] % {"cards": cards, "faces": faces, "target": config.target}
 
 
-def _template_0(ranks, config: PointsConfig) -> str:
-    shown = ("The four cards are shown in the image." if config.vision
-             else "Your cards: " + json.dumps(list(ranks)) + ".")
-    return (
-        f"You are an expert player of the {config.target} points card game. You are dealt four cards. "
-        f"Write one arithmetic formula that uses the number of every card exactly once, combined "
-        f"with +, -, *, / and parentheses, and that evaluates to {config.target}.\n"
-        f"{rule_text(config)}\n"
-        f"{shown}\n"
-        "Answer with one JSON object and nothing else:\n"
-        '{"cards": [x, y, z, w], "number": [a, b, c, d], "formula": "..."}\n'
-        'where "cards" are the ranks of the four cards (A, 2-10, J, Q, K), "number" the numbers '
-        'they count for under the rule above, in the same order, and "formula" your formula, '
-        'for example "(2+4)*(9-5)".'
-    )
-
-
-# Prompt diversity ("Debunk the Myth of SFT Generalization", arXiv 2510.00237): SFT on many wordings of one task
-# keeps a model from tying the task to one template. Every template states the same facts (target, rule, cards,
-# the three answer fields and their format) in its own words and order; template 0 is the prompt above.
-
-def _faces(config: PointsConfig, same: str, apart: str) -> str:
-    """The face-card part of the rule: `same` under the ID rule (one value {v}), `apart` under the OOD rule
-    ({j}, {q}, {k})."""
-    j, q, k = (card_value(rank, config.face_cards_as_10) for rank in FACE_CARDS)
-    return same.format(v=j) if config.face_cards_as_10 else apart.format(j=j, q=q, k=k)
-
-
-def _and_list(items) -> str:
-    items = list(items)
-    return ", ".join(items[:-1]) + " and " + items[-1] if len(items) > 1 else "".join(items)
-
-
-def _template_1(ranks, config: PointsConfig) -> str:
-    hand = "Your hand is the four cards in the image." if config.vision else "Your hand: " + ", ".join(ranks) + "."
-    return (
-        "Answer with a single JSON object, with no text around it, of the form\n"
-        '{"cards": [...], "number": [...], "formula": "..."}\n'
-        'Put in "cards" the ranks of your four cards (written A, 2-10, J, Q, K), in "number" the value each card '
-        'counts for, in the same order, and in "formula" an arithmetic expression such as "(3+5)*(7-4)".\n'
-        f"{hand}\n"
-        "Card values: A = 1, " + _faces(config, "J = Q = K = {v}", "J = {j}, Q = {q}, K = {k}")
-        + ", and the cards 2 to 10 are worth the number they show.\n"
-        "The expression must use each card's value once and only once, may combine the values with + - * / and "
-        f"brackets, and must come to exactly {config.target}."
-    )
-
-
-def _template_2(ranks, config: PointsConfig) -> str:
-    table = ("Four cards lie on the table, as the image shows." if config.vision
-             else "Four cards lie on the table: " + json.dumps(list(ranks)) + ".")
-    return (
-        f"{table}\n"
-        f"Your job is to reach {config.target} with them. Each card stands for one number, and you must use "
-        "every one of these numbers exactly once, joined by addition, subtraction, multiplication, division "
-        "and parentheses.\n"
-        "What a card stands for: an ace (A) is 1, "
-        + _faces(config, "a jack, queen or king (J, Q, K) is {v}",
-                 "a jack (J) is {j}, a queen (Q) {q} and a king (K) {k}")
-        + ", and any other card is its printed number.\n"
-        'Reply with JSON only, one object holding three keys in this order: "cards" (the four ranks, as A, 2-10, '
-        'J, Q or K), "number" (the number of each card, in the same order) and "formula" (your expression, '
-        'e.g. "4*(5+1)").'
-    )
-
-
-def _template_3(ranks, config: PointsConfig) -> str:
-    dealt = "see the image (four cards)" if config.vision else " ".join(ranks)
-    return (
-        f"Solve a round of the {config.target} points card game.\n"
-        f"Cards dealt: {dealt}\n"
-        "Rules:\n"
-        "1. Every card has a value: A is 1, " + _faces(config, "J, Q and K are {v}", "J is {j}, Q is {q}, K is {k}")
-        + "; the cards 2 to 10 have their printed value.\n"
-        "2. Write a formula that uses each of the four values exactly once.\n"
-        "3. Only +, -, *, / and parentheses may join the values.\n"
-        f"4. The formula must evaluate to {config.target}.\n"
-        "Output format (one JSON object, nothing else):\n"
-        '{"cards": ["<rank>", "<rank>", "<rank>", "<rank>"], "number": [<value>, <value>, <value>, <value>], '
-        '"formula": "<formula>"}\n'
-        '"cards" holds the ranks as dealt (A, 2-10, J, Q, K), "number" their values in the same order and '
-        '"formula" the formula, for instance "(8-2)*(1+3)".'
-    )
-
-
-def _template_4(ranks, config: PointsConfig) -> str:
-    given = "the four cards in the image" if config.vision else "the cards " + _and_list(ranks)
-    return (
-        f"Question: given {given}, how can you make {config.target}?\n"
-        "Counting: the ranks 2 through 10 count as printed, A counts as 1, and "
-        + _faces(config, "J, Q, K count as {v} each", "J counts as {j}, Q as {q}, K as {k}") + ".\n"
-        "Constraints: use the number of each card exactly once; combine the numbers with +, -, *, / and "
-        "parentheses only.\n"
-        'Answer as one JSON object with the fields "cards" (the four ranks: A, 2-10, J, Q, K), "number" (what '
-        f'each card counts as, same order) and "formula" (an expression equal to {config.target}, like '
-        '"(6-2)*(3+3)"). Write nothing but the JSON object.'
-    )
-
-
-def _template_5(ranks, config: PointsConfig) -> str:
-    cards = "in the image" if config.vision else "[" + ", ".join(ranks) + "]"
-    return (
-        "Card values in this game: A=1, 2-10 = the printed number, "
-        + _faces(config, "J=Q=K={v}", "J={j}, Q={q}, K={k}") + ".\n"
-        f"Target: {config.target}.\n"
-        f"Cards: {cards}\n"
-        "Task: combine the four card values, each used exactly once, with + - * / and ( ), into a formula equal "
-        "to the target.\n"
-        'Output: exactly one JSON object {"cards": [...], "number": [...], "formula": "..."}, where "cards" = '
-        'the ranks (A, 2-10, J, Q, K), "number" = their values in the same order, "formula" = the formula, '
-        'e.g. "2*(3+9)".'
-    )
-
-
-def _template_6(ranks, config: PointsConfig) -> str:
-    deal = ("I deal you four cards; you can see them in the image." if config.vision
-            else "I deal you four cards: " + ", ".join(ranks) + ".")
-    return (
-        f"Let's play {config.target}. {deal}\n"
-        f"Build an arithmetic expression that equals {config.target}, using the value of each of your cards one "
-        "time, no more and no less. You may add, subtract, multiply and divide, and group with parentheses.\n"
-        "Remember how cards are valued: A is 1; " + _faces(config, "J, Q and K are each {v}",
-                                                             "J is {j}, Q is {q} and K is {k}")
-        + "; every other card is worth the number on it.\n"
-        'When you answer, give only a JSON object whose "cards" field lists the four ranks (A, 2-10, J, Q, K), '
-        'whose "number" field lists the value of each card in that same order, and whose "formula" field is '
-        'your expression, for example "(5-1)*(4+2)".'
-    )
-
-
-def _template_7(ranks, config: PointsConfig) -> str:
-    hold = ("The cards you hold are pictured in the image." if config.vision
-            else "The cards you hold: " + json.dumps(list(ranks)))
-    return (
-        "Respond in JSON, as one object with exactly these keys, in this order:\n"
-        '- "cards": a list of the four ranks (A, 2-10, J, Q, K)\n'
-        '- "number": a list of the four numbers those cards count for, in the same order\n'
-        '- "formula": a string holding your formula, e.g. "(7-3)*(2+4)"\n'
-        "The formula must combine all four numbers, each exactly once, using +, -, *, / and parentheses, and "
-        f"equal {config.target}.\n"
-        "Numbers of the cards: A counts 1, " + _faces(config, "J, Q and K count {v}", "J counts {j}, Q {q}, K {k}")
-        + ", and a number card counts its printed number.\n"
-        f"{hold}"
-    )
-
-
-def _template_8(ranks, config: PointsConfig) -> str:
-    cards = "Shown in the image." if config.vision else " | ".join(ranks)
-    return (
-        f"## Game\n{config.target} points: turn four playing cards into the number {config.target}.\n"
-        "## Card values\nA -> 1, 2..10 -> as printed, "
-        + _faces(config, "J, Q, K -> {v}", "J -> {j}, Q -> {q}, K -> {k}") + "\n"
-        f"## Your cards\n{cards}\n"
-        "## What to do\nUse each card's value exactly once with +, -, *, / and parentheses so that the result is "
-        f"{config.target}.\n"
-        "## Answer format\nA single JSON object and nothing else: "
-        '{"cards": [ranks A, 2-10, J, Q, K], "number": [values, same order], '
-        '"formula": "your formula, e.g. (9-3)*(1+3)"}'
-    )
-
-
-def _template_9(ranks, config: PointsConfig) -> str:
-    hold = "the four cards shown in the image" if config.vision else "the cards " + _and_list(ranks)
-    return (
-        f"Exercise ({config.target} points). You hold {hold}; A counts as 1, "
-        + _faces(config, "J, Q and K as {v}", "J as {j}, Q as {q} and K as {k}") + ", any other card as its number.\n"
-        "Write down a formula over these four numbers that uses each exactly once, uses only +, -, *, / and "
-        f"parentheses, and equals {config.target}.\n"
-        'Give your solution as one JSON object, nothing else: "cards" for the ranks (A, 2-10, J, Q, K), "number" '
-        'for the numbers they count as, in the same order, and "formula" for the formula (e.g. "(2+2)*(3+3)"), '
-        'as in {"cards": [...], "number": [...], "formula": "..."}.'
-    )
-
-
-_TEMPLATES = (_template_0, _template_1, _template_2, _template_3, _template_4, _template_5, _template_6,
-              _template_7, _template_8, _template_9)
-
-
-def retry_text(feedback: str) -> str:
-    """A failed attempt's feedback as the next user turn (V-IRL's too): it asks for another answer."""
-    return feedback + " Try again, answering with one JSON object in the same format."
-
-
-def wrong_answer(expert: str, rng: random.Random) -> str:
-    """A plausible mistake for sequential-revision SFT data: the expert answer (JSON or the official template)
-    with one operator of its formula, drawn from `rng`, replaced by another one. A thought, if any, stays: the
-    mistake is in the action."""
-    formula = parse_answer(expert)[ACTION_FIELD]
-    at = rng.choice([k for k, c in enumerate(formula) if c in "+-*/"])
-    wrong = formula[:at] + rng.choice([o for o in "+-*/" if o != formula[at]]) + formula[at + 1:]
-    # a formula is digits and operators, which JSON writes as they are: the same text in both formats
-    return expert.replace(f'"{ACTION_FIELD}": "{formula}"', f'"{ACTION_FIELD}": "{wrong}"', 1)
-
-
-# ---- chain-of-thought answers ----
-# "Debunk the Myth of SFT Generalization" trains SFT on answers that reason before they act. The expert's thought
-# shows what a card counts for under the active rule and the arithmetic of its formula, so that SFT data carries
-# the rule itself, not only its result.
-
-def _formula_tree(text: str):
-    """A well-formed formula as nested (operator, left, right) tuples over ints, grouped as _Parser groups it:
-    left to right, * and / before + and -."""
-    tokens, i = _tokenize(text) + [None], 0
-
-    def chain(operand, operators):
-        nonlocal i
-        node = operand()
-        while tokens[i] in operators:
-            op = tokens[i]
-            i += 1
-            node = (op, node, operand())
-        return node
-
-    def factor():
-        nonlocal i
-        tok = tokens[i]
-        i += 1
-        if tok != "(":
-            return tok
-        node = chain(term, ("+", "-"))
-        i += 1  # past its ")", which parse_formula has made sure of
-        return node
-
-    def term():
-        return chain(factor, ("*", "/"))
-
-    return chain(term, ("+", "-"))
-
-
-def _number_text(value: Fraction, operand: bool = False) -> str:
-    """An exact value as the steps write it: 7, -4, 8/3; an operand that is not a natural number is bracketed,
-    so that 3-(8/3) cannot be read as 3-8/3 computed anew."""
-    text = str(value.numerator if value.denominator == 1 else value)
-    return f"({text})" if operand and (value < 0 or value.denominator != 1) else text
-
+# ---- expert ----
 
 def formula_steps(formula: str) -> list:
-    """Each binary operation of a formula with its exact value, innermost first, left to right.
-    ValueError when it is not a legal formula.
+    """Each binary operation of a formula with its exact value, in the parser's order of evaluation (innermost
+    first, left to right). ValueError when it is not a legal formula.
     >>> formula_steps("8/(3-8/3)")
     ['8/3=8/3', '3-(8/3)=1/3', '8/(1/3)=24']
     """
-    parse_formula(formula)  # the verifier's judgement of the text: the tree below assumes a legal formula
     steps = []
-
-    def walk(node) -> Fraction:
-        if type(node) is int:
-            return Fraction(node)
-        op, left, right = node
-        a, b = walk(left), walk(right)
-        value = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b
-        steps.append(f"{_number_text(a, True)}{op}{_number_text(b, True)}={_number_text(value)}")
-        return value
-
-    walk(_formula_tree(formula))
+    parse_formula(formula, steps)
     return steps
 
 
 def expert_thought(ranks, formula: str, config: PointsConfig) -> str:
-    """The reasoning of a correct answer: each card's number under the active rule, then the formula's
-    operations in order of evaluation, ending at the target. Written without double quotes and without
-    'field:' patterns, so that it stays one JSON string that neither the answer parser nor the trainers'
-    search for the action field can mistake for a field."""
+    """The reasoning of a correct answer (SFT on answers that reason before they act, as in "Debunk the Myth of SFT
+    Generalization"): each card's number under the rule, so that SFT data carries the rule itself, then the formula's
+    operations. No double quotes and no 'field:' patterns, so that no parser mistakes a part of it for a field."""
     values = [card_value(rank, config.face_cards_as_10) for rank in ranks]
     counts = _and_list(f"{rank} counts as {value}" for rank, value in zip(ranks, values))
     return (f"The cards are {_and_list(ranks)}. Under the rule, {counts}, so the numbers are "
@@ -819,11 +552,18 @@ def expert_thought(ranks, formula: str, config: PointsConfig) -> str:
             f"innermost operation first: " + ", ".join(formula_steps(formula)) + f", the target {config.target}.")
 
 
-# ---- rendering (GP-VL) ----
-# Cards are drawn with Pillow shapes and its built-in font, so no image assets ship with the code.
-# The layout follows the official table: a row of 5:7 cards, centred vertically on casino green;
-# unlike it, the row is centred horizontally with a bare margin all round, so that no card is
-# cut or touches the border at any size, and the ranks are sized to stay legible at 224 px.
+def wrong_answer(expert: str, rng: random.Random) -> str:
+    """A plausible mistake for sequential-revision SFT data: the expert answer (JSON or the official template) with
+    one operator of its formula, drawn from `rng`, replaced by another. A thought stays: the mistake is the action's."""
+    formula = parse_answer(expert)[ACTION_FIELD]
+    at = rng.choice([k for k, c in enumerate(formula) if c in "+-*/"])
+    wrong = formula[:at] + rng.choice([o for o in "+-*/" if o != formula[at]]) + formula[at + 1:]
+    # a formula is digits and operators, which JSON writes as they are: the same text in both formats
+    return expert.replace(f'"{ACTION_FIELD}": "{formula}"', f'"{ACTION_FIELD}": "{wrong}"', 1)
+
+
+# ---- render (GP-VL) ----
+# Pillow shapes and font, no image assets: 5:7 cards on the official casino green, inside a bare margin (no card cut).
 
 TABLE_GREEN = (0x35, 0x65, 0x4D)  # the official table colour '#35654d'
 CARD_WHITE = (250, 250, 246)
@@ -832,30 +572,25 @@ SUIT_COLORS = {"spades": (20, 20, 20), "clubs": (20, 20, 20), "hearts": (200, 20
 CARD_ASPECT = 1.4    # height / width, the 5:7 of the official card images
 TABLE_MARGIN = 0.05  # bare table on each side, as a share of the image side
 CARD_GAP = 0.03      # between neighbouring cards, as a share of the image side
+SUPERSAMPLE_PX = 896  # small images are drawn at least this large, then box-reduced by a whole factor
+# suit symbols in units of the half-height r around their centre: discs (x, y, radius), polygons [(x, y), ...]; the
+# small fourth disc of clubs fills the hole between the leaves
+_SUIT_SHAPES = {
+    "diamonds": [[(0, -1), (0.72, 0), (0, 1), (-0.72, 0)]],
+    "hearts": [(-0.48, -0.35, 0.52), (0.48, -0.35, 0.52), [(-1, -0.2), (1, -0.2), (0, 1)]],
+    "spades": [(-0.48, 0.2, 0.5), (0.48, 0.2, 0.5), [(-0.97, 0.1), (0.97, 0.1), (0, -1)],
+               [(0, 0.2), (-0.35, 1), (0.35, 1)]],
+    "clubs": [(0, -0.45, 0.42), (-0.48, 0.12, 0.42), (0.48, 0.12, 0.42), (0, 0, 0.25), [(0, 0), (-0.35, 1), (0.35, 1)]],
+}
 
 
 def _draw_suit(draw, suit: str, cx: float, cy: float, r: float, color) -> None:
-    """A suit symbol of half-height r centred on (cx, cy), drawn from circles and polygons."""
-    def disc(x, y, rad):
-        draw.ellipse((x - rad, y - rad, x + rad, y + rad), fill=color)
-
-    if suit == "diamonds":
-        draw.polygon([(cx, cy - r), (cx + 0.72 * r, cy), (cx, cy + r), (cx - 0.72 * r, cy)], fill=color)
-    elif suit == "hearts":
-        disc(cx - 0.48 * r, cy - 0.35 * r, 0.52 * r)
-        disc(cx + 0.48 * r, cy - 0.35 * r, 0.52 * r)
-        draw.polygon([(cx - r, cy - 0.2 * r), (cx + r, cy - 0.2 * r), (cx, cy + r)], fill=color)
-    elif suit == "spades":
-        disc(cx - 0.48 * r, cy + 0.2 * r, 0.5 * r)
-        disc(cx + 0.48 * r, cy + 0.2 * r, 0.5 * r)
-        draw.polygon([(cx - 0.97 * r, cy + 0.1 * r), (cx + 0.97 * r, cy + 0.1 * r), (cx, cy - r)], fill=color)
-        draw.polygon([(cx, cy + 0.2 * r), (cx - 0.35 * r, cy + r), (cx + 0.35 * r, cy + r)], fill=color)
-    else:  # clubs
-        disc(cx, cy - 0.45 * r, 0.42 * r)
-        disc(cx - 0.48 * r, cy + 0.12 * r, 0.42 * r)
-        disc(cx + 0.48 * r, cy + 0.12 * r, 0.42 * r)
-        disc(cx, cy, 0.25 * r)  # fills the hole the three leaves leave between them
-        draw.polygon([(cx, cy), (cx - 0.35 * r, cy + r), (cx + 0.35 * r, cy + r)], fill=color)
+    for shape in _SUIT_SHAPES[suit]:
+        if isinstance(shape, list):
+            draw.polygon([(cx + x * r, cy + y * r) for x, y in shape], fill=color)
+        else:
+            x, y, rad = cx + shape[0] * r, cy + shape[1] * r, shape[2] * r
+            draw.ellipse((x - rad, y - rad, x + rad, y + rad), fill=color)
 
 
 @functools.lru_cache(maxsize=None)  # one font per pixel size in use: a few dozen at most
@@ -868,26 +603,21 @@ def default_font(px: int):
         return ImageFont.load_default()
 
 
-def _text(draw, xy, text: str, px: int, color, anchor: str) -> None:
-    # the built-in font is thin: a stroke of the ink's own colour keeps ranks bold after the
-    # supersampled image is reduced
-    draw.text(xy, text, font=default_font(px), fill=color, anchor=anchor,
-              stroke_width=max(0, round(px / 24)), stroke_fill=color)
-
-
 def _draw_card(img, box, rank: str, suit: str) -> None:
     from PIL import Image, ImageDraw
     x0, y0, x1, y1 = box
     w, h = x1 - x0 + 1, y1 - y0 + 1
     color = SUIT_COLORS[suit]
     draw = ImageDraw.Draw(img)
+    # the built-in font is thin: a stroke of the ink's own colour keeps the rank bold once the image is reduced
+    text = lambda d, xy, px, anchor: d.text(xy, rank, font=default_font(px), fill=color, anchor=anchor,
+                                            stroke_width=max(0, round(px / 24)), stroke_fill=color)
     draw.rounded_rectangle(box, radius=w * 0.08, fill=CARD_WHITE, outline=CARD_EDGE, width=max(1, w // 60))
-    # corner index, rank above a small suit, top-left upright and bottom-right upside down, drawn
-    # on an opaque patch of card colour so that its anti-aliasing blends with the card; the patch
-    # is wide enough for "10", the widest rank (about 1.15 times the font size, plus the stroke)
+    # corner index, rank above a small suit, top-left upright and bottom-right upside down, on an opaque patch of
+    # card colour so that its anti-aliasing blends with the card; the patch is wide enough for "10"
     corner = Image.new("RGB", (max(4, int(w * 0.38)), max(4, int(h * 0.32))), CARD_WHITE)
     cd = ImageDraw.Draw(corner)
-    _text(cd, (corner.width / 2, 0), rank, max(6, int(w * 0.28)), color, "mt")
+    text(cd, (corner.width / 2, 0), max(6, int(w * 0.28)), "mt")
     _draw_suit(cd, suit, corner.width / 2, corner.height * 0.8, corner.width * 0.16, color)
     pad = max(1, int(w * 0.06))
     img.paste(corner, (x0 + pad // 2, y0 + pad))
@@ -896,38 +626,32 @@ def _draw_card(img, box, rank: str, suit: str) -> None:
     if rank in FACE_RANKS:  # court cards: a framed panel with a large letter
         fx, fy = w * 0.34, h * 0.26
         draw.rectangle((x0 + fx, y0 + fy, x1 - fx, y1 - fy), outline=color, width=max(1, w // 40))
-        _text(draw, (cx, y0 + h * 0.41), rank, max(6, int(w * 0.26)), color, "mm")
+        text(draw, (cx, y0 + h * 0.41), max(6, int(w * 0.26)), "mm")
         _draw_suit(draw, suit, cx, y0 + h * 0.61, w * 0.09, color)
     else:
         _draw_suit(draw, suit, cx, (y0 + y1) / 2, w * 0.2, color)
 
 
-SUPERSAMPLE_PX = 896  # small images are drawn at least this large, then box-reduced by a whole factor
-
-
 def render_cards(cards, size: int = 448):
-    """A size x size RGB image of the (rank, suit) cards side by side on a green table, each card
-    inside the frame with a bare margin of TABLE_MARGIN * size all round.
-    A pure function of its arguments: the same hand always gives the same pixels."""
+    """A size x size RGB image of the (rank, suit) cards side by side on a green table, inside a bare margin of
+    TABLE_MARGIN * size. A pure function of its arguments: the same hand always gives the same pixels."""
     from PIL import Image
-    # Pillow draws shapes without anti-aliasing and hints small text into blobs: drawing large and
-    # reducing keeps the ranks legible at 224 px; the integer box filter leaves bare table exact
+    # Pillow draws shapes without anti-aliasing and hints small text into blobs: drawing large and reducing keeps
+    # the ranks legible at 224 px; the integer box filter leaves bare table exact
     scale = min(4, -(-SUPERSAMPLE_PX // size))
     big = size * scale
     img = Image.new("RGB", (big, big), TABLE_GREEN)
-    n = len(cards)
-    margin, gap = big * TABLE_MARGIN, big * CARD_GAP
+    n, margin, gap = len(cards), big * TABLE_MARGIN, big * CARD_GAP
     w = (big - 2 * margin - (n - 1) * gap) / n
     h = min(w * CARD_ASPECT, big - 2 * margin)
     top = int((big - h) / 2)
     for i, (rank, suit) in enumerate(cards):
-        left = int(margin + i * (w + gap))
-        # boxes are inclusive: the last column and row are left + w - 1 and top + h - 1
+        left = int(margin + i * (w + gap))  # boxes are inclusive: the last column is left + w - 1
         _draw_card(img, (left, top, left + int(w) - 1, top + int(h) - 1), rank, suit)
     return img.reduce(scale) if scale > 1 else img
 
 
-# ---- environment ----
+# ---- the environment ----
 
 @dataclass
 class Observation:
@@ -936,29 +660,16 @@ class Observation:
     continues: bool = False    # True: append to the conversation; False: start a new one
 
 
-@functools.lru_cache(maxsize=None)
-def _dealable(ranks: tuple, face_cards_as_10: bool, target: int) -> bool:
-    """Whether a hand (its sorted ranks) may be dealt: solvable under the rule."""
-    return is_solvable([card_value(r, face_cards_as_10) for r in ranks], target)
-
-
 class GeneralPointsEnv:
-    """One GeneralPoints table. reset() deals a solvable hand and returns the task prompt;
-    step(answer) verifies one attempt. After done, call reset() for the next hand.
-
-    >>> env = GeneralPointsEnv(PointsConfig(), seed=0)
-    >>> obs = env.reset()
-    >>> obs, reward, done, info = env.step(env.expert_response())
-    >>> reward, done, info["success"]
-    (5.0, True, True)
+    """One GeneralPoints table: reset() deals a solvable hand and returns the task prompt, step(answer) verifies one
+    attempt; after done, reset() again.
+    >>> env = GeneralPointsEnv(seed=0); _ = env.reset(); env.step(env.expert_response())[1:3]
+    (5.0, True)
     """
 
     def __init__(self, config: Optional[PointsConfig] = None, seed: int = 0):
-        self.config = config or PointsConfig()
-        self.rng = random.Random(seed)
-        self.cards: list = []      # [(rank, suit)] as dealt
-        self.attempt = 0
-        self.done = True
+        self.config, self.rng = config or PointsConfig(), random.Random(seed)
+        self.cards, self.attempt, self.done = [], 0, True  # cards: [(rank, suit)] as dealt
 
     @property
     def ranks(self) -> list:
@@ -968,63 +679,35 @@ class GeneralPointsEnv:
     def values(self) -> list:
         return [card_value(rank, self.config.face_cards_as_10) for rank, _ in self.cards]
 
-    def deal(self) -> list:
-        """Four (rank, suit) cards, each rank and suit drawn independently (as the official code
-        does: the same card may come twice), the whole hand redrawn until it is solvable under the
-        active rule.
-
-        ID deal: four ranks uniform over A..K. OOD deal (`face_card_required`): three ranks uniform
-        over A..K and one uniform over J, Q, K, shuffled; the official `ood=True` sampler. Holding
-        "at least one face card" is not enough: rejecting face-less uniform hands instead would
-        give hands with exactly one face card 68% of the time, where the official deal gives 50%."""
-        cfg, suits = self.config, SUIT_SETS[self.config.suits]
-        for _ in range(100_000):
-            if cfg.face_card_required:
-                ranks = self.rng.choices(RANKS, k=3) + [self.rng.choice(FACE_CARDS)]
-                self.rng.shuffle(ranks)  # else the face card would always be the last one shown
-            else:
-                ranks = self.rng.choices(RANKS, k=4)
-            if _dealable(tuple(sorted(ranks)), cfg.face_cards_as_10, cfg.target):
-                return list(zip(ranks, self.rng.choices(suits, k=4)))
-        top = max(card_value(r, cfg.face_cards_as_10) for r in RANKS) ** 4
-        raise ValueError(f"target={cfg.target}: no solvable hand in 100000 deals; expected a target that four "
-                         f"cards reach under this rule, such as 24 (all lie between -{top} and {top})")
-
     def reset(self, seed: Optional[int] = None, episode: Optional[int] = None) -> Observation:
-        """Deal a new hand; `seed` restarts the dealing RNG. `episode` is ignored: the hand comes from the seed
-        alone (it is there for the contract shared with V-IRL, whose evaluation picks a route by episode)."""
+        """Deal a new hand; `seed` restarts the dealing RNG. `episode` is ignored: a hand comes from the seed alone."""
         if seed is not None:
             self.rng = random.Random(seed)
-        self.cards, self.attempt, self.done = self.deal(), 0, False
+        self.cards, self.attempt, self.done = deal_hand(self.rng, self.config), 0, False
         image = render_cards(self.cards, self.config.image_size) if self.config.vision else None
         return Observation(prompt_text(self.ranks, self.config), image, continues=False)
 
     def step(self, response) -> tuple:
         if self.done:
             raise RuntimeError("GeneralPointsEnv.step called on a finished episode: call reset() first")
-        if self.attempt >= self.config.verify_iter:  # protocol "official": the answer after the last attempt
+        official = self.config.protocol == "official"
+        if self.attempt < self.config.verify_iter:
+            verdict = verify(response, self.ranks, self.config)
+        else:  # protocol "official" asks for one more answer after the last failed attempt, and scores it unread
             reward, outcome, feedback = official_rules().step_limit()
-            self.attempt, self.done = self.attempt + 1, True
-            info = {"outcome": outcome, "feedback": feedback, "success": False, "attempt": self.attempt,
-                    "recognized": None, "cards": self.ranks}
-            return Observation(feedback, None), reward, True, info
-        verdict = verify(response, self.ranks, self.config)
+            verdict = Verdict(outcome, reward, feedback, None)
         self.attempt += 1
         success = verdict.outcome == "correct"
-        # the official code asks for one more answer after the last failed attempt (the branch above)
-        self.done = success or (self.attempt >= self.config.verify_iter and self.config.protocol != "official")
+        self.done = success or self.attempt >= self.config.verify_iter + official
         info = {"outcome": verdict.outcome, "feedback": verdict.feedback, "success": success,
                 "attempt": self.attempt, "recognized": verdict.cards_ok, "cards": self.ranks}
-        alone = self.done or self.config.protocol == "official"  # the official feedback is the message alone
-        obs = Observation(verdict.feedback if alone else retry_text(verdict.feedback), None,
-                          continues=not self.done)
+        alone = self.done or official  # the official feedback is the message alone
+        obs = Observation(verdict.feedback if alone else retry_text(verdict.feedback), None, continues=not self.done)
         return obs, verdict.reward, self.done, info
 
     def expert_response(self, reasoning: bool = False) -> str:
-        """A correct answer for the current hand: the dealt ranks, their numbers, the shortest formula, as JSON;
-        under protocol "official" in the official template, with a formula that float arithmetic finds correct
-        and "=<target>" after it, as the official prompt's example writes it.
-        `reasoning`: a "thought" field first, the chain of thought of `expert_thought`, in the same answer."""
+        """The dealt ranks, their numbers and the shortest formula, as JSON (`reasoning`: opened by expert_thought);
+        protocol "official": the official template, a formula float arithmetic finds correct, "=<target>" after it."""
         official = official_rules() if self.config.protocol == "official" else None
         found = solve(self.values, self.config.target)
         formula = official.gp_formula(found, self.config.target) if official else found[0]
@@ -1089,23 +772,17 @@ def main(argv=None) -> int:
         cfg = PointsConfig(target=args.target, face_cards_as_10=not args.ood_rule, suits=args.suits,
                            image_size=args.image_size)
         env = GeneralPointsEnv(cfg, seed=args.seed)
-        prompt = env.reset().text
+        print(f"---- GP-L prompt ----\n{env.reset().text}\n---- expert answer ----\n{env.expert_response()}")
     except ValueError as e:
         fail(str(e))
-
-    print("---- GP-L prompt ----")
-    print(prompt)
-    print("---- expert answer ----")
-    print(env.expert_response())
     vl = GeneralPointsEnv(PointsConfig(**{**cfg.__dict__, "vision": True}), seed=args.seed)
-    obs = vl.reset()
+    image = vl.reset().image
     try:
-        obs.image.save(args.image)
+        image.save(args.image)
     except (OSError, ValueError) as e:
         cannot_write("--image", args.image, e, "write it", "a writable file in an existing folder, in a format "
                      "that takes colour images such as .png")
     print(f"---- GP-VL image of {vl.cards} written to {args.image} ----")
-
     wins, answers, secs = play_expert(env, args.episodes)
     print(f"expert: {wins}/{args.episodes} episodes solved ({100 * wins / max(1, args.episodes):.1f}%), "
           f"{answers} answers, {secs:.2f} s")

@@ -1,68 +1,39 @@
 """V-IRL: follow written route instructions through a city, one position at a time (Chu et al., 2025).
 
-At every position of a route the model sees the numbered instructions of the whole route, the
-history of observations and actions so far, and the current observation (V-IRL-L: text such as
-"Maple Bakery is on your left; You observe an intersection"; V-IRL-VL: a 2x2 grid of street
-views [front, right / back, left], its text line only "You observe an image of 4 views", plus
-"; You observe an intersection" at one). Past observations stay in the history as text in both,
-as in the paper's `get_observation_action_sequence`. It answers
+At each position the model sees the route's numbered instructions, the observations and actions so far and the
+current observation (V-IRL-L: text, "Maple Bakery is on your left; You observe an intersection"; V-IRL-VL: a 2x2
+grid of street views), and answers
     {"current observation": "...", "current instruction": "...", "action": "forward()"}
-with an action from forward(), turn_direction(x), stop().
+with forward(), turn_direction(x) or stop(), x a compass direction (ID rule) or left, right, slightly left or
+slightly right (OOD rule). `verify` scores each attempt (REWARDS, in the paper's order); a position allows
+`verify_iter` attempts, then the route ends, failed. Synthetic cities stand in for Google Street View, in the V-IRL
+route-file format, so `VirlConfig(routes=PATH)` reads the paper's own routes. docs/environments.md tells the rest.
 
-Rules:  ID (`absolute_actions=True`): x is a compass direction (north, northeast, ...).
-        OOD: x is left, right, slightly left or slightly right (beyond 45 degrees: left/right).
-Visuals: ID routes are drawn in one synthetic city ("nyc"); the OOD visual benchmark is
-`mini_benchmark()`: 18 fixed routes, two in each of nine other synthetic cities.
-
-Reward per attempt, in the order of the paper's `step_rewards_virl` (utils_rl.py):
-    correct            +1    the right action, whatever the observation says; stop() at the destination ends the route
-    wrong_observation  -1.5  any other answer whose observation claims an intersection where there is none,
-                             or misses one (`literal_intersection_check`: the paper code's word test)
-    invalid_action     -1    no action from the action space can be read (the paper's wrong action, labelled apart)
-    wrong_action       -1    a valid action, but not the right one
-Each position allows `verify_iter` attempts (default 2) with the verifier's feedback continuing
-the conversation; when they run out, the route ends there, failed (the paper truncates it), and
-reset() starts a new one.
-
-The rail follows the paper's `_parse_instruction_and_rail` under its training and evaluation
-configs (straight_line_length 5, drop_rate 0.5, relocation on): a turn at the start, forward()
-positions at the cut points of each street (each dropped with drop_rate, none within 8 m of a
-street's ends), a turn at each intersection and stop() at the destination. A correct turn moves
-the agent on to the next position: no forward() follows it at the same spot.
-
-The real V-IRL data (Google Street View) cannot be shipped: synthetic cities stand in for it and
-are written in the V-IRL route-file format, so `VirlConfig(routes=PATH)` reads the paper's own
-route files the same way (and their panoramas for vision, given `streetview_dir`).
-
-This file owns the navigation: cities' street maps and routes, route files, the rail of expected actions,
-the prompt, the verifier, the rewards and the expert. What the model sees in V-IRL-VL (the synthetic
-renderer, the 2x2 grid, real panoramas) is streetview.py's; the answer parser, the feedback wording and the
-command-line errors are shared with GeneralPoints (env_points.py).
-
-The environment contract, the same as GeneralPoints', so that the trainers and the evaluator hold no fact of
-either environment:
+The environment contract, GeneralPoints' too, so that the trainers and the evaluator hold no fact of either:
     env.reset(seed=None, episode=None) -> Observation   a new route; `seed` restarts the RNG (start heading,
-        dropped forwards). The evaluation plays episode k of a setting as reset(seed=s, episode=k): route
-        k % len(env.routes). Without `episode` a route is drawn from the RNG (`route=i` picks one by index).
+        dropped forwards); episode k plays route k % len(env.routes) (the evaluation's reset(seed=s, episode=k));
+        `route=i` picks one by index; with neither, the RNG draws one
     env.step(answer) -> (Observation, reward, done, info)   verify one attempt
-    env.expert_response(reasoning=False) -> str           the correct answer at the current position. reasoning=True:
-        the same JSON object opened by a "thought" field (THOUGHT_FIELD), a chain of thought ending in the action:
-        what is in sight, whether it is an intersection, which instruction applies and why, the heading or turn
-        it names, hence the action
+    env.expert_response(reasoning=False) -> str   the correct answer at the current position; reasoning=True
+        opens the same JSON object with a "thought" field (THOUGHT_FIELD), a chain of thought ending in the action
     ACTION_FIELD = "action"   the answer's final field, the action itself (the PPO trainer weights the tokens
         before it, the thought among them, by `pre_action_coef` in the action's log-probability)
     wrong_answer(expert: str, rng: random.Random) -> str   a plausible mistake made from an expert answer:
-        another action from a fixed list (sequential-revision SFT data); a thought is kept as it was
-    config.prompt_template: int = 0   which of PROMPT_TEMPLATES wordings of the prompt reset() and step() show; 0
-        is the original. Each states the same facts and asks for the same fields (prompt diversity for SFT data,
-        as in "Debunk the Myth of SFT Generalization", arXiv 2510.00237). The verifier and its feedback are the same.
+        another action (sequential-revision SFT data); a thought is kept as it was
+    config.prompt_template: int = 0   which of PROMPT_TEMPLATES wordings of the prompt reset() and step() show
+        (0: the original); each states the same facts and asks for the same fields
 The verifier reads only the answer's own fields: a "thought" or any other extra field is ignored.
 
+This file copies out alone for V-IRL-L: the standard library, nothing else. V-IRL-VL adds streetview.py (and
+Pillow), imported only when vision is on; protocol "official" adds official.py.
+
     python env_virl.py                         # sample prompt, sample ID and OOD view grids, expert play
+    python env_virl.py --no-grids              # V-IRL-L alone: no streetview.py needed
     python env_virl.py --export routes.json --routes synthetic:nyc --n-routes 1000
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import math
@@ -70,14 +41,10 @@ import os
 import random
 import re
 import sys
+import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Optional
-
-# GeneralPoints' environment-independent pieces: observation, answer parser, feedback wording, self-check, CLI
-from env_points import (THOUGHT_FIELD, OneLineArgumentParser, Observation, cannot_write, check_protocol, fail,
-                        failure_feedback, parse_answer, play_expert, retry_text)
-from streetview import StreetViews, render_grid, synthetic_views
 
 DIRECTIONS = ("north", "northeast", "east", "southeast", "south", "southwest", "west", "northwest")
 RELATIONS = ("front", "right front", "right", "right behind", "behind", "left behind", "left", "left front")
@@ -85,6 +52,8 @@ TURNS = ("left", "right", "slightly left", "slightly right")
 REWARDS = {"correct": 1.0, "wrong_observation": -1.5, "wrong_action": -1.0, "invalid_action": -1.0}
 ANSWER_FIELDS = ("current observation", "current instruction", "action")
 ACTION_FIELD = "action"  # the final field, the action itself: the PPO trainer weights the tokens before it
+THOUGHT_FIELD = "thought"  # the reasoning an answer may open with (expert_response(reasoning=True)); never verified
+PROTOCOLS = ("project", "official")  # whose rules score and prompt: this project's or the official code's
 EARTH_RADIUS_M = 6_371_000.0
 METERS_PER_DEG_LAT = 111_320.0
 MAX_ROUTES = 1_000_000  # synthetic routes per config: a thousand times the paper's, short of exhausting memory
@@ -107,17 +76,17 @@ class VirlConfig:
     streetview_dir: Optional[str] = None  # real routes + vision: folder of {pano_id}.jpg and .metadata.json
     streetview_map: Optional[str] = None  # real routes + vision: pickle {(lat, lng): pano_id}
     prompt_template: int = 0            # wording of the prompt, 0 to PROMPT_TEMPLATES - 1 (0: the original)
-    protocol: str = "project"           # "project" or "official" (env_points.PROTOCOLS): whose rules score and prompt
+    protocol: str = "project"           # one of PROTOCOLS: whose rules score and prompt
 
     def __post_init__(self):
-        check_protocol(self.protocol, "VirlConfig.protocol")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"VirlConfig.protocol={self.protocol!r}: expected one of {', '.join(PROTOCOLS)}")
         if self.protocol == "official" and self.prompt_template:
             raise ValueError(f"VirlConfig.prompt_template={self.prompt_template}: protocol 'official' prompts with "
                              "the official prompt only; expected 0")
-        if self.verify_iter < 1:
-            raise ValueError(f"VirlConfig.verify_iter={self.verify_iter}: expected an integer >= 1")
-        if self.straight_line_length < 1:
-            raise ValueError(f"VirlConfig.straight_line_length={self.straight_line_length}: expected an integer >= 1")
+        for name in ("verify_iter", "straight_line_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"VirlConfig.{name}={getattr(self, name)}: expected an integer >= 1")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"VirlConfig.drop_rate={self.drop_rate}: expected 0 <= drop_rate < 1")
         if not 1 <= self.n_routes <= MAX_ROUTES:
@@ -166,12 +135,8 @@ RELATION_ANGLE = {name: 45 * i for i, name in enumerate(RELATIONS)}
 
 
 def turn_name(from_heading: float, to_heading: float) -> str:
-    """The relative turn word: beyond 45 degrees left/right, within it (45 included) slightly.
-
-    The turn angle is the wrapped difference, so 350 -> 10 is a 20-degree right turn
-    ('slightly right'). The paper's code used the unwrapped difference (-340: 'left'): fixed here.
-    A zero turn counts as 'slightly right'; a 180-degree turn as 'left'.
-    """
+    """The relative turn word: beyond 45 degrees left/right, within it (45 included) slightly; 0 is 'slightly
+    right', 180 'left'. The angle wraps (350 -> 10: 'slightly right'), where the paper's code said 'left'."""
     d = wrap180(to_heading - from_heading)
     if d > 45:
         return "right"
@@ -278,8 +243,7 @@ def city_map(name: str) -> CityMap:
     spec, rng = CITIES[name], random.Random(_seed("city", name))
     m = CityMap(name)
     lo, hi = spec["blocks"]
-    along = [0.0]
-    across = [0.0]
+    along, across = [0.0], [0.0]
     for _ in range(m.size - 1):
         along.append(along[-1] + rng.uniform(lo, hi))
         across.append(across[-1] + rng.uniform(lo, hi))
@@ -340,7 +304,6 @@ def _draw_route(m: CityMap, rng: random.Random, route_id: str) -> Optional[dict]
     if seg not in m.midblock:
         return None
     dest_name, dest_point, dest_street = m.midblock[seg]
-
     points = [m.nodes[p] for p in path] + [dest_street]
     geocodes = [_point(p) for p in points]
     milestones, landmark_list, here = [], [], _point(start)
@@ -365,10 +328,8 @@ def _draw_route(m: CityMap, rng: random.Random, route_id: str) -> Optional[dict]
 
 
 def generate_routes(city: str, n: int, seed: int = 0) -> list:
-    """n routes in a synthetic city, in the V-IRL route format: reproducible from (city, n, seed).
-
-    Each route starts mid-block, passes 2 to 5 intersections with a turn at each, and ends at a
-    destination landmark mid-block. The city map is the same for every seed."""
+    """n routes in a synthetic city, in the V-IRL route format, reproducible from (city, n, seed): each starts
+    mid-block, turns at each of 2 to 5 intersections and ends at a landmark mid-block. One map per city."""
     m, rng, routes = city_map(city), random.Random(_seed("routes", city, seed)), []
     while len(routes) < n:
         route = _draw_route(m, rng, f"{city}-{seed}-{len(routes)}")
@@ -414,10 +375,6 @@ class Route:
     dest_name: str
 
 
-def _milestone_fields(block: str) -> dict:
-    return dict(_MILESTONE_FIELD_RE.findall(block))
-
-
 def _landmarks(text: str, heading: int) -> list:
     """'A is on your left, B is on your front' seen at `heading` -> [(name, compass bearing)]."""
     return [(name.strip(), (heading + RELATION_ANGLE[rel]) % 360) for name, rel in _LANDMARK_RE.findall(text)]
@@ -445,7 +402,7 @@ def parse_route(raw: dict, where: str = "route") -> Route:
         raise ValueError(f"{where}: {len(points)} geocodes but {len(blocks)} milestone_info blocks: expected one each")
     headings, landmarks, here = [], [], start
     for point, block in zip(points, blocks):
-        fields = _milestone_fields(block)
+        fields = dict(_MILESTONE_FIELD_RE.findall(block))
         m = re.match(r"\s*(-?\d+)", fields.get("to_next_intersection_heading", ""))
         heading = int(m.group(1)) % 360 if m else round(bearing(here, point)) % 360
         headings.append(heading)
@@ -484,11 +441,6 @@ def raw_routes(config: VirlConfig) -> list:
     return load_routes(spec)
 
 
-def routes_for(config: VirlConfig) -> list:
-    """The parsed routes a config names."""
-    return [parse_route(r, f"{config.routes}: route {i}") for i, r in enumerate(raw_routes(config))]
-
-
 # ---- the rail: one expected action per position ----
 
 @dataclass
@@ -510,14 +462,10 @@ MIN_FORWARD_GAP_M = 8.0
 
 def build_rail(route: Route, straight_line_length: int, drop_rate: float, rng: random.Random,
                init_heading: int) -> list:
-    """Positions in order, as the paper's `_parse_instruction_and_rail`: at the start a turn to the first
-    street; along street k its cut points at 1/n, ..., (n-1)/n (n = straight_line_length), each dropped
-    with `drop_rate` and kept only beyond MIN_FORWARD_GAP_M of both ends, forward(); at its end a turn
-    at the intersection, or stop() at the destination. A correct turn takes the agent to the next
-    position, so no forward() follows a turn at the same spot.
-
-    Instructions are numbered 1: turn at the start, 2k: walk leg k, 2k+1: turn at its end; stop()
-    shares the last leg's number."""
+    """Positions in order, as the paper's `_parse_instruction_and_rail`: a turn to the first street; along street k
+    forward() at its cuts 1/n, ..., (n-1)/n (n = straight_line_length), each dropped with `drop_rate`, none within
+    MIN_FORWARD_GAP_M of its ends; a turn at its end, or stop() at the destination. No forward() follows a turn at
+    the same spot. Instructions: 1 the first turn, 2k leg k, 2k+1 the turn at its end; stop() shares the last."""
     rail = [Position(route.start, init_heading, "turn", 1, turn_to=route.headings[0])]
     here = route.start
     for k, (point, heading) in enumerate(zip(route.points, route.headings)):
@@ -558,12 +506,14 @@ def landmark_text(pos: Position) -> str:
                       f"{relation_name(b - pos.heading)}" for name, b in pos.landmarks] or ["No landmarks nearby"])
 
 
-def observation_text(pos: Position, protocol: str = "project") -> str:
-    """What is in sight at a position: 'Maple Cafe is on your left; You observe an intersection'. The official
-    text always joins the cue with '; ', empty away from intersections: 'Maple Cafe is on your left; '."""
+def observation_text(pos: Position, protocol: str = "project", seen: Optional[str] = None) -> str:
+    """What is in sight at a position, `seen` (V-IRL-VL: the image) or its landmarks, then the intersection cue:
+    'Maple Cafe is on your left; You observe an intersection'. The official text always joins the cue with '; ',
+    empty away from intersections: 'Maple Cafe is on your left; '."""
+    seen = landmark_text(pos) if seen is None else seen
     if protocol == "official":
-        return landmark_text(pos) + "; " + (INTERSECTION_CUE if pos.at_intersection else "")
-    return "; ".join([landmark_text(pos)] + ([INTERSECTION_CUE] if pos.at_intersection else []))
+        return seen + "; " + (INTERSECTION_CUE if pos.at_intersection else "")
+    return "; ".join([seen] + ([INTERSECTION_CUE] if pos.at_intersection else []))
 
 
 def expected_action(pos: Position, absolute: bool) -> str:
@@ -573,7 +523,48 @@ def expected_action(pos: Position, absolute: bool) -> str:
     return f"turn_direction({x})"
 
 
-# ---- verifier ----
+# ---- parse: the answer's fields, its action, its intersection claim ----
+# JSON first, anywhere in the text (a ```json fence, chatter around it); the fields it lacks (or holds as null) then
+# as `"name": value` in JSON-like text, outside the thought's string: reasoning that mentions a field ("... so
+# action: stop()") never answers for it. A value that is not a string (a number, a list) is no answer.
+
+MAX_ANSWER_CHARS = 50_000  # answers are a few hundred characters; never scan megabytes of noise
+_LOOSE_FIELD_RE = {name: re.compile(  # a "string", a 'string', a [list] (group 3: no answer) or a bare value
+    r"""["']?%s["']?\s*:\s*(?:"((?:[^"\\\n]|\\.)*)"|'([^'\n]*)'|(\[)[^\]\n]*\]|([^,}\n]+))""" % name, re.IGNORECASE)
+    for name in ANSWER_FIELDS}
+_THOUGHT_VALUE_RE = re.compile(r"""(["']%s["']\s*:\s*")((?:[^"\\]|\\[\s\S])*)(")""" % THOUGHT_FIELD, re.IGNORECASE)
+
+
+def _objects(text: str):
+    """The JSON objects that open at the text's first 16 '{' (adversarial text with thousands costs no more)."""
+    decoder, start = json.JSONDecoder(), -1
+    for _ in range(16):
+        start = text.find("{", start + 1)
+        if start < 0:
+            return
+        try:
+            obj = decoder.raw_decode(text, start)[0]
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(obj, dict):
+            yield obj
+
+
+def parse_answer(text) -> dict:
+    """{field: its string or None} for ANSWER_FIELDS: from the first JSON object that has an "action" (else the
+    first object), then, for what it lacks, the loose `name: value` patterns. Never raises."""
+    text = (text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text))[:MAX_ANSWER_CHARS]
+    objects = _objects(text)
+    first = next(objects, {})
+    found = first if ACTION_FIELD in first else next((o for o in objects if ACTION_FIELD in o), first)
+    answer = {name: found.get(name) for name in ANSWER_FIELDS}
+    if None in answer.values() and THOUGHT_FIELD in text.lower():  # the thought's string blanked, its length kept
+        text = _THOUGHT_VALUE_RE.sub(lambda m: m.group(1) + " " * len(m.group(2)) + m.group(3), text)
+    for name, value in answer.items():
+        if value is None and (m := _LOOSE_FIELD_RE[name].search(text)):
+            answer[name] = None if m.lastindex == 3 else m.group(m.lastindex).strip()
+    return {name: value if isinstance(value, str) else None for name, value in answer.items()}
+
 
 # A turn argument is whitespace, at most one quote, whitespace, 1 to 40 letters, underscores and spaces, and the
 # same mirrored. The regex only finds the parentheses and `_turn_words` checks the rest: written as one regex, its
@@ -642,16 +633,21 @@ def claims_intersection(text) -> bool:
     return True
 
 
+# ---- verify: reward and feedback ----
+
 @dataclass
 class Verdict:
     outcome: str                  # a key of REWARDS
     reward: float
-    feedback: str
+    feedback: str                 # the verifier's message, the next user turn after a failed attempt
     observation_ok: bool          # the answer's intersection claim was right
 
 
+RETRY = " Try again, answering with one JSON object in the same format."  # follows a failure's feedback
+
+
 def _failure(outcome: str, reason: str, observation_ok: bool) -> Verdict:
-    return Verdict(outcome, REWARDS[outcome], failure_feedback(reason), observation_ok)
+    return Verdict(outcome, REWARDS[outcome], f"You failed this trial because {reason}.", observation_ok)
 
 
 def _choices(absolute: bool) -> str:
@@ -660,22 +656,17 @@ def _choices(absolute: bool) -> str:
 
 def verify(text, pos: Position, absolute: bool, literal_intersection_check: bool = False,
            protocol: str = "project") -> Verdict:
-    """Score one answer at a position: the single source of reward and success. Never raises.
-
-    The paper's order (`step_rewards_virl`): the right action is correct whatever the observation
-    says; any other answer is a wrong_observation if its intersection claim is wrong, else an
-    invalid_action (no action of the action space) or a wrong_action.
-
-    The claim is checked against the position by default. `literal_intersection_check` uses the
-    paper code's test instead: the word "intersection" anywhere in the answer's observation ("no
-    intersection" included) against the position's landmark text, which never holds the intersection
-    cue; so a wrong answer naming a real intersection scores -1.5 and a missed one only -1. Protocol
-    "official" scores as the official code does (official.py)."""
+    """Score one answer at a position: the single source of reward and success. Never raises. The paper's order
+    (`step_rewards_virl`): the right action is correct whatever the observation says; else a wrong intersection
+    claim is a wrong_observation; else an invalid_action (no action of the action space) or a wrong_action.
+    `literal_intersection_check`: the paper code's claim test, the word "intersection" anywhere in the answer's
+    observation ("no intersection" included) against the landmark text, which never holds the cue (a real
+    intersection named scores -1.5, one missed -1). Protocol "official" scores as official.py does."""
     if protocol == "official":  # observation_ok: this project's reading of the claim, for the recognition statistics
         outcome, reward, feedback, said = official_rules().virl_verify(
             text, expected_action(pos, absolute), landmark_text(pos), _action_strings(absolute))
         return Verdict(outcome, reward, feedback, claims_intersection(said) == pos.at_intersection)
-    answer = parse_answer(text, ANSWER_FIELDS)
+    answer = parse_answer(text)
     said = answer["current observation"]
     claimed = claims_intersection(said)
     observation_ok = claimed == pos.at_intersection
@@ -686,7 +677,6 @@ def verify(text, pos: Position, absolute: bool, literal_intersection_check: bool
     if literal_intersection_check:
         claimed = isinstance(said, str) and "intersection" in said
         claim_ok = claimed == any("intersection" in name for name, _ in pos.landmarks)
-
     if not claim_ok:
         return _failure("wrong_observation", "you observed an intersection where there is none" if claimed
                         else "you did not notice the intersection you are at", observation_ok)
@@ -702,8 +692,7 @@ def _action_strings(absolute: bool) -> tuple:
 
 
 def official_rules():
-    """official.py, the official code's rules, imported only under protocol "official": without it this file copies
-    out alone."""
+    """official.py, the official code's rules, imported only under protocol "official"."""
     import official
     return official
 
@@ -714,253 +703,142 @@ def official_prompt(steps: list, history: list, current: str, absolute: bool, vi
     return official_rules().virl_prompt(steps, history, current, choices, vision)
 
 
-# ---- environment ----
-
-ACTION_SPACE = {True: "north, northeast, east, southeast, south, southwest, west, northwest",
-                False: "left, right, slightly left, slightly right"}
+# ---- the prompt ----
+# Prompt diversity ("Debunk the Myth of SFT Generalization", arXiv 2510.00237): SFT on many wordings of one task
+# keeps a model from tying the task to one template. Each template states the same facts in its own words and order;
+# template 0 is the original prompt. A template is (prompt, one instruction, one past position, the past when empty,
+# the views' paragraph), the prompt's fields {steps}, {past}, {n} (the current position), {current}, {choices} (the
+# turn directions) and {view} (V-IRL-VL's paragraph, else nothing).
+_TEMPLATES = (
+    ("[Task]\nYou are an expert navigator. Follow the route instructions below, one position at a time. At each "
+     "position, say what you observe, which instruction you are carrying out, and the action to take next.\n\n"
+     '[Instructions]\n{steps}\n\n{view}[Action space]\n"forward()": move forward to the next position;\n'
+     '"turn_direction(x)": turn to face x, one of {choices};\n"stop()": stop, you have reached the destination.'
+     "\n\n[Observations and actions so far]\n{past}O_{n}: {current}\n\n[Output]\nAnswer with one JSON object and "
+     'nothing else:\n{{"current observation": "what you observe now", "current instruction": "the instruction '
+     'you are carrying out", "action": "one action from the action space"}}',
+     "{i}. {s}", "O_{i}: {o}\nA_{i}: {a}\n", "",
+     "[Observation format]\nYou observe a 2x2 grid of street views with these headings:\n[front, right\n back, left]\n"
+     "Check whether a landmark named in the instructions is in sight.\n\n"),
+    ('Reply with exactly one JSON object:\n{{"current observation": "...", "current instruction": "...", '
+     '"action": "..."}}\n"current observation" describes what you observe where you stand now, "current '
+     'instruction" is the route instruction you are carrying out there, and "action" is your next move, taken '
+     "from the allowed actions.\n\nAllowed actions:\n- forward(): go ahead to the next position\n- turn_direction(x): "
+     "turn to face x, where x is one of {choices}\n- stop(): you have arrived at the destination\n\nYou are walking a "
+     "route through a city, one position at a time. The route:\n{steps}\n\n{view}Positions so far:\n{past}Position "
+     "{n} (current) - observed: {current}",
+     "Step {i}: {s}", "Position {i} - observed: {o}\nPosition {i} - action taken: {a}\n", "",
+     "At the current position you see one image of four street views in a 2x2 grid: the front view top left, the "
+     "right view top right, the back view bottom left and the left view bottom right. Look in them for the landmarks "
+     "the route names.\n\n"),
+    ("Navigation task. You walk along a route in a city, position by position, following written directions. At "
+     "every position, report what you see, name the direction you are following, and choose the next action.\n\n"
+     "What you have seen and done, oldest first:\n{past}Now you see: {current}\n\nRoute directions:\n{steps}\n\n"
+     "Actions you may take: forward() moves you to the next position; turn_direction(x) turns you to face x, with x "
+     "one of {choices}; stop() ends the walk at the destination.\n\n{view}Output one JSON object only, with the keys "
+     '"current observation" (what you see now), "current instruction" (the direction you are following) and '
+     '"action" (the action you take).',
+     "({i}) {s}", "{i}. saw: {o} | did: {a}\n", "nothing yet, this is the first position\n",
+     "What you see is one image of 4 street views, laid out as a 2x2 grid: front and right on the top row, back and "
+     "left on the bottom row. Check it for the landmarks the directions mention.\n\n"),
+    ("## Role\nYou guide a pedestrian through a city along a described route, deciding one move per position.\n"
+     "## Route instructions\n{steps}\n## Moves\n* forward() - walk on to the next position\n* turn_direction(x) - "
+     "face x, where x is one of {choices}\n* stop() - the destination is reached\n{view}## Trajectory\n{past}t{n} "
+     'observation: {current}   <- now\n## Answer\nA single JSON object, {{"current observation": ..., "current '
+     'instruction": ..., "action": ...}}, giving what you observe at t{n}, the instruction you are following '
+     "there, and your move.",
+     "{i}) {s}", "t{i} observation: {o}\nt{i} action: {a}\n", "",
+     "## Views\nA 2x2 image of street views: [front | right] on top, [back | left] below. Watch for the landmarks "
+     "named in the instructions.\n"),
+    ("Question: you are following the route below and stand at position {n}. What do you observe, which instruction "
+     "are you following, and what is your next action?\n\nRoute:\n{steps}\n\nEarlier positions:\n{past}At this "
+     "position you observe: {current}\n\n{view}Possible actions are forward() (advance to the next position), "
+     "turn_direction(x) (turn to face x, x being one of {choices}) and stop() (you are at the destination).\n\n"
+     'Answer format: one JSON object and nothing else, {{"current observation": "<what you observe>", "current '
+     'instruction": "<the instruction you follow>", "action": "<your action>"}}.',
+     "Instruction {i} - {s}", 'At position {i} you observed "{o}" and took the action {a}.\n',
+     "None: you are at the first position.\n",
+     "Your observation is an image of four street views in a 2x2 grid (top: front, right; bottom: back, left); find "
+     "in it the landmarks the instructions name.\n\n"),
+    ("Current observation: {current}\n\nPrevious observations and actions:\n{past}\nYou are a navigator on foot. "
+     "These are the numbered instructions of your whole route; carry them out in order:\n{steps}\n\n{view}Action "
+     "space: forward() | turn_direction(x), x in {choices} | stop()\nforward() takes you to the next position, "
+     "turn_direction(x) turns you to face x, stop() means you have arrived.\n\nRespond with JSON only, one object "
+     'with three fields, in this order: "current observation", what you observe now; "current instruction", the '
+     'instruction you are carrying out; "action", one action from the action space.',
+     "[{i}] {s}", "{i}) {o} => {a}\n", "(none)\n",
+     "The current observation is a picture made of four street views, 2 by 2: front (top left), right (top right), "
+     "back (bottom left), left (bottom right). Look for the landmarks of the instructions.\n\n"),
+    ("INPUT\nroute instructions:\n{steps}\nhistory:\n{past}current observation: {current}\n{view}ACTIONS\nforward() "
+     "= move to the next position; turn_direction(x) = turn to face x (x in {choices}); stop() = at the destination\n"
+     'OUTPUT\none JSON object: {{"current observation": <what you observe>, "current instruction": <the '
+     'instruction being carried out>, "action": <an action from ACTIONS>}}\nTASK\nNavigate the route one position '
+     "at a time: read the current observation against the instructions and pick the next action.",
+     "  #{i} {s}", "  #{i} observation={o} action={a}\n", "  (empty)\n",
+     "VIEWS\none image, a 2x2 grid of street views: front, right (top row); back, left (bottom row)\n"),
+    ("Imagine you are on foot in a city, finding your way with these directions, which you follow in order:\n"
+     "{steps}\nOn the way you noted:\n{past}Where you stand now (position {n}): {current}\n{view}At each position you "
+     "take exactly one action: forward() to walk on to the next position, turn_direction(x) to turn and face x (x is "
+     "one of {choices}), or stop() once you reach the destination.\nSay what you observe, which of the directions you "
+     'are following, and what you do next, as one JSON object and nothing else: {{"current observation": "...", '
+     '"current instruction": "...", "action": "..."}}',
+     "{i}. {s}", "- at position {i} you saw: {o} (you chose {a})\n", "- nothing so far\n",
+     "What you see comes as one image of four street views in a 2x2 grid, front and right above, back and left "
+     "below; spot in it the landmarks of your directions.\n"),
+    ('Your answer must be one JSON object with these keys, in this order:\n- "current observation": what you '
+     'observe at your position\n- "current instruction": which route instruction you are carrying out\n- '
+     '"action": the next action, one of forward(), turn_direction(x) with x among {choices}, or stop()\nforward() '
+     "moves you to the next position, turn_direction(x) turns you to face x, and stop() says you have reached the "
+     "destination.\n\nThe route you are navigating, step by step:\n{steps}\n\n{view}Log of the walk:\n{past}O_{n} = "
+     "{current} (now)",
+     "Step {i}. {s}", "O_{i} = {o}\nA_{i} = {a}\n", "",
+     "Your observations are images of 4 street views in a 2x2 grid ([front, right] over [back, left]); check them "
+     "for the landmarks of the route.\n\n"),
+    ("You are a navigation agent in a city. Rules: go one position at a time; at each position, compare what you "
+     "observe with the route instructions, then take the action that carries out the current instruction.\n"
+     "Actions: forward() (to the next position), turn_direction(x) (face x, with x in {choices}), stop() (the "
+     "destination is reached).\nRoute, numbered:\n{steps}\n{view}Log:\n{past}[{n}] {current} -> ?\nAnswer: one JSON "
+     'object holding "current observation" (what you observe), "current instruction" (the instruction in '
+     'progress) and "action" (your action), nothing else.',
+     "{i} - {s}", "[{i}] {o} -> {a}\n", "",
+     "Views: each position shows one image, four street views in a 2x2 grid, front top left, right top right, back "
+     "bottom left, left bottom right.\n"),
+)
 
 
 def prompt_text(steps: list, history: list, current: str, absolute: bool, vision: bool, template: int = 0) -> str:
-    """The full prompt at one position: task, numbered instructions, action space, O/A history, in the wording
-    of `template` (VirlConfig.prompt_template)."""
-    return _TEMPLATES[template](steps, history, current, absolute, vision)
+    """The full prompt at one position in the wording of `template` (VirlConfig.prompt_template)."""
+    prompt, step, past, empty, view = _TEMPLATES[template]
+    return prompt.format(steps="\n".join(step.format(i=i + 1, s=s) for i, s in enumerate(steps)),
+                         past="".join(past.format(i=i + 1, o=o, a=a) for i, (o, a) in enumerate(history)) or empty,
+                         n=len(history) + 1, current=current, choices=_choices(absolute), view=view if vision else "")
 
 
-def _template_0(steps: list, history: list, current: str, absolute: bool, vision: bool) -> str:
-    lines = [f"O_{i + 1}: {o}\nA_{i + 1}: {a}" for i, (o, a) in enumerate(history)]
-    lines.append(f"O_{len(history) + 1}: {current}")
-    view = ("[Observation format]\nYou observe a 2x2 grid of street views with these headings:\n"
-            "[front, right\n back, left]\nCheck whether a landmark named in the instructions is in sight.\n\n"
-            if vision else "")
-    return (
-        "[Task]\nYou are an expert navigator. Follow the route instructions below, one position at a time. "
-        "At each position, say what you observe, which instruction you are carrying out, and the action "
-        "to take next.\n\n"
-        "[Instructions]\n" + "\n".join(f"{i + 1}. {s}" for i, s in enumerate(steps)) + "\n\n" + view +
-        "[Action space]\n"
-        '"forward()": move forward to the next position;\n'
-        f'"turn_direction(x)": turn to face x, one of {ACTION_SPACE[absolute]};\n'
-        '"stop()": stop, you have reached the destination.\n\n'
-        "[Observations and actions so far]\n" + "\n".join(lines) + "\n\n"
-        "[Output]\nAnswer with one JSON object and nothing else:\n"
-        '{"current observation": "what you observe now", "current instruction": "the instruction you are '
-        'carrying out", "action": "one action from the action space"}'
-    )
-
-
-# Prompt diversity ("Debunk the Myth of SFT Generalization", arXiv 2510.00237): SFT on many wordings of one task
-# keeps a model from tying the task to one template. Every template states the same facts (the task, the numbered
-# instructions, the views in V-IRL-VL, the action space, the observations and actions so far, the current
-# observation, the three answer fields) in its own words and order; template 0 is the prompt above.
-
-def _numbered(steps: list, form: str) -> str:
-    return "\n".join(form.format(i=i + 1, s=s) for i, s in enumerate(steps))
-
-
-def _past(history: list, form: str, none: str) -> str:
-    """The observations and actions so far, one line each, or `none` at the first position."""
-    return "\n".join(form.format(i=i + 1, o=o, a=a) for i, (o, a) in enumerate(history)) or none
-
-
-def _template_1(steps, history, current, absolute, vision) -> str:
-    view = ("At the current position you see one image of four street views in a 2x2 grid: the front view top "
-            "left, the right view top right, the back view bottom left and the left view bottom right. Look in "
-            "them for the landmarks the route names.\n\n" if vision else "")
-    return (
-        "Reply with exactly one JSON object:\n"
-        '{"current observation": "...", "current instruction": "...", "action": "..."}\n'
-        '"current observation" describes what you observe where you stand now, "current instruction" is the route '
-        'instruction you are carrying out there, and "action" is your next move, taken from the allowed actions.\n\n'
-        "Allowed actions:\n"
-        "- forward(): go ahead to the next position\n"
-        f"- turn_direction(x): turn to face x, where x is one of {ACTION_SPACE[absolute]}\n"
-        "- stop(): you have arrived at the destination\n\n"
-        "You are walking a route through a city, one position at a time. The route:\n"
-        + _numbered(steps, "Step {i}: {s}") + "\n\n" + view +
-        "Positions so far:\n"
-        + "".join(f"Position {i + 1} - observed: {o}\nPosition {i + 1} - action taken: {a}\n"
-                  for i, (o, a) in enumerate(history))
-        + f"Position {len(history) + 1} (current) - observed: {current}"
-    )
-
-
-def _template_2(steps, history, current, absolute, vision) -> str:
-    view = ("What you see is one image of 4 street views, laid out as a 2x2 grid: front and right on the top "
-            "row, back and left on the bottom row. Check it for the landmarks the directions mention.\n\n"
-            if vision else "")
-    return (
-        "Navigation task. You walk along a route in a city, position by position, following written directions. "
-        "At every position, report what you see, name the direction you are following, and choose the next "
-        "action.\n\n"
-        "What you have seen and done, oldest first:\n"
-        + _past(history, "{i}. saw: {o} | did: {a}", "nothing yet, this is the first position") + "\n"
-        f"Now you see: {current}\n\n"
-        "Route directions:\n" + _numbered(steps, "({i}) {s}") + "\n\n"
-        "Actions you may take: forward() moves you to the next position; turn_direction(x) turns you to face x, "
-        f"with x one of {ACTION_SPACE[absolute]}; stop() ends the walk at the destination.\n\n" + view +
-        'Output one JSON object only, with the keys "current observation" (what you see now), "current '
-        'instruction" (the direction you are following) and "action" (the action you take).'
-    )
-
-
-def _template_3(steps, history, current, absolute, vision) -> str:
-    view = ("## Views\nA 2x2 image of street views: [front | right] on top, [back | left] below. Watch for the "
-            "landmarks named in the instructions.\n" if vision else "")
-    n = len(history) + 1
-    return (
-        "## Role\nYou guide a pedestrian through a city along a described route, deciding one move per "
-        "position.\n"
-        "## Route instructions\n" + _numbered(steps, "{i}) {s}") + "\n"
-        "## Moves\n"
-        "* forward() - walk on to the next position\n"
-        f"* turn_direction(x) - face x, where x is one of {ACTION_SPACE[absolute]}\n"
-        "* stop() - the destination is reached\n" + view +
-        "## Trajectory\n"
-        + "".join(f"t{i + 1} observation: {o}\nt{i + 1} action: {a}\n" for i, (o, a) in enumerate(history))
-        + f"t{n} observation: {current}   <- now\n"
-        '## Answer\nA single JSON object, {"current observation": ..., "current instruction": ..., "action": ...}, '
-        f"giving what you observe at t{n}, the instruction you are following there, and your move."
-    )
-
-
-def _template_4(steps, history, current, absolute, vision) -> str:
-    view = ("Your observation is an image of four street views in a 2x2 grid (top: front, right; bottom: back, "
-            "left); find in it the landmarks the instructions name.\n\n" if vision else "")
-    return (
-        f"Question: you are following the route below and stand at position {len(history) + 1}. What do you "
-        "observe, which instruction are you following, and what is your next action?\n\n"
-        "Route:\n" + _numbered(steps, "Instruction {i} - {s}") + "\n\n"
-        "Earlier positions:\n"
-        + _past(history, 'At position {i} you observed "{o}" and took the action {a}.',
-                "None: you are at the first position.") + "\n"
-        f"At this position you observe: {current}\n\n" + view +
-        "Possible actions are forward() (advance to the next position), turn_direction(x) (turn to face x, x being "
-        f"one of {ACTION_SPACE[absolute]}) and stop() (you are at the destination).\n\n"
-        'Answer format: one JSON object and nothing else, {"current observation": "<what you observe>", '
-        '"current instruction": "<the instruction you follow>", "action": "<your action>"}.'
-    )
-
-
-def _template_5(steps, history, current, absolute, vision) -> str:
-    view = ("The current observation is a picture made of four street views, 2 by 2: front (top left), right (top "
-            "right), back (bottom left), left (bottom right). Look for the landmarks of the instructions.\n\n"
-            if vision else "")
-    return (
-        f"Current observation: {current}\n\n"
-        "Previous observations and actions:\n" + _past(history, "{i}) {o} => {a}", "(none)") + "\n\n"
-        "You are a navigator on foot. These are the numbered instructions of your whole route; carry them out "
-        "in order:\n" + _numbered(steps, "[{i}] {s}") + "\n\n" + view +
-        f"Action space: forward() | turn_direction(x), x in {ACTION_SPACE[absolute]} | stop()\n"
-        "forward() takes you to the next position, turn_direction(x) turns you to face x, stop() means you have "
-        "arrived.\n\n"
-        'Respond with JSON only, one object with three fields, in this order: "current observation", what you '
-        'observe now; "current instruction", the instruction you are carrying out; "action", one action from '
-        "the action space."
-    )
-
-
-def _template_6(steps, history, current, absolute, vision) -> str:
-    view = ("VIEWS\none image, a 2x2 grid of street views: front, right (top row); back, left (bottom row)\n"
-            if vision else "")
-    return (
-        "INPUT\nroute instructions:\n" + _numbered(steps, "  #{i} {s}") + "\n"
-        "history:\n" + _past(history, "  #{i} observation={o} action={a}", "  (empty)") + "\n"
-        f"current observation: {current}\n" + view +
-        "ACTIONS\nforward() = move to the next position; turn_direction(x) = turn to face x (x in "
-        f"{ACTION_SPACE[absolute]}); stop() = at the destination\n"
-        'OUTPUT\none JSON object: {"current observation": <what you observe>, "current instruction": <the '
-        'instruction being carried out>, "action": <an action from ACTIONS>}\n'
-        "TASK\nNavigate the route one position at a time: read the current observation against the "
-        "instructions and pick the next action."
-    )
-
-
-def _template_7(steps, history, current, absolute, vision) -> str:
-    view = ("What you see comes as one image of four street views in a 2x2 grid, front and right above, back and "
-            "left below; spot in it the landmarks of your directions.\n" if vision else "")
-    return (
-        "Imagine you are on foot in a city, finding your way with these directions, which you follow in order:\n"
-        + _numbered(steps, "{i}. {s}") + "\n"
-        "On the way you noted:\n" + _past(history, "- at position {i} you saw: {o} (you chose {a})", "- nothing so far")
-        + f"\nWhere you stand now (position {len(history) + 1}): {current}\n" + view +
-        "At each position you take exactly one action: forward() to walk on to the next position, "
-        f"turn_direction(x) to turn and face x (x is one of {ACTION_SPACE[absolute]}), or stop() once you reach "
-        "the destination.\n"
-        "Say what you observe, which of the directions you are following, and what you do next, as one JSON "
-        'object and nothing else: {"current observation": "...", "current instruction": "...", "action": "..."}'
-    )
-
-
-def _template_8(steps, history, current, absolute, vision) -> str:
-    view = ("Your observations are images of 4 street views in a 2x2 grid ([front, right] over [back, left]); "
-            "check them for the landmarks of the route.\n\n" if vision else "")
-    n = len(history) + 1
-    return (
-        "Your answer must be one JSON object with these keys, in this order:\n"
-        '- "current observation": what you observe at your position\n'
-        '- "current instruction": which route instruction you are carrying out\n'
-        '- "action": the next action, one of forward(), turn_direction(x) with x among '
-        f"{ACTION_SPACE[absolute]}, or stop()\n"
-        "forward() moves you to the next position, turn_direction(x) turns you to face x, and stop() says you have "
-        "reached the destination.\n\n"
-        "The route you are navigating, step by step:\n" + _numbered(steps, "Step {i}. {s}") + "\n\n" + view +
-        "Log of the walk:\n"
-        + "".join(f"O_{i + 1} = {o}\nA_{i + 1} = {a}\n" for i, (o, a) in enumerate(history))
-        + f"O_{n} = {current} (now)"
-    )
-
-
-def _template_9(steps, history, current, absolute, vision) -> str:
-    view = ("Views: each position shows one image, four street views in a 2x2 grid, front top left, right top "
-            "right, back bottom left, left bottom right.\n" if vision else "")
-    n = len(history) + 1
-    return (
-        "You are a navigation agent in a city. Rules: go one position at a time; at each position, compare what "
-        "you observe with the route instructions, then take the action that carries out the current "
-        "instruction.\n"
-        "Actions: forward() (to the next position), turn_direction(x) (face x, with x in "
-        f"{ACTION_SPACE[absolute]}), stop() (the destination is reached).\n"
-        "Route, numbered:\n" + _numbered(steps, "{i} - {s}") + "\n" + view +
-        "Log:\n" + "".join(f"[{i + 1}] {o} -> {a}\n" for i, (o, a) in enumerate(history))
-        + f"[{n}] {current} -> ?\n"
-        'Answer: one JSON object holding "current observation" (what you observe), "current instruction" (the '
-        'instruction in progress) and "action" (your action), nothing else.'
-    )
-
-
-_TEMPLATES = (_template_0, _template_1, _template_2, _template_3, _template_4, _template_5, _template_6,
-              _template_7, _template_8, _template_9)
-
-
-# ---- chain-of-thought answers ----
-# "Debunk the Myth of SFT Generalization" trains SFT on answers that reason before they act. The expert's thought
+# ---- the expert ----
+# "Debunk the Myth of SFT Generalization" trains SFT on answers that reason before they act: the expert's thought
 # ties the observation to the instruction that applies and the instruction to the action under the active rule,
 # so that SFT data carries the rule itself, not only its result.
 
 def expert_thought(pos: Position, steps: list, absolute: bool) -> str:
-    """The reasoning of the correct answer at a position: what is in sight, whether it is an intersection, which
-    instruction applies and why, which heading or turn it names, hence the action. Written without double
-    quotes and without 'field:' patterns, so that it stays one JSON string that neither the answer parser nor
-    the trainers' search for the action field can mistake for a field."""
+    """The reasoning of the correct answer at a position, written without double quotes or 'field:' patterns, so
+    that neither the answer parser nor the trainers' search for the action field mistakes it for a field."""
     n, action = pos.instruction, expected_action(pos, absolute)
-    seen = [("the destination " if name == pos.destination else "") + f"{name} on my {relation_name(b - pos.heading)}"
-            for name, b in pos.landmarks]
-    sight = ("I see " + ", ".join(seen) if seen else "I see no landmark") + (
-        "; this is an intersection" if pos.at_intersection else "; this is not an intersection")
+    seen = ", ".join(("the destination " if name == pos.destination else "") + f"{name} on my "
+                     f"{relation_name(b - pos.heading)}" for name, b in pos.landmarks)
+    sight = f"I see {seen or 'no landmark'}; this is {'an' if pos.at_intersection else 'not an'} intersection"
     quoted = lambda k: f"instruction {k}, '{steps[k - 1]}',"
     if pos.action == "forward":
         return f"{sight}, so I am still on the street of {quoted(n)} short of its end. The action is {action}."
     if pos.action == "stop":
-        arrived = ("the destination is in sight" if any(name == pos.destination for name, _ in pos.landmarks)
-                   else "I am at the destination")
+        arrived = "the destination is in sight" if pos.destination in dict(pos.landmarks) else "I am at the destination"
         return (f"{sight}. This is the end of {quoted(n)} the last instruction: it leads to {pos.destination}, and "
                 f"{arrived}. The action is {action}.")
     why = (f"{sight}, so {quoted(n - 1)} is done and {quoted(n)} applies here." if pos.at_intersection
            else f"{sight}. I have not moved yet, so I am at the start of the route and {quoted(n)} applies.")
     to = direction_name(pos.turn_to)
-    rule = (f"It names the heading {to}, and my actions take compass headings" if absolute
-            else f"It names a {turn_name(pos.heading, pos.turn_to)} turn to face {to}, and my actions take turns "
-                 "relative to my heading")
+    rule = (f"It names the heading {to}, and my actions take compass headings" if absolute else
+            f"It names a {turn_name(pos.heading, pos.turn_to)} turn to face {to}, and my actions take turns relative "
+            "to my heading")
     return f"{why} {rule}, so the action is {action}."
 
 
@@ -969,20 +847,33 @@ WRONG_ACTIONS = ("forward()", "stop()", "turn_direction(north)", "turn_direction
 
 
 def wrong_answer(expert: str, rng: random.Random) -> str:
-    """A plausible mistake for sequential-revision SFT data: the expert answer (JSON or the official template)
-    with another action, drawn from `rng` among WRONG_ACTIONS. A thought, if any, stays: the mistake is in the
-    action."""
-    action = parse_answer(expert, ANSWER_FIELDS)[ACTION_FIELD]
+    """A plausible mistake for sequential-revision SFT data: the expert answer (JSON or the official template) with
+    another action, drawn from `rng` among WRONG_ACTIONS; a thought stays as it was."""
+    action = parse_answer(expert)[ACTION_FIELD]
     wrong = rng.choice([a for a in WRONG_ACTIONS if a != action])
     # an action is letters, brackets and spaces, which JSON writes as they are: the same text in both formats
     return expert.replace(f'"{ACTION_FIELD}": "{action}"', f'"{ACTION_FIELD}": "{wrong}"', 1)
 
 
+# ---- the environment ----
+
+@dataclass
+class Observation:
+    text: str                  # the user turn to show the model
+    image: object = None       # V-IRL-VL: the 2x2 grid (a PIL image) at a new position; else None
+    continues: bool = False    # True: append to the conversation; False: start a new one
+
+
+def _streetview():
+    """streetview.py, V-IRL-VL's street views, imported only when vision needs them: V-IRL-L runs without it."""
+    import streetview
+    return streetview
+
+
 class NavigationEnv:
-    """One walker on V-IRL routes. reset() picks a route and returns the prompt at its first
-    position; step(answer) verifies one attempt. A correct answer moves to the next position: a new
-    prompt (continues=False); a wrong one asks again (continues=True) until the position's attempts
-    run out, which ends the route, failed. After done, call reset().
+    """One walker on V-IRL routes. reset() picks a route and returns the prompt at its first position; step(answer)
+    verifies one attempt. A correct answer moves on to the next position, a new prompt (continues=False); a wrong
+    one asks again (continues=True) until the position's attempts run out, which ends the route, failed.
 
     >>> env = NavigationEnv(VirlConfig(n_routes=5), seed=0)
     >>> obs = env.reset()
@@ -995,15 +886,18 @@ class NavigationEnv:
 
     def __init__(self, config: Optional[VirlConfig] = None, seed: int = 0, routes: Optional[list] = None):
         """`routes`: the parsed routes of `config`, when another env already has them (saves re-parsing)."""
-        self.config = config or VirlConfig()
-        self.routes = routes if routes is not None else routes_for(self.config)
+        cfg = self.config = config or VirlConfig()
+        self.routes = routes if routes is not None else [parse_route(r, f"{cfg.routes}: route {i}")
+                                                         for i, r in enumerate(raw_routes(cfg))]
         self.rng = random.Random(seed)
-        self.streetviews = None
-        if self.config.vision and any(r.city is None for r in self.routes):
-            if not (self.config.streetview_dir and self.config.streetview_map):
+        self.streetviews = None  # real routes' panoramas
+        if cfg.vision and any(r.city is None for r in self.routes):
+            if not (cfg.streetview_dir and cfg.streetview_map):
                 raise ValueError("vision on real V-IRL routes needs their street views: set streetview_dir "
                                  "(the {pano_id}.jpg folder) and streetview_map (the (lat, lng) -> pano_id pickle)")
-            self.streetviews = StreetViews(self.config.streetview_dir, self.config.streetview_map, haversine)
+            self.streetviews = _streetview().StreetViews(cfg.streetview_dir, cfg.streetview_map, haversine)
+        elif cfg.vision:
+            _streetview()  # here rather than at the first reset: V-IRL-VL needs streetview.py
         self.route, self.rail, self.steps, self.history = None, [], [], []
         self.index = self.attempt = 0
         self.done = True
@@ -1014,10 +908,9 @@ class NavigationEnv:
 
     def reset(self, seed: Optional[int] = None, episode: Optional[int] = None,
               route: Optional[int] = None) -> Observation:
-        """Start a route; `seed` restarts the RNG (start heading, dropped forwards). Episode k plays route
-        k % len(self.routes) (evaluation), `route` picks one by index; with neither, the RNG draws one. Under
-        protocol "official" the RNG draws it for an episode too, as the official evaluation draws its routes with
-        replacement, but on the mini benchmark, which it plays in order."""
+        """Start a route; `seed` restarts the RNG. Episode k plays route k % len(self.routes), `route` picks one by
+        index; with neither, the RNG draws one. Under protocol "official" the RNG draws it for an episode too, as
+        the official evaluation draws its routes with replacement, but on the mini benchmark, played in order."""
         if seed is not None:
             self.rng = random.Random(seed)
         if episode is not None:
@@ -1036,22 +929,18 @@ class NavigationEnv:
         return self._observation()
 
     def _current_text(self, pos: Position) -> str:
-        """The current observation's line. V-IRL-VL must read landmarks off the image, but the paper's
-        prompt still tells it when it stands at an intersection."""
-        official = self.config.protocol == "official"
-        if not self.config.vision:
-            return observation_text(pos, self.config.protocol)
-        if official:  # the cue's place is always there, empty away from intersections
-            return "You observe an image of 4 views; " + (INTERSECTION_CUE if pos.at_intersection else "")
-        return "You observe an image of 4 views" + (f"; {INTERSECTION_CUE}" if pos.at_intersection else "")
+        """The current observation's line: in V-IRL-VL the image shows the landmarks, but the paper's prompt still
+        says when the agent stands at an intersection."""
+        return observation_text(pos, self.config.protocol, "You observe an image of 4 views" if self.config.vision
+                                else None)
 
     def views(self, pos: Position) -> list:
         """The four street views (front, right, back, left) at a position."""
         if self.streetviews is not None:
             return self.streetviews.views(pos.point, pos.heading, self.config.view_size)
         spot = f"{self.route.route_id}:{pos.point[0]:.6f}:{pos.point[1]:.6f}"
-        return synthetic_views(CITIES[self.route.city]["style"], pos.landmarks, pos.heading, pos.at_intersection,
-                               self.config.view_size, spot)
+        return _streetview().synthetic_views(CITIES[self.route.city]["style"], pos.landmarks, pos.heading,
+                                             pos.at_intersection, self.config.view_size, spot)
 
     def _observation(self) -> Observation:
         pos, cfg = self.position, self.config
@@ -1059,7 +948,7 @@ class NavigationEnv:
                 if cfg.protocol == "official" else
                 prompt_text(self.steps, self.history, self._current_text(pos), cfg.absolute_actions, cfg.vision,
                             cfg.prompt_template))
-        image = render_grid(self.views(pos), self.config.view_size) if self.config.vision else None
+        image = _streetview().render_grid(self.views(pos), cfg.view_size) if cfg.vision else None
         return Observation(text, image, continues=False)
 
     def step(self, response) -> tuple:
@@ -1069,9 +958,9 @@ class NavigationEnv:
         if self.attempt >= cfg.verify_iter:  # protocol "official": the answer after a position's last attempt
             reward, outcome, feedback = official_rules().step_limit()
             self.attempt, self.done = self.attempt + 1, True
-            return Observation(feedback, None), reward, True, {"outcome": outcome, "feedback": feedback,
-                                                               "success": False, "attempt": self.attempt,
-                                                               "recognized": None}
+            info = {"outcome": outcome, "feedback": feedback, "success": False, "attempt": self.attempt,
+                    "recognized": None}
+            return Observation(feedback, None), reward, True, info
         pos, absolute, official = self.position, cfg.absolute_actions, cfg.protocol == "official"
         verdict = verify(response, pos, absolute, cfg.literal_intersection_check, cfg.protocol)
         self.attempt += 1
@@ -1090,13 +979,12 @@ class NavigationEnv:
         elif correct:
             obs = self._observation()
         else:
-            obs = Observation(verdict.feedback if official else retry_text(verdict.feedback), None, continues=True)
+            obs = Observation(verdict.feedback if official else verdict.feedback + RETRY, None, continues=True)
         info["success"] = self.done and correct  # the last position is the stop(): every one was passed
         return obs, verdict.reward, self.done, info
 
     def expert_response(self, reasoning: bool = False) -> str:
-        """The correct answer at the current position. `reasoning`: a "thought" field first, the chain of
-        thought of `expert_thought`, in the same object."""
+        """The correct answer at the current position; `reasoning`: opened by a "thought" field, `expert_thought`."""
         pos, absolute, protocol = self.position, self.config.absolute_actions, self.config.protocol
         answer = {"current observation": self._current_text(pos) if protocol == "official" else observation_text(pos),
                   "current instruction": self.steps[pos.instruction - 1], "action": expected_action(pos, absolute)}
@@ -1107,8 +995,20 @@ class NavigationEnv:
 
 # ---- demo ----
 
+def fail(message: str):
+    """Stop with one line on stderr, what was wrong and what would be accepted, and exit status 2 (argparse's)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def cannot_write(flag: str, path: str, e: OSError, what: str, expected: str):
+    """Stop with one line: the flag's path could not be written, why, and what would be accepted."""
+    fail(f"{flag} {path!r}: cannot {what} ({e.strerror or e}); expected {expected}")
+
+
 def main(argv=None) -> int:
-    p = OneLineArgumentParser(description="V-IRL: sample prompt, sample street-view grids, expert play.")
+    p = argparse.ArgumentParser(description="V-IRL: sample prompt, sample street-view grids, expert play.")
+    p.error = fail  # a bad value stops with one line, not a usage block
     p.add_argument("--routes", default="synthetic:nyc", help='"synthetic:<city>", "mini" or a V-IRL route file')
     p.add_argument("--n-routes", type=int, default=1000, help="routes to draw for synthetic:<city>")
     p.add_argument("--relative", action="store_true", help="OOD rule: left/right/slightly actions")
@@ -1116,6 +1016,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="route-drawing seed")
     p.add_argument("--out-dir", default=".", help="where to write the sample grids")
     p.add_argument("--ood-city", default="tokyo", choices=OOD_CITIES, help="the OOD city of the second sample grid")
+    p.add_argument("--no-grids", action="store_true", help="V-IRL-L alone: no grids, no streetview.py needed")
     p.add_argument("--export", metavar="PATH", help="write the routes to a V-IRL route file and exit")
     args = p.parse_args(argv)
     if args.episodes < 0:
@@ -1130,17 +1031,18 @@ def main(argv=None) -> int:
                 cannot_write("--export", args.export, e, "write it", "a writable file in an existing folder")
             print(f"wrote {len(raw)} routes to {args.export}")
             return 0
-        try:  # before the work: a folder that cannot be made fails at once
-            os.makedirs(args.out_dir, exist_ok=True)
-        except OSError as e:
-            cannot_write("--out-dir", args.out_dir, e, "make it a folder",
-                         "a folder, existing or to create, that we may write in")
+        if not args.no_grids:
+            try:  # before the work: a missing streetview.py, or a folder that cannot be made, fails at once
+                _streetview()
+                os.makedirs(args.out_dir, exist_ok=True)
+            except ImportError as e:
+                fail(f"the grids need streetview.py beside env_virl.py, and Pillow ({e}); expected them, or --no-grids")
+            except OSError as e:
+                cannot_write("--out-dir", args.out_dir, e, "make it a folder",
+                       "a folder, existing or to create, that we may write in")
         env = NavigationEnv(cfg, seed=args.seed)
-        print("---- V-IRL-L prompt ----")
-        print(env.reset().text)
-        print("---- expert answer ----")
-        print(env.expert_response())
-        for city in (ID_CITY, args.ood_city):
+        print("---- V-IRL-L prompt ----", env.reset().text, "---- expert answer ----", env.expert_response(), sep="\n")
+        for city in () if args.no_grids else (ID_CITY, args.ood_city):
             vl = NavigationEnv(VirlConfig(routes=f"synthetic:{city}", n_routes=1, vision=True), seed=args.seed)
             vl.reset()
             while vl.position.action != "turn" or not vl.position.at_intersection or not vl.position.landmarks:
@@ -1149,16 +1051,22 @@ def main(argv=None) -> int:
                     break
             path = os.path.join(args.out_dir, f"virl_vl_{city}.png")
             try:
-                render_grid(vl.views(vl.position), vl.config.view_size).save(path)
+                _streetview().render_grid(vl.views(vl.position), vl.config.view_size).save(path)
             except OSError as e:
                 cannot_write("--out-dir", args.out_dir, e, f"write {path}", "a folder that we may write in")
             print(f"---- V-IRL-VL grid in {city} ({observation_text(vl.position)}) written to {path} ----")
     except ValueError as e:
         fail(str(e))
 
-    wins, steps, secs = play_expert(env, args.episodes)
+    start, wins, positions = time.perf_counter(), 0, 0  # the expert's self-check: every route completed
+    for _ in range(args.episodes):
+        env.reset()
+        while not env.done:
+            info = env.step(env.expert_response())[3]
+            positions += 1
+        wins += info["success"]
     print(f"expert: {wins}/{args.episodes} routes completed ({100 * wins / max(1, args.episodes):.1f}%), "
-          f"{steps} positions, {secs:.2f} s")
+          f"{positions} positions, {time.perf_counter() - start:.2f} s")
     return 0 if wins == args.episodes else 1
 
 

@@ -7,7 +7,8 @@ This file owns what the model sees at a position, and nothing of navigation:
     render_grid       the four views as the 2x2 grid [front, right / back, left] the model is shown
     load_pano_map, perspective_view, StreetViews   real Google Street View panoramas, cut at the same headings
 It takes plain values (a city's style dict, landmarks as (name, compass bearing), headings in degrees), so it
-never imports env_virl.py: routes, the rail, the prompt, the verifier and the rewards live there.
+never imports env_virl.py: routes, the rail, the prompt, the verifier and the rewards live there. It needs Pillow
+(numpy for real panoramas) and nothing else of the project: with env_virl.py it copies out for V-IRL-VL.
 
 A style dict (env_virl.CITIES[city]["style"]) holds: sky, road, sidewalk, lane (RGB), facades (a list of RGB),
 window (RGB), pattern ("grid", "brick", "bands", "arches" or "glass"), sign_bg, sign_fg (RGB) and
@@ -23,9 +24,7 @@ import pickle
 import random
 import zlib
 
-from PIL import Image, ImageDraw
-
-from env_points import default_font
+from PIL import Image, ImageDraw, ImageFont
 
 # ---- street-view rendering (synthetic cities) ----
 # The street is modelled in 3D (x right, y up, z forward, camera at x=0 looking along +z) and projected
@@ -39,6 +38,17 @@ NEAR, FAR, BLOCK_D = 0.5, 80.0, 40.0   # street drawn from NEAR to FAR; building
 CROSS = (2.2, 5.2)                     # z span of the cross street (only when at an intersection)
 LOD_Z = 12.0                           # beyond this single windows are sub-pixel wide: one band per floor
 ZEBRA, BLACK, WHITE = (236, 236, 230), (0, 0, 0), (255, 255, 255)
+_FONTS = {}  # pixel size -> Pillow's built-in font: a few dozen sizes at most
+
+
+def load_font(px: int):
+    """Pillow's built-in font at `px` pixels: scalable with FreeType (Pillow >= 10.1), else its one bitmap size."""
+    if px not in _FONTS:
+        try:
+            _FONTS[px] = ImageFont.load_default(size=px)
+        except TypeError:  # an older Pillow: no size to choose
+            _FONTS[px] = ImageFont.load_default()
+    return _FONTS[px]
 
 
 def _mix(a, b, t):
@@ -161,7 +171,7 @@ def _sign_layout(size, style, name, x, placed):
     reach = min(max(abs(x), 0.12), 1.0)  # a sign at the very centre would stand infinitely far away
     z = WALK_W / reach  # the facade line x=WALK_W projects to |x| at this depth (focal length size/2)
     font_px = round(max(size / 16, min(size / 10, size * 0.35 / z)))
-    font = default_font(font_px)
+    font = load_font(font_px)
     lines = _wrap(name, font, 0.42 * size, style["sign_shape"] == "banner")
     pad, line_h = font_px * 0.35, font_px * 1.2
     width, height = max(map(font.getlength, lines)) + 2 * pad, len(lines) * line_h + 2 * pad
@@ -222,7 +232,7 @@ def render_grid(views: list, size: int):
     grid = Image.new("RGB", (2 * size, 2 * size), WHITE)
     for i, view in enumerate(views):
         grid.paste(view, ((i % 2) * size, (i // 2) * size))
-    draw, line_w, font = ImageDraw.Draw(grid), max(1, size // 112), default_font(max(9, size // 20))
+    draw, line_w, font = ImageDraw.Draw(grid), max(1, size // 112), load_font(max(9, size // 20))
     draw.rectangle([size - line_w, 0, size + line_w - 1, 2 * size], fill=WHITE)
     draw.rectangle([0, size - line_w, 2 * size, size + line_w - 1], fill=WHITE)
     for i, label in enumerate(("front", "right", "back", "left")):  # bottom-left: ground, signs rarely reach it

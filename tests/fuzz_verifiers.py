@@ -28,10 +28,10 @@ from array import array
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import env_points as E  # noqa: E402  (after the path: run as a script from anywhere)
+import env_points as G  # noqa: E402  (after the path: run as a script from anywhere)
 import env_virl as V  # noqa: E402
 
-KEYS = E.ANSWER_FIELDS + V.ANSWER_FIELDS
+KEYS = G.ANSWER_FIELDS + V.ANSWER_FIELDS
 PRINTABLE = string.printable
 
 
@@ -189,8 +189,8 @@ KINDS = ((printable, 0.25), (json_random, 0.22), (expert_mutated, 0.2), (patholo
 
 def environments(seed: int) -> dict:
     return {
-        "gp-l": E.GeneralPointsEnv(E.PointsConfig(), seed=seed),
-        "gp-vl": E.GeneralPointsEnv(E.PointsConfig(vision=True, image_size=64), seed=seed),  # the image is not verified
+        "gp-l": G.GeneralPointsEnv(G.PointsConfig(), seed=seed),
+        "gp-vl": G.GeneralPointsEnv(G.PointsConfig(vision=True, image_size=64), seed=seed),  # the image is not verified
         "virl-l-abs": V.NavigationEnv(V.VirlConfig(n_routes=100), seed=seed),
         "virl-l-rel": V.NavigationEnv(V.VirlConfig(n_routes=100, absolute_actions=False), seed=seed),
     }

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import env_points as E
+import env_points as G
 import official
 from env_points import GeneralPointsEnv, PointsConfig, evaluate_formula, solve, verify
 
@@ -32,7 +32,7 @@ def well_formed(v, cfg) -> bool:
     if cfg.protocol == "official":
         ok = v.outcome in official.REWARDS and math.isfinite(v.reward) and v.reward <= 5
     else:
-        ok = v.outcome in E.REWARDS and v.reward == E.REWARDS[v.outcome]
+        ok = v.outcome in G.REWARDS and v.reward == G.REWARDS[v.outcome]
     return ok and isinstance(v.feedback, str) and bool(v.feedback)
 
 
@@ -71,9 +71,9 @@ def brute_force_solve(values, target=24):
         if not isinstance(tree, tuple):
             return ("n", str(tree), ())
         op, left, right = tree
-        return dict(E._combine(canonical(left), canonical(right)))[op]
+        return dict(G._combine(canonical(left), canonical(right)))[op]
 
-    found = {E._render(canonical(tree)) for order in set(itertools.permutations(values))
+    found = {G._render(canonical(tree)) for order in set(itertools.permutations(values))
              for value, tree in trees(order) if value == target}
     return sorted(found, key=lambda s: (len(s), s))
 
@@ -110,14 +110,14 @@ def test_every_solution_is_exact_and_uses_each_number_once():
         formulas = solve(hand)
         assert len(formulas) == len(set(formulas))
         for f in formulas:
-            value, used = E.parse_formula(f)
+            value, used = G.parse_formula(f)
             assert value == 24 and sorted(used) == sorted(hand), f
 
 
 def test_solver_needs_fractions_and_reports_unsolvable():
     assert "8/(3-8/3)" in solve([3, 3, 8, 8])
     assert "5*(5-1/5)" in solve([1, 5, 5, 5])
-    assert solve([1, 1, 1, 1]) == [] and not E.is_solvable([1, 1, 1, 1])
+    assert solve([1, 1, 1, 1]) == [] and not G.is_solvable([1, 1, 1, 1])
     # commutative and associative variants are one formula
     assert solve([1, 2, 3, 4]).count("1*2*3*4") == 1 and "4*3*2*1" not in solve([1, 2, 3, 4])
 
@@ -143,7 +143,7 @@ def test_evaluate_formula_rejects_everything_else(text):
 
 
 def test_parse_formula_reports_numbers_in_order():
-    assert E.parse_formula("(10-4)*(3+1)") == (24, [10, 4, 3, 1])
+    assert G.parse_formula("(10-4)*(3+1)") == (24, [10, 4, 3, 1])
 
 
 # ---- verifier ----
@@ -172,7 +172,7 @@ def answer(formula, cards=None, number=None):
 def test_verifier_outcomes(ranks, text, outcome):
     v = verify(text, ranks, ID)
     assert v.outcome == outcome, v.feedback
-    assert v.reward == E.REWARDS[outcome]
+    assert v.reward == G.REWARDS[outcome]
     assert v.cards_ok is None  # GP-L does not verify recognition
 
 
@@ -266,7 +266,7 @@ PATHOLOGICAL = st.one_of(
     st.text(),
     st.text(alphabet="0123456789+-*/() =.{}[]\"':,formulacards"),
     st.builds(lambda f, c: json.dumps({"cards": c, "formula": f}),
-              st.text(alphabet="0123456789+-*/() ="), st.lists(st.sampled_from(E.RANKS + ("x", "", "11")))),
+              st.text(alphabet="0123456789+-*/() ="), st.lists(st.sampled_from(G.RANKS + ("x", "", "11")))),
     PATHOLOGICAL,
 ))
 def test_any_string_yields_one_outcome(text):
@@ -309,9 +309,9 @@ def test_expert_always_scores_five(cfg):
     for _ in range(300 if cfg.vision else 3000):
         obs = env.reset()
         assert (obs.image is not None) == cfg.vision and not obs.continues
-        assert all(s in E.SUIT_SETS[cfg.suits] for _, s in env.cards)
+        assert all(s in G.SUIT_SETS[cfg.suits] for _, s in env.cards)
         if cfg.face_card_required:
-            assert E.FACE_RANKS.intersection(env.ranks)
+            assert G.FACE_RANKS.intersection(env.ranks)
         _, reward, done, info = env.step(env.expert_response())
         assert (reward, done, info["success"], info["outcome"]) == (5.0, True, True, "correct")
 
@@ -324,14 +324,14 @@ def test_dealt_hands_are_solvable_and_rules_differ():
         assert solve(id_env.values) and solve(ood_env.values)
         assert max(ood_env.values) >= 11  # OOD: a face card in every hand, worth 11-13
         assert max(id_env.values) <= 10
-        saw_face_in_id |= bool(E.FACE_RANKS.intersection(id_env.ranks))
+        saw_face_in_id |= bool(G.FACE_RANKS.intersection(id_env.ranks))
     assert saw_face_in_id
     no_face = GeneralPointsEnv(PointsConfig(face_cards_as_10=False, face_card_required=False), seed=3)
-    assert any(not E.FACE_RANKS.intersection(no_face.reset() and no_face.ranks) for _ in range(200))
+    assert any(not G.FACE_RANKS.intersection(no_face.reset() and no_face.ranks) for _ in range(200))
 
 
 def _face_count_shares(hands) -> dict:
-    counts = [sum(r in E.FACE_RANKS for r in hand) for hand in hands]
+    counts = [sum(r in G.FACE_RANKS for r in hand) for hand in hands]
     return {k: counts.count(k) / len(counts) for k in range(5)}
 
 
@@ -343,7 +343,7 @@ def _official_shares(ood: bool) -> dict:
     draws = (itertools.product(range(1, 14), range(1, 14), range(1, 14), range(11, 14)) if ood
              else itertools.product(range(1, 14), repeat=4))
     for hand in draws:
-        if E.is_solvable(hand if ood else [min(v, 10) for v in hand]):
+        if G.is_solvable(hand if ood else [min(v, 10) for v in hand]):
             weights[sum(v >= 11 for v in hand)] += 1
     total = sum(weights.values())
     return {k: w / total for k, w in weights.items()}
@@ -365,12 +365,12 @@ def test_deals_follow_the_official_distribution_over_many_seeds():
             assert abs(got[k] - expected[ood][k]) < 0.03, (ood, k, got, expected[ood])
         if ood:
             # the face card is shuffled in, not always the last card shown
-            singles = [h for h in hands if sum(r in E.FACE_RANKS for r in h) == 1]
-            at = [next(i for i, r in enumerate(h) if r in E.FACE_RANKS) for h in singles]
+            singles = [h for h in hands if sum(r in G.FACE_RANKS for r in h) == 1]
+            at = [next(i for i, r in enumerate(h) if r in G.FACE_RANKS) for h in singles]
             assert all(abs(at.count(i) / len(at) - 0.25) < 0.04 for i in range(4)), at[:20]
     # the rejection sampler the project used before: 68% single face cards, well outside the tolerance
     rejected = [(a, b, c, d) for a, b, c, d in itertools.product(range(1, 14), repeat=4)
-                if max(a, b, c, d) >= 11 and E.is_solvable((a, b, c, d))]
+                if max(a, b, c, d) >= 11 and G.is_solvable((a, b, c, d))]
     single = sum(sum(v >= 11 for v in h) == 1 for h in rejected) / len(rejected)
     assert abs(single - 0.6792) < 1e-3 and single - expected[True][1] > 0.15
 
@@ -381,7 +381,7 @@ def test_ood_deal_is_on_exactly_under_the_ood_rule_unless_set():
     env = GeneralPointsEnv(PointsConfig(face_card_required=True), seed=1)  # ID rule, OOD deal
     for _ in range(300):
         env.reset()
-        assert E.FACE_RANKS.intersection(env.ranks) and max(env.values) == 10 and solve(env.values)
+        assert G.FACE_RANKS.intersection(env.ranks) and max(env.values) == 10 and solve(env.values)
 
 
 def test_same_seed_same_hands_and_reset_seed_restarts():
@@ -394,7 +394,7 @@ def test_same_seed_same_hands_and_reset_seed_restarts():
 
 
 def test_hands_do_not_depend_on_hash_seed():
-    code = ("import env_points as E; e = E.GeneralPointsEnv(E.PointsConfig(face_cards_as_10=False), seed=5); "
+    code = ("import env_points as G; e = G.GeneralPointsEnv(G.PointsConfig(face_cards_as_10=False), seed=5); "
             "print([(e.reset(), e.cards, e.expert_response())[1:] for _ in range(30)])")
     outs = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": h}).stdout for h in ("1", "2")}
@@ -426,22 +426,22 @@ def test_success_after_a_failed_attempt_ends_the_episode():
 # ---- the environment contract: what the trainers and the evaluator ask of it ----
 
 def test_action_field_is_the_answers_last_field():
-    assert E.ACTION_FIELD == "formula" == E.ANSWER_FIELDS[-1]
+    assert G.ACTION_FIELD == "formula" == G.ANSWER_FIELDS[-1]
     env = GeneralPointsEnv(ID, seed=0)
     env.reset()
-    assert list(json.loads(env.expert_response()))[-1] == E.ACTION_FIELD
+    assert list(json.loads(env.expert_response()))[-1] == G.ACTION_FIELD
 
 
 def test_wrong_answer_changes_one_operator_drawn_as_before():
     # pinned draws: the sequential-revision SFT data is made of them
     expert = json.dumps({"cards": ["A", "7", "K", "3"], "number": [1, 7, 10, 3], "formula": "10*3-7+1"})
-    draws = [json.loads(E.wrong_answer(expert, random.Random(seed)))["formula"] for seed in range(4)]
+    draws = [json.loads(G.wrong_answer(expert, random.Random(seed)))["formula"] for seed in range(4)]
     assert draws == ["10*3*7+1", "10/3-7+1", "10+3-7+1", "10/3-7+1"]
     env, rng = GeneralPointsEnv(OOD, seed=1), random.Random(0)
     for _ in range(300):
         env.reset()
         right = json.loads(env.expert_response())
-        wrong = json.loads(E.wrong_answer(env.expert_response(), rng))
+        wrong = json.loads(G.wrong_answer(env.expert_response(), rng))
         assert {**wrong, "formula": right["formula"]} == right  # only the formula changed
         changed = [(a, b) for a, b in zip(right["formula"], wrong["formula"]) if a != b]
         assert len(wrong["formula"]) == len(right["formula"]) and len(changed) == 1
@@ -479,24 +479,24 @@ def test_prompts_state_rule_and_cards():
 def test_rendering_is_deterministic_and_colours_follow_suits():
     black = [("K", "spades"), ("10", "clubs"), ("A", "spades"), ("7", "clubs")]
     red = [("K", "hearts"), ("10", "diamonds"), ("A", "hearts"), ("7", "diamonds")]
-    img_b, img_b2, img_r = E.render_cards(black), E.render_cards(black), E.render_cards(red)
+    img_b, img_b2, img_r = G.render_cards(black), G.render_cards(black), G.render_cards(red)
     assert img_b.size == (448, 448) and img_b.tobytes() == img_b2.tobytes()
     red_pixels = lambda img: int(((lambda a: (a[..., 0] > 150) & (a[..., 1] < 80) & (a[..., 2] < 80))(
         np.asarray(img, dtype=np.int32))).sum())
     assert red_pixels(img_b) == 0 and red_pixels(img_r) > 1000
-    assert E.render_cards(black, 200).size == (200, 200)
-    assert E.render_cards([("K", "spades")] * 4).tobytes() != E.render_cards([("Q", "spades")] * 4).tobytes()
+    assert G.render_cards(black, 200).size == (200, 200)
+    assert G.render_cards([("K", "spades")] * 4).tobytes() != G.render_cards([("Q", "spades")] * 4).tobytes()
 
 
 @pytest.mark.parametrize("size", [224, 448, 64])
 def test_cards_sit_inside_the_frame_on_the_official_table(size):
-    assert E.TABLE_GREEN == (0x35, 0x65, 0x4D)  # the official '#35654d'
+    assert G.TABLE_GREEN == (0x35, 0x65, 0x4D)  # the official '#35654d'
     band = max(2, int(size * 0.04))  # the bare margin is 5% of the side: 4% must be table and nothing else
     hands = [[("10", "hearts"), ("10", "diamonds"), ("10", "hearts"), ("10", "diamonds")],
              [("K", "spades"), ("Q", "clubs"), ("J", "spades"), ("A", "clubs")]]
     for hand in hands:
-        a = np.asarray(E.render_cards(hand, size), dtype=np.int32)
-        table = (a == np.array(E.TABLE_GREEN)).all(-1)
+        a = np.asarray(G.render_cards(hand, size), dtype=np.int32)
+        table = (a == np.array(G.TABLE_GREEN)).all(-1)
         assert a.shape == (size, size, 3)
         for edge in (table[:band], table[-band:], table[:, :band], table[:, -band:]):
             assert edge.all(), f"a card reaches into the {band}-pixel border at {size} px"
@@ -507,8 +507,8 @@ def test_cards_sit_inside_the_frame_on_the_official_table(size):
 
 
 def test_every_rank_draws_differently_at_the_smallest_trained_size():
-    images = {rank: E.render_cards([(rank, "spades")] * 4, 224).tobytes() for rank in E.RANKS}
-    assert len(set(images.values())) == len(E.RANKS)
+    images = {rank: G.render_cards([(rank, "spades")] * 4, 224).tobytes() for rank in G.RANKS}
+    assert len(set(images.values())) == len(G.RANKS)
 
 
 def test_vision_env_images_follow_the_seed():
@@ -531,7 +531,7 @@ ORIGINAL_PROMPT = (  # template 0 as the code wrote it before there were templat
 
 
 def test_template_zero_is_the_original_prompt():
-    assert E.prompt_text(["A", "7", "K", "3"], ID) == ORIGINAL_PROMPT
+    assert G.prompt_text(["A", "7", "K", "3"], ID) == ORIGINAL_PROMPT
     assert PointsConfig().prompt_template == 0
     # the template-0 prompts of 50 hands in each setting, hashed as the code before templates wrote them
     env_texts = [GeneralPointsEnv(cfg, seed=0).reset(seed=s).text for cfg in (ID, OOD, PointsConfig(vision=True,
@@ -540,18 +540,29 @@ def test_template_zero_is_the_original_prompt():
         "f6307770cbb12a7a5a1dbf8026e3f11e7c5894f6a0d6d46bef2430e2e19a7b87"
 
 
+def test_every_template_keeps_its_wording():
+    """Every template's prompts under both rules, text and image, over 20 hands, hashed as the code wrote them when
+    each template was a function of its own: they are data now, and not a character may move."""
+    rng = random.Random(0)
+    hands = [rng.choices(G.RANKS, k=4) for _ in range(20)]
+    texts = [G.prompt_text(hand, PointsConfig(face_cards_as_10=rule, vision=vision, prompt_template=k))
+             for k in range(G.PROMPT_TEMPLATES) for rule in (True, False) for vision in (False, True) for hand in hands]
+    assert hashlib.sha256("\n\0".join(texts).encode()).hexdigest() == \
+        "9f6baab01a178c88686a6be9b8b209789dd9894e0c08d05ef73867efd889cd1f"
+
+
 @pytest.mark.parametrize("rule,vision", [(True, False), (False, False), (True, True), (False, True)])
 def test_every_template_states_the_task_and_the_verifier_scores_the_expert(rule, vision):
-    assert E.PROMPT_TEMPLATES == len(E._TEMPLATES) >= 8
+    assert G.PROMPT_TEMPLATES == len(G._TEMPLATES) >= 8
     orders = set()
     for seed in range(6):
         texts = []
-        for k in range(E.PROMPT_TEMPLATES):
+        for k in range(G.PROMPT_TEMPLATES):
             env = GeneralPointsEnv(PointsConfig(face_cards_as_10=rule, vision=vision, image_size=64,
                                                 prompt_template=k), seed=0)
             text = env.reset(seed=seed).text
             texts.append(text)
-            assert all(f'"{name}"' in text for name in E.ANSWER_FIELDS), (k, text)
+            assert all(f'"{name}"' in text for name in G.ANSWER_FIELDS), (k, text)
             assert "24" in text and all(face in text for face in "JQK")
             faces = [v in text for v in ("11", "12", "13")]
             assert faces == [not rule] * 3, (k, text)  # the rule's face values, and no other rule's
@@ -566,24 +577,24 @@ def test_every_template_states_the_task_and_the_verifier_scores_the_expert(rule,
             assert env.step(env.expert_response())[1] == 5.0
             env.reset(seed=seed)
             assert env.step(env.expert_response(reasoning=True))[1] == 5.0
-        assert len(set(texts)) == E.PROMPT_TEMPLATES  # pairwise different
+        assert len(set(texts)) == G.PROMPT_TEMPLATES  # pairwise different
     assert vision or rule or len(orders) >= 4  # the parts come in several orders, not one order reworded
 
 
 def test_formula_steps_walk_the_formula_innermost_first_exactly():
-    assert E.formula_steps("10*3-7+1") == ["10*3=30", "30-7=23", "23+1=24"]
-    assert E.formula_steps("(2+4)*(9-5)") == ["2+4=6", "9-5=4", "6*4=24"]
-    assert E.formula_steps("8/(3-8/3)") == ["8/3=8/3", "3-(8/3)=1/3", "8/(1/3)=24"]
-    assert E.formula_steps("(1-5)*(1-7)") == ["1-5=-4", "1-7=-6", "(-4)*(-6)=24"]
-    assert E.formula_steps("((13))") == []
+    assert G.formula_steps("10*3-7+1") == ["10*3=30", "30-7=23", "23+1=24"]
+    assert G.formula_steps("(2+4)*(9-5)") == ["2+4=6", "9-5=4", "6*4=24"]
+    assert G.formula_steps("8/(3-8/3)") == ["8/3=8/3", "3-(8/3)=1/3", "8/(1/3)=24"]
+    assert G.formula_steps("(1-5)*(1-7)") == ["1-5=-4", "1-7=-6", "(-4)*(-6)=24"]
+    assert G.formula_steps("((13))") == []
     for bad in ("8/(3-3)", "1+", "2^3"):
         with pytest.raises(ValueError):
-            E.formula_steps(bad)
+            G.formula_steps(bad)
     # every step of the solver's formulas is exact arithmetic, one per operator, the last one landing on the value
     as_formula = lambda side: side.replace("(-", "(0-")  # the formula grammar has no unary minus
     for hand in itertools.islice(itertools.combinations_with_replacement(range(1, 14), 4), 0, None, 7):
         for formula in solve(hand)[:3]:
-            steps = E.formula_steps(formula)
+            steps = G.formula_steps(formula)
             assert len(steps) == 3 and steps[-1].endswith("=24"), (formula, steps)
             for step in steps:
                 lhs, rhs = step.split("=")
@@ -597,15 +608,15 @@ def test_reasoning_expert_thinks_first_and_passes_the_verifier_in_200_deals(cfg)
         env.reset()
         text = env.expert_response(reasoning=True)
         answer_ = json.loads(text)
-        assert list(answer_) == [E.THOUGHT_FIELD, *E.ANSWER_FIELDS]  # one object, the action still last
-        thought = answer_.pop(E.THOUGHT_FIELD)
+        assert list(answer_) == [G.THOUGHT_FIELD, *G.ANSWER_FIELDS]  # one object, the action still last
+        thought = answer_.pop(G.THOUGHT_FIELD)
         assert json.dumps(answer_) == env.expert_response()  # the same answer, a thought before it
         assert verify(text, env.ranks, cfg).outcome == "correct"
         for rank, value in zip(env.ranks, env.values):
             assert f"{rank} counts as {value}" in thought
-        assert ", ".join(E.formula_steps(answer_["formula"])) in thought and thought.endswith("=24, the target 24.")
+        assert ", ".join(G.formula_steps(answer_["formula"])) in thought and thought.endswith("=24, the target 24.")
         # train_ppo finds the action as the last '"formula"' of the text: it must lie past the thought
-        assert text.rfind(f'"{E.ACTION_FIELD}"') > text.index(json.dumps(thought)) + len(json.dumps(thought))
+        assert text.rfind(f'"{G.ACTION_FIELD}"') > text.index(json.dumps(thought)) + len(json.dumps(thought))
         assert '"' not in thought and not re.search(r"(cards|number|formula)\W*:", thought)
 
 
@@ -623,7 +634,7 @@ def test_a_thought_never_changes_the_verdict():
             loose = "{" + ", ".join(f"'{key}': {json.dumps(value)}" for key, value in body.items()) + "}"
             loose_plain = verify(loose, hand, cfg)
             for thought in thoughts:
-                strict = json.dumps({E.THOUGHT_FIELD: thought, **body})
+                strict = json.dumps({G.THOUGHT_FIELD: thought, **body})
                 assert verify(strict, hand, cfg) == plain, (strict, cfg)
                 text = '{"thought": ' + json.dumps(thought) + ", " + loose[1:]
                 assert verify(text, hand, cfg) == loose_plain, (text, cfg)
@@ -634,13 +645,13 @@ def test_wrong_answer_keeps_the_thought_and_changes_the_formula():
     for seed in range(100):
         env.reset()
         expert, plain = env.expert_response(reasoning=True), env.expert_response()
-        wrong = json.loads(E.wrong_answer(expert, random.Random(seed)))
+        wrong = json.loads(G.wrong_answer(expert, random.Random(seed)))
         right = json.loads(expert)
         assert list(wrong) == list(right) and {**wrong, "formula": right["formula"]} == right
         # the same draw as without a thought: the revision data only gains the reasoning
-        assert wrong["formula"] == json.loads(E.wrong_answer(plain, random.Random(seed)))["formula"]
+        assert wrong["formula"] == json.loads(G.wrong_answer(plain, random.Random(seed)))["formula"]
         assert wrong["formula"] != right["formula"]
-    with_thought = json.loads(E.wrong_answer(json.dumps({"thought": "10*3=30", "cards": ["A"], "number": [1],
+    with_thought = json.loads(G.wrong_answer(json.dumps({"thought": "10*3=30", "cards": ["A"], "number": [1],
                                                          "formula": "10*3-7+1"}), rng))
     assert with_thought["thought"] == "10*3=30" and with_thought["formula"] != "10*3-7+1"
 
@@ -649,7 +660,7 @@ def test_wrong_answer_keeps_the_thought_and_changes_the_formula():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"suits": "blue"}, "suits='blue'"), ({"verify_iter": 0}, "verify_iter=0"), ({"image_size": 10}, "image_size=10"),
-    ({"image_size": 4097}, "image_size=4097"), ({"prompt_template": E.PROMPT_TEMPLATES}, "prompt_template=10"),
+    ({"image_size": 4097}, "image_size=4097"), ({"prompt_template": G.PROMPT_TEMPLATES}, "prompt_template=10"),
     ({"prompt_template": -1}, "prompt_template=-1"), ({"prompt_template": True}, "prompt_template=True"),
 ])
 def test_bad_config_is_one_clear_error(kwargs, match):
@@ -692,4 +703,4 @@ def test_cli_bad_value_is_one_line(tmp_path, args, says):
 
 
 def test_doctests():
-    assert doctest.testmod(E).failed == 0
+    assert doctest.testmod(G).failed == 0

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import env_virl as V
-import streetview as S
+import streetview as SV
 from env_virl import NavigationEnv, VirlConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -566,21 +566,32 @@ def test_reset_episode_plays_route_episode_modulo_routes():
 
 # ---- rendering ----
 
+def imported_modules(path, top_level_only=False):
+    tree = ast.parse(open(os.path.join(ROOT, path)).read())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    return ({alias.name.split(".")[0] for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+            | {node.module.split(".")[0] for node in nodes if isinstance(node, ast.ImportFrom)})
+
+
 def test_streetview_never_imports_the_navigation():
-    """streetview.py takes plain values: it must not depend on env_virl.py, which depends on it."""
-    tree = ast.parse(open(os.path.join(ROOT, "streetview.py")).read())
-    modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-               for alias in node.names}
-    modules |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert "env_virl" not in modules and modules <= set(sys.stdlib_module_names) | {"PIL", "numpy", "env_points"}
+    """streetview.py takes plain values: it must not depend on env_virl.py, which depends on it, nor on any other
+    file of the project (GeneralPoints' env_points.py included)."""
+    modules = imported_modules("streetview.py")
+    assert "env_virl" not in modules and modules <= set(sys.stdlib_module_names) | {"PIL", "numpy"}
+
+
+def test_env_virl_imports_the_project_only_where_vision_or_the_official_rules_need_it():
+    """At the top the standard library alone, so that V-IRL-L copies out with env_virl.py alone."""
+    assert imported_modules("env_virl.py", top_level_only=True) <= set(sys.stdlib_module_names)
+    assert imported_modules("env_virl.py") - set(sys.stdlib_module_names) == {"official", "streetview"}
 
 
 def test_signs_fall_in_exactly_one_view():
     for b in range(0, 360, 5):
-        hits = [S.signs_in_view([("A", b)], 0 + o) for o in S.VIEW_OFFSETS]
+        hits = [SV.signs_in_view([("A", b)], 0 + o) for o in SV.VIEW_OFFSETS]
         assert sum(len(h) for h in hits) == 1
-    assert S.signs_in_view([("A", 90)], 90) == [("A", 0.0)]
-    (name, x), = S.signs_in_view([("A", 30)], 0)
+    assert SV.signs_in_view([("A", 90)], 90) == [("A", 0.0)]
+    (name, x), = SV.signs_in_view([("A", 30)], 0)
     assert x == pytest.approx(math.tan(math.radians(30)))
 
 
@@ -592,9 +603,9 @@ def test_rendering_is_deterministic_and_cities_differ():
     assert a.size == (192, 192) and a.tobytes() == b.tobytes()
     assert np.abs(np.asarray(a, dtype=int) - np.asarray(c, dtype=int)).mean() > 10
     style = V.CITIES["paris"]["style"]
-    plain = S.render_view(style, [], False, 96, 1)
-    cross = S.render_view(style, [], True, 96, 1)
-    signed = S.render_view(style, [("Maple Cafe", 0.5)], False, 96, 1)
+    plain = SV.render_view(style, [], False, 96, 1)
+    cross = SV.render_view(style, [], True, 96, 1)
+    signed = SV.render_view(style, [("Maple Cafe", 0.5)], False, 96, 1)
     assert plain.tobytes() != cross.tobytes() and plain.tobytes() != signed.tobytes()
     # the sign lands on the right half of the view
     diff = np.abs(np.asarray(signed, dtype=int) - np.asarray(plain, dtype=int)).sum(axis=(0, 2))
@@ -614,7 +625,7 @@ def compass_panorama(width=720, height=360):
 @pytest.mark.parametrize("heading,rotation", [(0, 0), (90, 0), (200, 30), (350, 45)])
 def test_perspective_view_faces_the_asked_heading(heading, rotation):
     pano = compass_panorama()
-    view = S.perspective_view(pano, rotation, heading, 65)
+    view = SV.perspective_view(pano, rotation, heading, 65)
     centre = view[32, 32]
     expected_col = int(((heading + rotation) % 360) / 360 * 720)
     assert abs(int(centre[0]) - int(expected_col * 256 // 720)) <= 1
@@ -670,13 +681,13 @@ def test_pano_map_refuses_code(tmp_path):
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps({(1.0, 2.0): Evil()}))
     with pytest.raises(ValueError, match="not allowed"):
-        S.load_pano_map(str(path))
+        SV.load_pano_map(str(path))
     assert not (tmp_path / "pwned").exists()
     path.write_bytes(pickle.dumps([1, 2]))
     with pytest.raises(ValueError, match="expected a dict"):
-        S.load_pano_map(str(path))
+        SV.load_pano_map(str(path))
     path.write_bytes(pickle.dumps({(40.0, -73.0): "abc"}))
-    assert S.load_pano_map(str(path)) == {(40.0, -73.0): "abc"}
+    assert SV.load_pano_map(str(path)) == {(40.0, -73.0): "abc"}
 
 
 # ---- prompt diversity and chain-of-thought answers ----
@@ -890,6 +901,47 @@ def test_cli_bad_value_is_one_line(tmp_path, args, says):
     assert out.returncode == 2 and out.stderr.startswith("error: ") and out.stderr.strip().count("\n") == 0, out.stderr
     assert says in out.stderr
     assert not any(tmp_path.rglob("*.png"))
+
+
+def copy_out(tmp_path, *names):
+    for name in names:
+        (tmp_path / name).write_text(open(os.path.join(ROOT, name)).read())
+
+
+def test_env_virl_copies_out_alone_for_virl_l(tmp_path):
+    """V-IRL-L runs from a folder holding env_virl.py and nothing else of the project, its one-line errors included."""
+    copy_out(tmp_path, "env_virl.py")
+    run = lambda *args: subprocess.run([sys.executable, "-I", "env_virl.py", "--n-routes", "20", *args], cwd=tmp_path,
+                                       capture_output=True, text=True)
+    out = run("--no-grids", "--episodes", "20", "--relative")
+    assert out.returncode == 0 and "20/20 routes completed (100.0%)" in out.stdout, out.stderr
+    assert "[Instructions]" in out.stdout and '"action": "turn_direction(' in out.stdout
+    grids = run("--episodes", "1")  # the grids want streetview.py: one line says so, before any work
+    assert grids.returncode == 2 and grids.stderr.count("\n") == 1 and "streetview.py" in grids.stderr, grids.stderr
+    bad = run("--episodes", "-1", "--no-grids")
+    assert (bad.returncode, bad.stderr) == (2, "error: --episodes -1: expected 0 or a positive integer\n")
+    assert not any(tmp_path.rglob("*.png"))
+
+
+def test_env_virl_and_streetview_copy_out_for_virl_vl(tmp_path):
+    """V-IRL-VL runs from a folder holding env_virl.py and streetview.py alone: the expert on the OOD visual routes,
+    then the demo's grids."""
+    copy_out(tmp_path, "env_virl.py", "streetview.py")
+    # `python -I` leaves the script's folder off sys.path, and -c has none: the code puts back the copies' folder alone
+    code = ("import sys; sys.path.insert(0, '.'); import env_virl as V\n"
+            "env = V.NavigationEnv(V.VirlConfig(routes='mini', vision=True, view_size=32), seed=0)\n"
+            "for k in range(3):\n"
+            "    obs, done = env.reset(episode=k), False\n"
+            "    assert obs.image.size == (64, 64)\n"
+            "    while not done:\n"
+            "        obs, reward, done, info = env.step(env.expert_response())\n"
+            "    assert info['success'] and info['recognized']\n"
+            "assert {'env_points', 'official'}.isdisjoint(sys.modules), sorted(sys.modules)\n"
+            "sys.exit(V.main(['--n-routes', '5', '--episodes', '5', '--out-dir', 'grids']))")
+    out = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0 and "5/5 routes completed" in out.stdout, out.stderr
+    from PIL import Image
+    assert Image.open(tmp_path / "grids" / "virl_vl_tokyo.png").size == (448, 448)
 
 
 def test_doctests():
