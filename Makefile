@@ -37,10 +37,11 @@ demo: install
 	$(BIN)/python evaluate.py --task gp-l --model smollm2-135m,$(DEMO)/sft,$(DEMO)/ppo \
 		--episodes $(DEMO_EPISODES) --max-new-tokens 64 --out $(DEMO)
 
-# The vision-language tasks on smolvlm-local (built once on first use by vision_pretrain.py): for GP-VL and
+# The vision-language tasks on smolvlm-local (built once by vision_pretrain.py, first): for GP-VL and
 # V-IRL-VL, SFT, PPO from its last checkpoint, then evaluation of the base, SFT and PPO checkpoints in every
 # setting, OOD visual included (times on 2 cores: README).
 demo-vl: install
+	$(BIN)/python vision_pretrain.py    # builds smolvlm-local once (about 8 minutes on 2 cores); then keeps it
 	for task in gp-vl virl-vl; do \
 	  $(BIN)/python train_sft.py --task $$task --model smolvlm-local --examples 160 --save-every 20 \
 	    --out $(DEMO)/sft-$$task --overwrite && \

@@ -57,14 +57,13 @@ from typing import Optional
 import torch
 
 import model as M
-import runs as R
 import model_zoo as Z
+import runs as R
 import train_ppo as P
-from cli import check_writable, main, require
 from env_points import GeneralPointsEnv, PointsConfig
 from env_virl import NavigationEnv, VirlConfig
-from rollout import rollout
-from tasks import action_field, make_envs
+from rollout import action_field, make_envs, rollout
+from runs import check_writable, main, require
 
 # dense bf16 tensor-core peaks (FLOP/s) of the GPUs we may run on, from the vendors' datasheets
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}

@@ -19,8 +19,7 @@ import time
 
 import torch
 
-from generation import Sampler
-from model import fp32_logits
+from model import Sampler, fp32_logits
 
 LENGTH_STEP = 256       # cache lengths are multiples of this
 MIN_BATCH = 8           # the smallest batch bucket; larger ones are powers of two
@@ -129,6 +128,6 @@ def attach(policy, compile: bool = False):
     """Make `policy.generate` decode with an Engine; a VLM keeps its own path (returns None then). Compilation is
     for one process: FSDP gathers and releases the weights around every generate, which a captured graph would
     not follow."""
-    import model as M
-    policy.engine = None if policy.is_vlm else Engine(policy, compile=compile and not M.is_distributed())
+    from runs import is_distributed
+    policy.engine = None if policy.is_vlm else Engine(policy, compile=compile and not is_distributed())
     return policy.engine

@@ -7,13 +7,12 @@ Folders are written with `atomic_folder`: a reader never finds a half-written on
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
-import shutil
-import uuid
 
 import torch
+
+from runs import atomic_folder
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_NAMES = ("smollm2-135m", "tiny-text", "tiny-vlm", "smolvlm-local")
@@ -24,35 +23,6 @@ def cache_root() -> str:
     if os.environ.get("SFTRL_CACHE"):
         return os.environ["SFTRL_CACHE"]
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sft-vs-rl")
-
-
-def _publish(tmp: str, final: str) -> None:
-    """Move a finished folder under its final name in one rename, replacing any older one (set aside under a
-    hidden name first, which every reader ignores, so a kill in between leaves no second checkpoint)."""
-    old = None
-    if os.path.exists(final):
-        parent, name = os.path.split(os.path.abspath(final))
-        old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_folder(final: str):
-    """Yield a temporary folder beside `final`; on success it becomes `final` in one rename, on any
-    error it is removed, so a reader never finds a half-written folder under the final name."""
-    parent = os.path.dirname(os.path.abspath(final))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(final)}.tmp-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    try:
-        yield tmp
-        _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---- built-in models ----
@@ -165,14 +135,18 @@ def tiny_vlm_folder() -> str:
     return path
 
 
+def smolvlm_local_path() -> str:
+    return os.path.join(cache_root(), "smolvlm-local")
+
+
 def smolvlm_local_folder() -> str:
-    """SmolLM2-135M-Instruct with a small vision tower and projector pretrained on rendered cards and streets
-    (vision_pretrain.py): built once on first use, about 8 minutes on 2 CPU cores, then cached."""
-    path = os.path.join(cache_root(), "smolvlm-local")
+    """SmolLM2-135M-Instruct with a small vision tower and projector pretrained on rendered cards and streets, built
+    by an explicit command (`python vision_pretrain.py`, about 8 minutes on 2 CPU cores; `make demo-vl` and
+    replicate.py run it for you), never as a side effect of loading a policy."""
+    path = smolvlm_local_path()
     if not os.path.exists(os.path.join(path, "config.json")):
-        import vision_pretrain  # the builder is an entry script of its own; only needed this once
-        print(f"building smolvlm-local in {path} (once): python vision_pretrain.py does the same")
-        vision_pretrain.pretrain(vision_pretrain.VisionConfig(out=path))
+        raise ValueError(f"model 'smolvlm-local' is not built yet: build it once with `python vision_pretrain.py` "
+                         f"(about 8 minutes on 2 CPU cores; make demo-vl and replicate.py run it for you) into {path}")
     return path
 
 

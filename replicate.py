@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 import runs as R
-from cli import check_writable, main, require
-from tasks import OFFICIAL_PPO_LR, OFFICIAL_SFT_LR, check_protocol, check_task
+from rollout import OFFICIAL_PPO_LR, OFFICIAL_SFT_LR, check_protocol, check_task
+from runs import check_writable, main, require
 
 # Sizes per scale. "cpu" runs the whole protocol on 2 CPU cores in one to two hours per task (a check of
 # the pipeline, far too small to move a policy much); "gpu" is the one-GPU replication; "gpu-small" fits about
@@ -225,6 +225,22 @@ def matched_sft_steps(init: str, rl_runs: list, cfg: ReplicateConfig) -> int:
 
 # ---- arms ----
 
+def base_model(cfg: ReplicateConfig) -> None:
+    """Phase 0 for the -vl tasks at CPU and GPU scale: smolvlm-local is built by its own command
+    (vision_pretrain.py, about 8 minutes on 2 CPU cores), run here once on the user's behalf, saying so."""
+    if cfg.model != "smolvlm-local":
+        return
+    import model_zoo as Z
+    if os.path.exists(os.path.join(Z.smolvlm_local_path(), "config.json")):
+        return
+    args = ["vision_pretrain.py"]
+    print(f"[smolvlm-local] not built yet, building it once: python {' '.join(args)}", flush=True)
+    if cfg.dry_run:
+        return
+    if subprocess.run([sys.executable, *args]).returncode != 0:
+        raise ValueError(f"building smolvlm-local failed: rerun `python {' '.join(args)}` to see why")
+
+
 def initialization(cfg: ReplicateConfig) -> Optional[str]:
     """Phase 1, the SFT initialization, with checkpoints along the way (sft-window reads them); its last one."""
     run = os.path.join(cfg.out, "init")
@@ -371,8 +387,8 @@ EXPERIMENTS = {"main": main_study, "recognition": recognition, "rl-from-base": r
 def window_checkpoints(init_run: str, task: str, protocol: str = "project") -> dict:
     """{"early", "peak", "late"}: the initialization's first checkpoint, the one with the best OOD headline metric
     (GP success, V-IRL per-step accuracy, summed over the OOD settings) and its last."""
-    import evaluate as EV
-    metric = EV.headline(task, protocol)
+    import eval_report as ER
+    metric = ER.headline(task, protocol)
     with open(os.path.join(init_run, f"eval_{task}.json")) as f:  # this protocol's full-attempt evaluations only
         entries = sorted((e for e in json.load(f)["checkpoints"] if e.get("key", {}).get("protocol") == protocol
                           and not e["key"].get("verify_iter") and all(metric in m for m in e["settings"].values())),
@@ -414,6 +430,7 @@ def replicate(cfg: ReplicateConfig) -> dict:
     with open(os.path.join(cfg.out, f"replicate_config_{cfg.experiment}.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1)
     try:
+        base_model(cfg)
         init = initialization(cfg)
         if init is None:  # a dry run before the initialization exists, or a deadline that cut it
             if not cfg.dry_run:

@@ -1,18 +1,125 @@
-"""What a training or evaluation process needs around the policy: the process group (torchrun), run folders
-and checkpoints (resume, torn saves, one run per folder), the optimizer's saved state, the learning-rate
-schedule and the metrics log. Shared by train_sft.py, train_ppo.py, evaluate.py and replicate.py.
+"""What every entry script shares around the policy: the command line (flags from a config dataclass, the
+one-line errors), the process group and FSDP2 (torchrun), run folders and checkpoints (atomic writes, resume, torn
+saves, one run per folder), the optimizer's saved state, the learning-rate schedule, the metrics log and the
+training step's memory. Imports nothing of the project, so that a script copies out with it and the few files it
+uses (e.g. train_ppo.py with model.py, rollout.py and env_points.py).
+
+Every config field becomes `--field-name VALUE` (booleans: `--flag` / `--no-flag`), with its default and the
+docstring under it in --help, as cleanrl writes its Args. Bad values stop with one line: a float that is not
+finite (nan, inf) here, ranges and paths in each config's `__post_init__` with `require` and `check_writable`;
+`main` runs an entry script and turns its ValueErrors into that line.
+
+    @dataclass
+    class Config:
+        lr: float = 1e-5
+        '''peak learning rate'''
+    main(Config, train)           # parses sys.argv[1:], then train(cfg)
 """
 from __future__ import annotations
 
+import argparse
+import ast
+import contextlib
+import dataclasses
+import inspect
 import json
 import math
 import os
 import shutil
+import sys
+import textwrap
 import time
+import typing
+import uuid
 
 import torch
+import torch.nn as nn
 
-from model import fsdp_modules, is_distributed, rank
+
+# ---- the command line ----
+
+def _kind(tp):
+    """(python type, is_optional) of an annotation such as 'Optional[int]' or 'str'."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Union and len(args) == 1:
+        return args[0], True
+    return tp, False
+
+
+def field_docs(cls) -> dict:
+    """{field name: the string literal written under it in the class body}."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+            and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)}
+
+
+def parse_config(cls, argv=None, description: str = None):
+    """An instance of dataclass `cls` with defaults overridden by command-line flags."""
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    summary = (cls.__doc__ or "").strip().splitlines()
+    parser = argparse.ArgumentParser(description=description or (summary[0] if summary else None))
+    for f in dataclasses.fields(cls):
+        tp, optional = _kind(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        doc = docs.get(f.name, "")
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=doc)
+        else:
+            convert = (lambda s, t=tp: None if s.lower() == "none" else t(s)) if optional else tp
+            parser.add_argument(flag, dest=f.name, type=convert, default=default,
+                                help=f"{doc} (default: {default})".strip())
+    args = parser.parse_args(argv)
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"{name}={value}: expected a finite number")
+    try:
+        return cls(**vars(args))
+    except ValueError as e:  # a config's own check (__post_init__): one line, as argparse does
+        fail(str(e))
+
+
+def require(cfg, names: str, test, expected: str) -> None:
+    """ValueError naming the first of the space-separated fields `names` whose value fails `test` (None
+    passes: a default resolved later), and what would be accepted."""
+    for name in names.split():
+        value = getattr(cfg, name)
+        if value is not None and not test(value):
+            raise ValueError(f"{name}={value!r}: expected {expected}")
+
+
+def check_writable(path: str, what: str = "out") -> None:
+    """ValueError unless `path` is, or can be made, a folder we may write in; creates nothing."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{what}={path!r} is a file: expected a folder (existing or to create)")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{what}={path!r} lies under the file {parent!r}: expected a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}={path!r}: {parent!r} is not writable")
+
+
+def main(cls, run, argv=None):
+    """An entry script's main: its config from the command line, then `run(cfg)`; a ValueError from either
+    (a bad value, a missing file, a refused run folder) stops with one line."""
+    cfg = parse_config(cls, argv)
+    try:
+        return run(cfg)
+    except ValueError as e:
+        fail(str(e))
+
+
+def fail(message: str, code: int = 2):
+    """Stop with one line on stderr: what was wrong and what would be accepted. Under torchrun the line also
+    goes to the launcher's error file, so that its failure report shows it instead of a pointer to the docs."""
+    print(f"error: {message}", file=sys.stderr)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+            json.dump({"message": f"error: {message}", "timestamp": int(time.time())}, f)
+    sys.exit(code)
 
 
 # ---- the process group ----
@@ -60,7 +167,116 @@ def _all_reduce(x: float, op: str) -> float:
     return float(t.item())
 
 
+# ---- FSDP2 ----
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def shard(policy: nn.Module) -> nn.Module:
+    """FSDP2: fully_shard every transformer block (the model's _no_split_modules), the value head, then the
+    whole policy. A bf16 `compute_dtype` becomes FSDP's mixed precision: the fp32 shards are the master
+    weights the optimizer steps, gathered as bf16 for compute, gradients reduced in fp32; the value
+    head stays fp32. Needs torch.distributed initialized."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(policy.device.type, (torch.distributed.get_world_size(),))
+    mp = MixedPrecisionPolicy()
+    if policy.compute_dtype is not None:
+        mp = MixedPrecisionPolicy(param_dtype=policy.compute_dtype, reduce_dtype=torch.float32)
+    blocks = set(getattr(policy.model, "_no_split_modules", None) or [])
+    for module in policy.model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh, mp_policy=mp)
+    fully_shard(policy.value_head, mesh=mesh)
+    fully_shard(policy, mesh=mesh, mp_policy=mp)
+    # FSDP initializes itself on the first forward through the root; generation enters through the inner
+    # model, so run one tiny scoring pass now
+    with torch.no_grad():
+        probe = policy.encode([{"role": "user", "content": "hi"}])
+        policy(policy.collate([probe], [torch.tensor([policy.end_of_turn_id])]))
+    release(policy)
+    return policy
+
+
+def release(policy: nn.Module) -> None:
+    """Reshard every FSDP module. Needed after a forward without a backward outside `gathered`: FSDP's
+    root keeps its weights gathered from a forward until its backward, so an optimizer step would update
+    the shards while the next forward read the stale gathered copy."""
+    for module in fsdp_modules(policy):
+        module.reshard()
+
+
+def fsdp_modules(policy: nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in policy.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered(policy: nn.Module):
+    """Within the block every FSDP-sharded parameter is gathered once and kept, so that generation
+    runs forward per token without an all-gather per token (and ranks may generate different lengths,
+    or make different numbers of calls); resharded on exit. Nests (only the outermost block gathers);
+    every rank must enter it. A no-op without FSDP."""
+    modules = fsdp_modules(policy)
+    depth = getattr(policy, "_gather_depth", 0)
+    policy._gather_depth = depth + 1
+    if depth == 0:
+        for m in modules:
+            m.unshard()
+            m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        policy._gather_depth = depth
+        if depth == 0:
+            for m in modules:
+                m.set_reshard_after_forward(True, recurse=False)
+                m.reshard()
+
+
+def full_state_dict(policy: nn.Module) -> dict:
+    """The whole policy's weights as plain CPU tensors: gathered to rank 0 under FSDP (other ranks get {})."""
+    if not fsdp_modules(policy):
+        return {k: v.detach().cpu() for k, v in policy.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 # ---- run folders and checkpoints ----
+
+def _publish(tmp: str, final: str) -> None:
+    """Move a finished folder under its final name in one rename, replacing any older one (set aside under a
+    hidden name first, which every reader ignores, so a kill in between leaves no second checkpoint)."""
+    old = None
+    if os.path.exists(final):
+        parent, name = os.path.split(os.path.abspath(final))
+        old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(final: str):
+    """Yield a temporary folder beside `final`; on success it becomes `final` in one rename, on any
+    error it is removed, so a reader never finds a half-written folder under the final name."""
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(final)}.tmp-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
 
 def read_trainer_state(folder: str) -> dict:
     """A checkpoint's trainer_state.json (step, tokens, gflops, config, ...); {} for a base model."""
@@ -162,6 +378,86 @@ def rewind_log(path: str, step: int) -> None:
         lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
     with open(path, "w") as f:
         f.writelines(lines)
+
+
+# ---- a trainer's start, checkpoints and log (train_sft.py and train_ppo.py alike) ----
+
+def printer(rank: int):
+    """print on rank 0, nothing elsewhere: logging that never branches on the rank."""
+    return print if rank == 0 else (lambda *a, **k: None)
+
+
+def start(model: str, out: str, resume: bool, overwrite: bool, task: str, protocol: str, print0) -> tuple:
+    """Where a training run starts: (init, resume_from, trainer state of what it loads). `model` is a checkpoint,
+    a run folder (its last complete checkpoint) or a model name; `resume` takes the run folder's own last complete
+    checkpoint instead. The run folder is made ready (prepare_run_folder); a checkpoint trained on another task or
+    under another protocol is warned of."""
+    init = model
+    if os.path.isdir(init) and not os.path.exists(os.path.join(init, "config.json")):
+        init = last_checkpoint(init) or init
+    prepare_run_folder(out, resume, overwrite)
+    resume_from = last_checkpoint(out) if resume else None
+    if resume and resume_from is None:
+        raise ValueError(f"--resume: no complete checkpoint in {out!r}")
+    state = read_trainer_state(resume_from or init)
+    for line in recipe_warnings(state, task, protocol, resume_from or init):
+        print0(f"warning: {line}")
+    return init, resume_from, state
+
+
+def save_checkpoint(policy, opt, out: str, step: int, trainer_state: dict) -> str:
+    """step-<n> in the run folder: the weights, optimizer.pt and trainer_state.json with the torch RNG state; the
+    older checkpoints give up their optimizer state (only --resume reads it). -> the checkpoint's path"""
+    checkpoint = os.path.join(out, f"step-{step:06d}")
+    state = {**trainer_state, "rng": torch.get_rng_state().tolist()}
+    policy.save(checkpoint, extras={"trainer_state.json": state, "optimizer.pt": optimizer_state(policy, opt)})
+    drop_older_optimizer_states(out, checkpoint)
+    return checkpoint
+
+
+def step_done(policy, opt, out: str, step: int, total: int, save_every: int, time_limit: float, started: float,
+              trainer_state: dict, print0) -> bool:
+    """After a trainer's step (an SFT step, a PPO update): a checkpoint when one is due (every `save_every`, the last
+    step, or the time limit reached on any rank). True when the time limit stops the run there (--resume goes on)."""
+    late = out_of_time(started, time_limit)
+    if step % save_every == 0 or step == total or late:
+        save_checkpoint(policy, opt, out, step, trainer_state)
+    if late and step < total:
+        print0(f"time limit of {time_limit:g} s reached at step {step}: --resume continues")
+    return late and step < total
+
+
+def restore(policy, opt, checkpoint: str, state: dict) -> None:
+    """A resumed run's optimizer state and torch RNG state, as `save_checkpoint` wrote them."""
+    load_optimizer_state(policy, opt, checkpoint)
+    if "rng" in state:
+        torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+
+
+class MetricsLog:
+    """The run's metrics.jsonl on rank 0 (a no-op elsewhere): the lines after `step` dropped first (a run killed
+    between two checkpoints logged them; its resume logs them again), then one JSON line per write, flushed.
+    A context manager: closed on leaving it."""
+
+    def __init__(self, out: str, step: int, rank: int):
+        self.file = None
+        if rank == 0:
+            os.makedirs(out, exist_ok=True)
+            path = os.path.join(out, "metrics.jsonl")
+            rewind_log(path, step)
+            self.file = open(path, "a")
+
+    def write(self, metrics: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(metrics) + "\n")
+            self.file.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.file:
+            self.file.close()
 
 
 def optimizer_state(policy, opt) -> dict:

@@ -39,7 +39,6 @@ under either protocol (1e-6; V-IRL-VL 1e-7).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -52,12 +51,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import engine as E
 import model as M
 import runs as R
-from cli import check_writable, main, require
-from rollout import rollout
-from tasks import OFFICIAL_PPO_LR, action_field, check_protocol, check_task, env_config, image_overrides, make_envs
+from rollout import OFFICIAL_PPO_LR, action_field, check_protocol, check_task, env_overrides, make_envs, rollout
+from runs import check_writable, main, require
 
 # the official runs' cosine period (CosineAnnealingLR T_max, scripts/*_training/*.sh of the paper's code): GP 100,
 # V-IRL 20; in scheduler steps, of which the official runs took 8 per update (lr_at)
@@ -365,10 +362,7 @@ def update_seed(seed: int, update: int, rank: int, purpose: int = 0) -> int:
 
 def default_envs(cfg: PPOConfig) -> Callable:
     """envs(update, rank) -> the ID-setting environments one rank plays in one update."""
-    overrides = {"verify_iter": cfg.verify_iter} if cfg.verify_iter else {}
-    overrides["protocol"] = cfg.protocol
-    overrides.update(image_overrides(cfg.task, cfg.image_size))
-    env_config(cfg.task, "id", **overrides)  # a bad override fails here, before any work
+    overrides = env_overrides(cfg.task, cfg.verify_iter, cfg.image_size, cfg.protocol)
 
     def envs(update: int, rank: int) -> list:
         return make_envs(cfg.task, "id", cfg.envs, seed=update_seed(cfg.seed, update, rank), **overrides)
@@ -386,7 +380,7 @@ def collect(policy, envs: list, cfg: PPOConfig, per_rank: int, rank: int, seed: 
     budget = ({"n_episodes": per_rank, "reset": lambda env, k: env.reset(seed=seed + k // cfg.group_size,
                                                                         episode=seed + k // cfg.group_size)}
               if cfg.algo == "grpo" else {"n_turns": per_rank})
-    with M.gathered(policy):
+    with R.gathered(policy):
         ro = rollout(policy, envs, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=top_p,
                      top_k=top_k, progress=rank == 0, desc="rollout", **budget)
         boot = policy.values(list(ro.bootstrap.values()))
@@ -434,7 +428,7 @@ def score_turns(policy, prompts: list, responses: list, micro_batch: int):
     numerics (old log-probs and values, or the reference's log-probs). Under FSDP the weights are
     gathered once for all micro-batches and released after. -> ([(R,) each], values (T,))"""
     logprobs, values = [], []
-    with M.gathered(policy):
+    with R.gathered(policy):
         for i in range(0, len(prompts), micro_batch):
             scored = policy(policy.collate(prompts[i:i + micro_batch], responses[i:i + micro_batch]))
             logprobs += [lp[:len(r)].float().cpu() for lp, r in zip(scored["logprobs"], responses[i:i + micro_batch])]
@@ -470,7 +464,8 @@ def tally(sums: Counter, pg, vf, entropy, kl, ratio, clip: float, turns: int, to
     the real ones, `computed` the padded batch the forward ran over."""
     sums.update(pg=float(pg), vf=float(vf), entropy=float(entropy), kl=float(kl), turns=turns, tokens=tokens,
                 trained_tokens=trained, computed_tokens=computed, ratios=ratio.numel(),
-                clipped=float(((ratio - 1).abs() > clip).sum()), approx_kl=float(((ratio - 1) - ratio.log()).sum()))
+                clipped=float(((ratio - 1).abs() > clip).sum()), old_approx_kl=float((-ratio.log()).sum()),
+                approx_kl=float(((ratio - 1) - ratio.log()).sum()))
 
 
 def ppo_update(policy, opt, batch: Batch, cfg: PPOConfig, update: int, world: int) -> Counter:
@@ -525,7 +520,7 @@ def build_optimizer(policy, cfg: PPOConfig):
     head = [p for n, p in policy.named_parameters() if n.startswith("value_head.")]
     body = [p for n, p in policy.named_parameters() if not n.startswith("value_head.")]
     # one fused kernel per step on a GPU (under FSDP the sharded parameters take the default multi-tensor path)
-    fused = policy.device.type == "cuda" and not M.is_distributed()
+    fused = policy.device.type == "cuda" and not R.is_distributed()
     return torch.optim.Adam([{"params": body, "lr": cfg.lr, "peak": cfg.lr},
                              {"params": head, "lr": cfg.value_lr or cfg.lr, "peak": cfg.value_lr or cfg.lr}],
                             eps=cfg.adam_eps, fused=fused or None)
@@ -573,7 +568,8 @@ def training_metrics(train: Counter, token_level: bool, world: int) -> dict:
     per = lambda key, count: train[key] / max(train[count], 1)  # noqa: E731
     return {"policy_loss": per("pg", "tokens" if token_level else "turns"), "value_loss": per("vf", "turns"),
             "entropy": per("entropy", "tokens"), "kl_to_init": per("kl", "tokens"),
-            "clip_frac": per("clipped", "ratios"), "approx_kl": per("approx_kl", "ratios"),
+            "clipfrac": per("clipped", "ratios"), "old_approx_kl": per("old_approx_kl", "ratios"),
+            "approx_kl": per("approx_kl", "ratios"),
             "grad_norm": per("grad_norm", "steps"), "optimizer_steps": int(train["steps"]) // world,
             "skipped_minibatches": int(train["skipped"]) // world,
             "skipped_share": train["skipped"] / max(train["steps"] + train["skipped"], 1),
@@ -596,20 +592,11 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
         raise ValueError(f"turns={cfg.turns} and minibatch={cfg.minibatch} must both be divisible by the {world} ranks")
     per_rank = cfg.turns // world
     envs_for = env_factory or default_envs(cfg)
-    print0 = print if rank == 0 else (lambda *a, **k: None)
+    print0 = R.printer(rank)
     wandb_run = start_wandb(cfg) if cfg.wandb and rank == 0 else None
 
     # ---- start: fresh, or the last complete checkpoint ----
-    init = cfg.model  # a run folder starts from its last checkpoint
-    if os.path.isdir(init) and not os.path.exists(os.path.join(init, "config.json")):
-        init = R.last_checkpoint(init) or init
-    R.prepare_run_folder(cfg.out, cfg.resume, cfg.overwrite)
-    resume_from = R.last_checkpoint(cfg.out) if cfg.resume else None
-    if cfg.resume and resume_from is None:
-        raise ValueError(f"--resume: no complete checkpoint in {cfg.out!r}")
-    state = R.read_trainer_state(resume_from or init)
-    for line in R.recipe_warnings(state, cfg.task, cfg.protocol, resume_from or init):
-        print0(f"warning: {line}")
+    init, resume_from, state = R.start(cfg.model, cfg.out, cfg.resume, cfg.overwrite, cfg.task, cfg.protocol, print0)
     torch.manual_seed(cfg.seed)  # a fresh value head's initialization
     policy = M.load_policy(resume_from or init, device=device, temperature=cfg.temperature, precision=cfg.precision)
     reference = (M.load_policy(init, device=device, temperature=cfg.temperature, precision=cfg.precision).eval()
@@ -628,94 +615,84 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
     print0(f"ppo {cfg.task}: {n_params / 1e6:.1f}M parameters from {resume_from or init}, {world} rank(s), "
            f"{'bf16' if policy.compute_dtype else 'fp32'} compute over fp32 weights, {setup}, "
            f"{cfg.turns} turns per update, start at update {update}")
-    if M.is_distributed():
-        M.shard(policy)
+    if R.is_distributed():
+        R.shard(policy)
         if reference is not None:
-            M.shard(reference)
+            R.shard(reference)
     if cfg.engine:
-        E.attach(policy, compile=policy.device.type == "cuda")
+        import engine  # only with --engine: it loads the compiler's machinery
+        engine.attach(policy, compile=policy.device.type == "cuda")
     opt = build_optimizer(policy, cfg)
     if resume_from:
-        R.load_optimizer_state(policy, opt, resume_from)
+        R.restore(policy, opt, resume_from, state)
 
-    os.makedirs(cfg.out, exist_ok=True)
-    log_path = os.path.join(cfg.out, "metrics.jsonl")
-    if rank == 0:
-        R.rewind_log(log_path, update)
     bar = tqdm(total=cfg.updates, initial=update, desc=f"ppo {cfg.task}", disable=rank != 0)
-    started = time.perf_counter()
-    while update < cfg.updates:
-        seed = update_seed(cfg.seed, update, rank)
-        torch.manual_seed(seed)
-        t0 = time.perf_counter()
-        ro, boot = collect(policy, envs_for(update, rank), cfg, per_rank, rank, seed)
-        t1 = time.perf_counter()
+    with R.MetricsLog(cfg.out, update, rank) as log:
+        started = time.perf_counter()
+        while update < cfg.updates:
+            seed = update_seed(cfg.seed, update, rank)
+            torch.manual_seed(seed)
+            t0 = time.perf_counter()
+            ro, boot = collect(policy, envs_for(update, rank), cfg, per_rank, rank, seed)
+            t1 = time.perf_counter()
 
-        # ---- old log-probs and values: as sampled, or re-scored with the training forward ----
-        turns = ro.turns
-        prompts, responses = [t.prompt for t in turns], [t.response_ids for t in turns]
-        old_logprobs, old_values = [t.logprobs for t in turns], torch.tensor([t.value for t in turns])
-        gap = {"logprob_gap_mean": None, "logprob_gap_max": None}
-        if rescore:
-            scored, old_values = score_turns(policy, prompts, responses, cfg.micro_batch)
-            gap = logprob_gap(old_logprobs, scored)
-            old_logprobs = scored
+            # ---- old log-probs and values: as sampled, or re-scored with the training forward ----
+            turns = ro.turns
+            prompts, responses = [t.prompt for t in turns], [t.response_ids for t in turns]
+            old_logprobs, old_values = [t.logprobs for t in turns], torch.tensor([t.value for t in turns])
+            gap = {"logprob_gap_mean": None, "logprob_gap_max": None}
+            if rescore:
+                scored, old_values = score_turns(policy, prompts, responses, cfg.micro_batch)
+                gap = logprob_gap(old_logprobs, scored)
+                old_logprobs = scored
 
-        # ---- advantages: GAE normalized over all ranks' turns, or group-relative ----
-        rewards, episodes = [t.reward for t in turns], [t.episode for t in turns]
-        if cfg.algo == "grpo":
-            advantages = group_advantages(rewards, episodes, cfg.group_size, cfg.group_std)
-            returns = torch.zeros(len(turns))  # no value loss: nothing to regress on
-        else:
-            advantages, returns = gae(rewards, old_values.tolist(), [t.done for t in turns], episodes, boot,
-                                      cfg.gamma, cfg.lam)
-            # officially each of the GPUs normalized its own share of the turns: as many groups over this run's ranks
-            official = cfg.protocol == "official"
-            advantages = normalize(advantages, groups=max(1, cfg.official_processes // world) if official else 0)
-        weights = ([official_action_weights(policy.tokenizer, r, cfg.pre_action_coef) for r in responses]
-                   if cfg.protocol == "official" else
-                   [action_weights(policy.tokenizer, r, field_name, cfg.pre_action_coef) for r in responses])
-        batch = Batch(prompts, responses, old_logprobs, weights, old_values, advantages, returns)
-        if reference is not None:
-            batch.ref_logprobs, _ = score_turns(reference, prompts, responses, cfg.micro_batch)
+            # ---- advantages: GAE normalized over all ranks' turns, or group-relative ----
+            rewards, episodes = [t.reward for t in turns], [t.episode for t in turns]
+            if cfg.algo == "grpo":
+                advantages = group_advantages(rewards, episodes, cfg.group_size, cfg.group_std)
+                returns = torch.zeros(len(turns))  # no value loss: nothing to regress on
+            else:
+                advantages, returns = gae(rewards, old_values.tolist(), [t.done for t in turns], episodes, boot,
+                                          cfg.gamma, cfg.lam)
+                # officially each GPU normalized its own share of the turns: as many groups over this run's ranks
+                official = cfg.protocol == "official"
+                advantages = normalize(advantages, groups=max(1, cfg.official_processes // world) if official else 0)
+            weights = ([official_action_weights(policy.tokenizer, r, cfg.pre_action_coef) for r in responses]
+                       if cfg.protocol == "official" else
+                       [action_weights(policy.tokenizer, r, field_name, cfg.pre_action_coef) for r in responses])
+            batch = Batch(prompts, responses, old_logprobs, weights, old_values, advantages, returns)
+            if reference is not None:
+                batch.ref_logprobs, _ = score_turns(reference, prompts, responses, cfg.micro_batch)
 
-        # ---- PPO epochs ----
-        for g in opt.param_groups:
-            g["lr"] = lr_at(update, g["peak"], cfg)
-        policy.train()
-        trained = gather_counters(ppo_update(policy, opt, batch, cfg, update, world), world)
-        t2 = time.perf_counter()
+            # ---- PPO epochs ----
+            for g in opt.param_groups:
+                g["lr"] = lr_at(update, g["peak"], cfg)
+            policy.train()
+            trained = gather_counters(ppo_update(policy, opt, batch, cfg, update, world), world)
+            t2 = time.perf_counter()
 
-        # ---- log and checkpoint ----
-        roll = gather_counters(rollout_stats(ro, cfg.task), world)
-        update += 1
-        gflops += (2 * n_params * roll["rollout_tokens"] + 6 * n_params * trained["trained_tokens"]) / 1e9
-        tokens += int(trained["trained_tokens"])
-        metrics = {"step": update, **rollout_metrics(roll), **training_metrics(trained, cfg.token_level, world),
-                   "explained_variance": explained_variance(old_values, returns) if cfg.algo == "ppo" else None,
-                   **gap,
-                   "lr": opt.param_groups[0]["lr"], "gflops": gflops, "tokens": tokens,
-                   "rollout_s": t1 - t0, "train_s": t2 - t1,
-                   "tokens_per_s": (roll["rollout_tokens"] + trained["trained_tokens"]) / max(t2 - t0, 1e-9)}
-        if rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            # ---- log and checkpoint ----
+            roll = gather_counters(rollout_stats(ro, cfg.task), world)
+            update += 1
+            gflops += (2 * n_params * roll["rollout_tokens"] + 6 * n_params * trained["trained_tokens"]) / 1e9
+            tokens += int(trained["trained_tokens"])
+            metrics = {"step": update, **rollout_metrics(roll), **training_metrics(trained, cfg.token_level, world),
+                       "explained_variance": explained_variance(old_values, returns) if cfg.algo == "ppo" else None,
+                       **gap,
+                       "learning_rate": opt.param_groups[0]["lr"], "gflops": gflops, "tokens": tokens,
+                       "rollout_s": t1 - t0, "train_s": t2 - t1,
+                       "tokens_per_s": (roll["rollout_tokens"] + trained["trained_tokens"]) / max(t2 - t0, 1e-9)}
+            log.write(metrics)
             if wandb_run:
                 wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=update)
-        bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", success=metrics["success_rate"],
-                        clip=f"{metrics['clip_frac']:.2f}")
-        bar.update(1)
-        out_of_time = R.out_of_time(started, cfg.time_limit)
-        if update % cfg.save_every == 0 or update == cfg.updates or out_of_time:
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", success=metrics["success_rate"],
+                            clip=f"{metrics['clipfrac']:.2f}")
+            bar.update(1)
             trainer_state = {"step": update, "tokens": tokens, "gflops": gflops, "kind": "ppo", "task": cfg.task,
                              "init": init, "config": asdict(cfg)}
-            checkpoint = os.path.join(cfg.out, f"step-{update:06d}")
-            policy.save(checkpoint,
-                        extras={"trainer_state.json": trainer_state, "optimizer.pt": R.optimizer_state(policy, opt)})
-            R.drop_older_optimizer_states(cfg.out, checkpoint)
-        if out_of_time and update < cfg.updates:
-            print0(f"time limit of {cfg.time_limit:g} s reached at update {update}: --resume continues")
-            break
+            if R.step_done(policy, opt, cfg.out, update, cfg.updates, cfg.save_every, cfg.time_limit, started,
+                           trainer_state, print0):
+                break
     bar.close()
     if wandb_run:
         wandb_run.finish()

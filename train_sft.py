@@ -31,9 +31,9 @@ from tqdm import tqdm
 
 import model as M
 import runs as R
-from cli import check_writable, main, require
-from tasks import (OFFICIAL_SFT_LR, check_protocol, check_task, env_config, env_module, image_overrides, make_envs,
-                   wrong_answer)
+from rollout import (OFFICIAL_SFT_LR, check_protocol, check_task, env_module, env_overrides, make_envs,
+                     wrong_answer)
+from runs import check_writable, main, require
 
 # ---- config ----
 
@@ -114,7 +114,7 @@ class SFTConfig:
         require(self, "weight_decay time_limit", lambda v: v >= 0, "0 or a positive number")
         require(self, "revision_frac", lambda v: 0 <= v <= 1, "a share between 0 and 1")
         require(self, "grad_checkpointing", lambda v: v in ("auto", "on", "off"), "auto, on or off")
-        env_config(self.task, "id", **image_overrides(self.task, self.image_size))  # the size itself
+        env_overrides(self.task, image_size=self.image_size, protocol=self.protocol)  # e.g. a bad image size
         M.check_device(self.device)
         if self.data and not os.path.isfile(self.data):
             folder = " (it is a folder)" if os.path.isdir(self.data) else ""
@@ -134,8 +134,8 @@ def expert_examples(task: str, n: int, seed: int, revision_frac: float = 0.0, im
     each episode is worded by one of the environment's prompt templates, drawn at random; with reasoning the
     expert answers think first; under protocol "official", official prompts and answers in the official template."""
     templates = env_module(task).PROMPT_TEMPLATES if prompt_diversity else 1
-    envs = make_envs(task, "id", templates, seed, templates=templates, protocol=protocol,
-                     **image_overrides(task, image_size))
+    envs = make_envs(task, "id", templates, seed, templates=templates,
+                     **env_overrides(task, image_size=image_size, protocol=protocol))
     rng, out = random.Random(seed), []
     while len(out) < n:
         env = envs[rng.randrange(templates)] if templates > 1 else envs[0]
@@ -251,19 +251,12 @@ def train(cfg: SFTConfig) -> dict:
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {world} ranks")
     per_rank = cfg.batch_size // world
-    print0 = print if rank == 0 else (lambda *a, **k: None)
+    print0 = R.printer(rank)
 
     # ---- start: fresh, or the last complete checkpoint ----
-    R.prepare_run_folder(cfg.out, cfg.resume, cfg.overwrite)
-    resume_from = R.last_checkpoint(cfg.out) if cfg.resume else None
-    if cfg.resume and resume_from is None:
-        raise ValueError(f"--resume: no complete checkpoint in {cfg.out!r}")
-    init = resume_from or cfg.model
-    state = R.read_trainer_state(init)
-    for line in R.recipe_warnings(state, cfg.task, cfg.protocol, init):
-        print0(f"warning: {line}")
+    init, resume_from, state = R.start(cfg.model, cfg.out, cfg.resume, cfg.overwrite, cfg.task, cfg.protocol, print0)
     torch.manual_seed(cfg.seed)
-    policy = M.load_policy(init, device=device, precision=cfg.precision)
+    policy = M.load_policy(resume_from or init, device=device, precision=cfg.precision)
     n_params = policy.model.num_parameters()
     step = state.get("step", 0) if resume_from else 0
     gflops = state.get("gflops", 0.0)          # an RL or SFT init's compute carries over: one axis
@@ -278,65 +271,55 @@ def train(cfg: SFTConfig) -> dict:
     print0(f"sft {cfg.task}: {len(encoded)} examples, {n_params / 1e6:.1f}M parameters, {world} rank(s), "
            f"{'bf16' if policy.compute_dtype else 'fp32'} compute over fp32 weights, {setup}, start at step {step}")
 
-    if M.is_distributed():
-        M.shard(policy)
-    fused = policy.device.type == "cuda" and not M.is_distributed()  # one kernel per step (not for FSDP's shards)
+    if R.is_distributed():
+        R.shard(policy)
+    fused = policy.device.type == "cuda" and not R.is_distributed()  # one kernel per step (not for FSDP's shards)
     opt = torch.optim.AdamW([p for n, p in policy.named_parameters() if not n.startswith("value_head.")],
                             lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     if resume_from:
-        R.load_optimizer_state(policy, opt, resume_from)
-        torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+        R.restore(policy, opt, resume_from, state)
 
     # ---- loop ----
-    os.makedirs(cfg.out, exist_ok=True)
-    if rank == 0:
-        R.rewind_log(os.path.join(cfg.out, "metrics.jsonl"), step)
-    log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=step, desc=f"sft {cfg.task}", disable=rank != 0)
     policy.train()
-    started = time.perf_counter()
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        order = data_order(len(encoded), cfg.seed, step * cfg.batch_size, cfg.batch_size)
-        mine = [encoded[i] for i in order[rank * per_rank:(rank + 1) * per_rank]]
-        step_tokens = R.all_reduce_sum(sum(len(r) for _, r in mine))
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        nll_sum, seen = 0.0, 0
-        for i in range(0, len(mine), cfg.micro_batch):
-            chunk = mine[i:i + cfg.micro_batch]
-            batch = policy.collate([p for p, _ in chunk], [r for _, r in chunk])
-            loss, nll = sft_loss(policy, batch, step_tokens / world)  # FSDP averages over ranks: x world
-            loss.backward()
-            nll_sum += float(nll)
-            seen += int(batch["attention_mask"].sum())  # real tokens read and trained on, padding excluded
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        step_seen = R.all_reduce_sum(seen)
-        tokens += int(step_seen)
-        gflops += 6 * n_params * step_seen / 1e9
-        loss_mean = R.all_reduce_sum(nll_sum) / step_tokens
-        secs = time.perf_counter() - t0
-        metrics = {"step": step, "loss": loss_mean, "lr": lr_at(step - 1, cfg), "grad_norm": float(grad_norm),
-                   "tokens": tokens, "gflops": gflops, "tokens_per_s": step_seen / secs}
-        if log:
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
-        bar.set_postfix(loss=f"{loss_mean:.4f}", tok_s=f"{step_seen / secs:.0f}")
-        bar.update(1)
-        out_of_time = R.out_of_time(started, cfg.time_limit)
-        if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
+    with R.MetricsLog(cfg.out, step, rank) as log:
+        started = time.perf_counter()
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            order = data_order(len(encoded), cfg.seed, step * cfg.batch_size, cfg.batch_size)
+            mine = [encoded[i] for i in order[rank * per_rank:(rank + 1) * per_rank]]
+            step_tokens = R.all_reduce_sum(sum(len(r) for _, r in mine))
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            nll_sum, seen = 0.0, 0
+            for i in range(0, len(mine), cfg.micro_batch):
+                chunk = mine[i:i + cfg.micro_batch]
+                batch = policy.collate([p for p, _ in chunk], [r for _, r in chunk])
+                loss, nll = sft_loss(policy, batch, step_tokens / world)  # FSDP averages over ranks: x world
+                loss.backward()
+                nll_sum += float(nll)
+                seen += int(batch["attention_mask"].sum())  # real tokens read and trained on, padding excluded
+            params = [p for g in opt.param_groups for p in g["params"]]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            step_seen = R.all_reduce_sum(seen)
+            tokens += int(step_seen)
+            gflops += 6 * n_params * step_seen / 1e9
+            loss_mean = R.all_reduce_sum(nll_sum) / step_tokens
+            secs = time.perf_counter() - t0
+            metrics = {"step": step, "loss": loss_mean, "learning_rate": lr_at(step - 1, cfg),
+                       "grad_norm": float(grad_norm),
+                       "tokens": tokens, "gflops": gflops, "tokens_per_s": step_seen / secs}
+            log.write(metrics)
+            bar.set_postfix(loss=f"{loss_mean:.4f}", tok_s=f"{step_seen / secs:.0f}")
+            bar.update(1)
             trainer_state = {"step": step, "tokens": tokens, "gflops": gflops, "kind": "sft", "task": cfg.task,
-                             "init": cfg.model, "config": asdict(cfg), "rng": torch.get_rng_state().tolist()}
-            checkpoint = os.path.join(cfg.out, f"step-{step:06d}")
-            policy.save(checkpoint,
-                        extras={"trainer_state.json": trainer_state, "optimizer.pt": R.optimizer_state(policy, opt)})
-            R.drop_older_optimizer_states(cfg.out, checkpoint)
-        if out_of_time and step < cfg.steps:
-            print0(f"time limit of {cfg.time_limit:g} s reached at step {step}: --resume continues")
-            break
+                             "init": init, "config": asdict(cfg)}
+            if R.step_done(policy, opt, cfg.out, step, cfg.steps, cfg.save_every, cfg.time_limit, started,
+                           trainer_state, print0):
+                break
     bar.close()
     R.leave_distributed()
     return {"step": step, "gflops": gflops, "tokens": tokens}

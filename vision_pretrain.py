@@ -24,7 +24,9 @@ the ID city). Recognition on held-out rendered images, ID and OOD visuals, is pr
 
     python vision_pretrain.py                       # builds and caches "smolvlm-local" (see docs/policy.md)
     python vision_pretrain.py --out /tmp/vlm --align-steps 50
-load_policy("smolvlm-local") builds it on first use the same way.
+Loading "smolvlm-local" never builds it: until this command has run, load_policy says to run it (`make demo-vl` and
+replicate.py run it for you). A model already built is kept (--overwrite builds it again); a folder that holds
+anything else is refused.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ from tqdm import tqdm
 import model as M
 import model_zoo as Z
 import runs as R
-from cli import check_writable, main, require
+from runs import check_writable, main, require
 from env_points import RANKS, SUIT_SETS, render_cards
 from env_virl import CITIES, ID_CITY, NavigationEnv, VirlConfig
 from streetview import VIEW_OFFSETS, render_grid, signs_in_view
@@ -65,6 +67,8 @@ class VisionConfig:
     """the language model: smollm2-135m (the embedded default), or tiny-text for tests"""
     out: str = ""
     """folder to write; empty: the model cache's smolvlm-local"""
+    overwrite: bool = False
+    """build again over a model already in --out (without it the built model is kept and nothing runs)"""
     hidden: int = 192
     """width of the vision tower"""
     layers: int = 6
@@ -100,8 +104,13 @@ class VisionConfig:
         require(self, "language_lr", lambda v: v >= 0, "0 or a positive number")
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} is not a multiple of heads={self.heads}")
-        self.out = self.out or os.path.join(Z.cache_root(), "smolvlm-local")
+        self.out = self.out or Z.smolvlm_local_path()
         check_writable(os.path.dirname(os.path.abspath(self.out)))
+        check_writable(self.out)  # a folder, existing or to make
+        if os.path.isdir(self.out) and os.listdir(self.out) and not os.path.exists(
+                os.path.join(self.out, "pretraining.json")):
+            raise ValueError(f"out={self.out!r} holds files that are not a model this script built: expected an "
+                             "empty or new folder (nothing there is deleted)")
 
 
 # ---- rendered data ----
@@ -322,6 +331,11 @@ def caption_all(policy, question: str, images: list, batch: int = 16) -> list:
 # ---- main ----
 
 def pretrain(cfg: VisionConfig) -> dict:
+    report_path = os.path.join(cfg.out, "pretraining.json")
+    if os.path.exists(report_path) and not cfg.overwrite:  # built already: keep it
+        print(f"{cfg.out} is built already (--overwrite builds it again)")
+        with open(report_path) as f:
+            return json.load(f)
     start = time.perf_counter()
     rng = random.Random(cfg.seed)
     suits = ALL_SUITS if cfg.all_visuals else ID_SUITS
@@ -337,7 +351,7 @@ def pretrain(cfg: VisionConfig) -> dict:
     minutes = (time.perf_counter() - start) / 60
     report = {"config": asdict(cfg), "minutes": round(minutes, 1), "tower_loss": [tower_losses[0], tower_losses[-1]],
               "align_loss": [align_losses[0], align_losses[-1]] if align_losses else None, "recognition": scores}
-    with Z.atomic_folder(cfg.out) as tmp:
+    with R.atomic_folder(cfg.out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         with open(os.path.join(tmp, "pretraining.json"), "w") as f:

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
+import runs as R  # noqa: E402
 
 
 def batch_for(policy, idx):
@@ -42,7 +43,7 @@ def main():
     ref_after = ref(batch_for(ref, everyone))
 
     torch.manual_seed(0)
-    policy = M.shard(M.load_policy(name))
+    policy = R.shard(M.load_policy(name))
     opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
     out = policy(batch_for(policy, mine))
     loss_of(out).backward()   # FSDP averages gradients over ranks: the mean of equal halves' means

@@ -46,7 +46,7 @@ def main():
     torch.manual_seed(0)
     ref = M.load_policy("tiny-text", temperature=cfg.temperature)
     ref_sums = two_updates(ref, make_batch(ref, n), cfg, world=1)  # before the process group exists
-    ref_state = M.full_state_dict(ref)
+    ref_state = R.full_state_dict(ref)
 
     dist.init_process_group("gloo")  # only now: the reference's all-reduces must be no-ops
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -54,17 +54,17 @@ def main():
     torch.manual_seed(0)
     policy = M.load_policy("tiny-text", temperature=cfg.temperature)
     mine = make_batch(policy, n, rows=list(range(rank, n, world)))
-    M.shard(policy)
+    R.shard(policy)
     # a rollout's no-gradient passes come first in every update: they must leave no stale weights behind
     policy.generate([[{"role": "user", "content": "hi " * (rank + 1)}]], max_new_tokens=3 + 4 * rank)
     P.score_turns(policy, mine.prompts, mine.responses, micro_batch=3)
     sums = two_updates(policy, mine, cfg, world)
-    state = M.full_state_dict(policy)
+    state = R.full_state_dict(policy)
 
     pg = [R.all_reduce_sum(s["pg"]) for s in sums]
     if rank == 0:
         d_weights = max(float((state[k] - ref_state[k]).abs().max()) for k in ref_state)
-        moved = max(float((ref_state[k] - M.full_state_dict(M.load_policy("tiny-text"))[k]).abs().max())
+        moved = max(float((ref_state[k] - R.full_state_dict(M.load_policy("tiny-text"))[k]).abs().max())
                     for k in ref_state if not k.startswith("value_head."))
         d_pg = max(abs(a - s["pg"]) for a, s in zip(pg, ref_sums))
         print(json.dumps({"weights": d_weights, "moved": moved, "pg": d_pg,

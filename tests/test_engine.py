@@ -5,7 +5,7 @@ import torch
 import engine as E
 import model as M
 from rollout import rollout
-from tasks import make_envs
+from rollout import make_envs
 
 
 def prompts_of(policy, n):

@@ -1,4 +1,5 @@
-"""evaluate.py: results JSON, answers, plots, like-for-like episodes, metrics, CLI, torchrun."""
+"""evaluate.py, eval_store.py, eval_report.py: results JSON, answers, plots, like-for-like episodes, metrics, CLI,
+torchrun, the result store."""
 import json
 import math
 import os
@@ -8,6 +9,8 @@ import sys
 
 import pytest
 
+import eval_report as ER
+import eval_store as ES
 import evaluate as EV
 import model as M
 from launch import report, torchrun
@@ -72,14 +75,14 @@ def test_vl_and_virl_metrics(tmp_path):
     assert "recognition_accuracy" not in m
     # V-IRL's table leads with the protocol's per-step accuracy and keeps the other count and route success beside it
     assert m["per_step_accuracy_official"] <= m["per_step_accuracy"]   # the official count adds failed routes' samples
-    assert "per-step accuracy [95% CI], per-step accuracy (official count), route success" in EV.markdown_table(
+    assert "per-step accuracy [95% CI], per-step accuracy (official count), route success" in ER.markdown_table(
         virl, ["id"], "virl-l")
-    assert "per-step accuracy (official count) [95% CI], per-step accuracy, route success" in EV.markdown_table(
+    assert "per-step accuracy (official count) [95% CI], per-step accuracy, route success" in ER.markdown_table(
         virl, ["id"], "virl-l", "official")
 
 
 def test_id_evaluation_routes_are_training_routes_and_held_out_ones_are_not():
-    from tasks import make_envs
+    from rollout import make_envs
     train = make_envs("virl-l", "id", 1, seed=0)[0].routes
     assert [r.route_id for r in make_envs("virl-l", "ood_rule", 1, seed=0)[0].routes] == [r.route_id for r in train]
     held = make_envs("virl-l", "id_heldout", 1, seed=0, n_routes=48)[0].routes
@@ -148,42 +151,42 @@ def test_curves_start_at_the_evaluated_initialization(tmp_path):
     results = [{"run": "tiny-text", "checkpoints": [entry("tiny-text", 0.0)]},
                {"run": "sft", "checkpoints": [entry(sft, 5.0)]},
                {"run": "ppo", "checkpoints": [entry(ck, 9.0)]}]
-    linked = EV.with_initializations(results)
+    linked = ER.with_initializations(results)
     assert [c["gflops"] for c in linked[2]["checkpoints"]] == [5.0, 9.0] and linked[2]["checkpoints"][0]["init"]
     assert linked[0] == results[0] and linked[1] == results[1]     # no trainer_state, or nothing evaluated to link
     assert len(results[2]["checkpoints"]) == 1                       # the results themselves are untouched
 
 
 def test_seeds_pool_into_arms_with_a_t_interval():
-    assert [EV.arm_of(n) for n in ("ppo-s2", "sft-seed10", "sft-gp-l", "init")] == ["ppo", "sft", "sft-gp-l", "init"]
-    mean, (lo, hi) = EV.mean_ci95([1.0, 2.0, 6.0])
+    assert [ER.arm_of(n) for n in ("ppo-s2", "sft-seed10", "sft-gp-l", "init")] == ["ppo", "sft", "sft-gp-l", "init"]
+    mean, (lo, hi) = ER.mean_ci95([1.0, 2.0, 6.0])
     # mean 3, sample sd sqrt(7), t(2) = 4.303: 3 -+ 4.303 * sqrt(7 / 3)
     half = 4.303 * math.sqrt(7 / 3)
     assert mean == 3.0 and lo == pytest.approx(3 - half) and hi == pytest.approx(3 + half)
-    assert EV.mean_ci95([4.0]) == (4.0, None)
+    assert ER.mean_ci95([4.0]) == (4.0, None)
 
     def run(name, init_ood, last_ood):
         ck = lambda p: {"path": name, "gflops": 0.0,  # noqa: E731
                         "settings": {"id": {"success": 0.5}, "ood_rule": {"success": p}}}
         return {"run": name, "checkpoints": [ck(init_ood), ck(0.3), ck(last_ood)]}
-    changes = EV.ood_changes([run("ppo-s0", 0.10, 0.15), run("ppo-s1", 0.10, 0.12), run("sft-s0", 0.10, 0.02)],
+    changes = ER.ood_changes([run("ppo-s0", 0.10, 0.15), run("ppo-s1", 0.10, 0.12), run("sft-s0", 0.10, 0.02)],
                              ["id", "ood_rule"], "gp-l")
     assert [(c["arm"], c["setting"], c["seeds"]) for c in changes] == [("ppo", "ood_rule", 2), ("sft", "ood_rule", 1)]
     assert changes[0]["deltas"] == pytest.approx([5.0, 2.0]) and changes[0]["mean"] == pytest.approx(3.5)
     assert changes[1]["mean"] == pytest.approx(-8.0) and changes[1]["ci95"] is None
-    assert "| ppo | OOD rule | 2 | +3.5 |" in EV.changes_table(changes)
+    assert "| ppo | OOD rule | 2 | +3.5 |" in ER.changes_table(changes)
     lone = {**run("base", 0.10, 0.10), "checkpoints": run("base", 0.10, 0.10)["checkpoints"][:1]}
-    assert EV.ood_changes([lone], ["id", "ood_rule"], "gp-l") == []        # one checkpoint: no change to report
-    assert EV.changes_table([]).startswith("No OOD change to show")        # a sentence, not an empty table
+    assert ER.ood_changes([lone], ["id", "ood_rule"], "gp-l") == []        # one checkpoint: no change to report
+    assert ER.changes_table([]).startswith("No OOD change to show")        # a sentence, not an empty table
 
     def virl_run(name, first, last):  # V-IRL: per-step accuracy moves, route success does not
         ck = lambda q: {"path": name, "gflops": 0.0,  # noqa: E731
                         "settings": {s: {"success": 0.0, "per_step_accuracy": q}
                                      for s in ("id", "ood_rule", "id_heldout")}}
         return {"run": name, "checkpoints": [ck(first), ck(last)]}
-    changes = EV.ood_changes([virl_run("rl-s0", 0.80, 0.91)], ["id", "ood_rule", "id_heldout"], "virl-l")
+    changes = ER.ood_changes([virl_run("rl-s0", 0.80, 0.91)], ["id", "ood_rule", "id_heldout"], "virl-l")
     assert [(c["setting"], c["metric"]) for c in changes] == [("ood_rule", "per_step_accuracy")]  # held-out is ID
-    assert changes[0]["mean"] == pytest.approx(11.0) and "per-step accuracy" in EV.changes_table(changes)
+    assert changes[0]["mean"] == pytest.approx(11.0) and "per-step accuracy" in ER.changes_table(changes)
 
 
 def test_stored_results_are_reused_and_redone_when_the_test_changes(run_folder, tmp_path, monkeypatch):
@@ -202,3 +205,30 @@ def test_stored_results_are_reused_and_redone_when_the_test_changes(run_folder, 
     assert len(loads) == 1
     EV.evaluate(EV.EvalConfig(**{**cfg, "episodes": 4}))      # another test: played again
     assert len(loads) == 2
+
+
+def test_the_store_reuses_only_the_same_weights_and_replaces_only_what_was_played(tmp_path, capsys):
+    key, other = {"episodes": 3}, {"episodes": 4}
+    a, b = str(tmp_path / "step-000001"), str(tmp_path / "step-000002")
+    entry = lambda path, k: {"path": path, "step": 1, "gflops": 1.0, "key": k,  # noqa: E731
+                             "settings": {"id": {"success": 0.5}}, "sampling": {"greedy": True}}
+    answer = lambda path, k, s: {"checkpoint": path, "result": ES.result_id(path, k)[1], "setting": s}  # noqa: E731
+    ES.write_run(str(tmp_path), "gp-l", {"run": "r", "checkpoints": [entry(a, key), entry(b, key), entry(a, other)]},
+                 [answer(a, key, "id"), answer(b, key, "id"), answer(a, other, "id")])
+    stored = ES.stored_results(str(tmp_path), "gp-l")
+    assert stored[0][1] == entry(b, key) and stored[1][2] == answer(a, other, "id")   # read back as written
+
+    fresh, carried = ES.reusable(stored, a, {"step": 1, "gflops": 1.0}, key)          # the same weights, same key
+    assert fresh == entry(a, key) and carried == [answer(a, key, "id")]
+    assert ES.reusable(stored, a, {"step": 2, "gflops": 3.0}, key) == (              # trained further: nothing holds
+        {"path": a, "step": 2, "gflops": 3.0, "key": key, "settings": {}}, [])
+
+    fresh["settings"]["ood_rule"] = {"success": 0.0}                                  # this call played ood_rule
+    run, answers = ES.merged(stored, {"run": "r", "checkpoints": [fresh]}, carried + [answer(a, key, "ood_rule")])
+    assert [(e["path"], e["key"]) for e in run["checkpoints"]] == [(b, key), (a, other), (a, key)]
+    assert answers == [answer(b, key, "id"), answer(a, other, "id"), answer(a, key, "id"), answer(a, key, "ood_rule")]
+
+    (tmp_path / "eval_gp-l.json").write_text("{not json")                              # unreadable: set aside
+    assert ES.stored_results(str(tmp_path), "gp-l") == ([], []) and "set aside" in capsys.readouterr().out
+    assert sorted(p.name.split(".unreadable-")[0] for p in tmp_path.glob("*.unreadable-*")) == [
+        "eval_gp-l.json", "eval_gp-l_answers.jsonl"]

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import bench as B
-import generation as G
 import model as M
 import train_ppo as P
 import train_sft as S
@@ -104,7 +103,7 @@ def test_bf16_generate_and_score_agree_and_the_cache_changes_nothing(name):
     record(f"generate_score_gap_max_{name}", float(diffs.max()), "nats", mean=float(diffs.mean()), temperature=0.7,
            tokens=len(diffs))
     assert diffs.max() < 0.25  # cached decoding and one full pass round differently; PPO re-scores anyway
-    cache = G.PrefixCache()
+    cache = M.PrefixCache()
     first = policy.generate(convs, max_new_tokens=16, greedy=True, cache=cache)
     follow = [c + [{"role": "assistant", "content": s.text}, {"role": "user", "content": "Try again."}]
               for c, s in zip(convs, first)]

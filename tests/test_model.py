@@ -7,7 +7,6 @@ import pytest
 import torch
 from PIL import Image
 
-import generation as G
 import model as M
 from launch import report, torchrun
 
@@ -188,7 +187,7 @@ def test_fsdp2_two_processes_match_one(name, text_policy, vlm_policy):
 def test_sampler_draws_from_the_tempered_distribution_and_records_its_log_probs():
     torch.manual_seed(0)
     scores = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(40000, 4)
-    sampler = G.Sampler(temperature=0.5, top_p=1.0, greedy=False)
+    sampler = M.Sampler(temperature=0.5, top_p=1.0, greedy=False)
     onehot = sampler(None, scores)
     drawn = onehot.argmax(-1)
     assert torch.isinf(onehot).sum(-1).eq(3).all()           # Hugging Face sees only the drawn token
@@ -197,17 +196,17 @@ def test_sampler_draws_from_the_tempered_distribution_and_records_its_log_probs(
     assert (freq - expect).abs().max() < 0.01, (freq, expect)
     assert torch.allclose(sampler.logprobs[0], expect.log()[drawn], atol=1e-6)
     # top-p 0.9 keeps the two most likely tokens (0.865 + 0.117 >= 0.9); log-probs stay the full distribution's
-    sampler = G.Sampler(temperature=0.5, top_p=0.9, greedy=False)
+    sampler = M.Sampler(temperature=0.5, top_p=0.9, greedy=False)
     drawn = sampler(None, scores).argmax(-1)
     assert set(drawn.tolist()) == {0, 1} and torch.allclose(sampler.logprobs[0], expect.log()[drawn], atol=1e-6)
-    greedy = G.Sampler(temperature=0.5, top_p=1.0, greedy=True)
+    greedy = M.Sampler(temperature=0.5, top_p=1.0, greedy=True)
     assert greedy(None, scores[:3]).argmax(-1).tolist() == [0, 0, 0]
     # top-k 2 (Hugging Face's order: top-k, then top-p on what is left): only the two most likely, in proportion
-    top2 = G.Sampler(temperature=1.0, top_p=1.0, greedy=False, top_k=2)
+    top2 = M.Sampler(temperature=1.0, top_p=1.0, greedy=False, top_k=2)
     drawn = top2(None, scores).argmax(-1)
     share = float((drawn == 0).float().mean())
     assert set(drawn.tolist()) == {0, 1} and abs(share - 1 / (1 + math.exp(-1))) < 0.01
-    assert G.Sampler(1.0, 1.0, False, top_k=1)(None, scores[:50]).argmax(-1).eq(0).all()
+    assert M.Sampler(1.0, 1.0, False, top_k=1)(None, scores[:50]).argmax(-1).eq(0).all()
 
 
 def test_value_head_is_the_papers_scaled_to_the_model_and_old_widths_still_load(tmp_path):
@@ -222,7 +221,7 @@ def test_value_head_is_the_papers_scaled_to_the_model_and_old_widths_still_load(
 def test_prefix_cache_matches_evicts_and_drops_what_a_longer_sequence_contains():
     def kv(n):
         return [(torch.zeros(2, n, 4), torch.zeros(2, n, 4))]
-    cache = G.PrefixCache(max_tokens=12)
+    cache = M.PrefixCache(max_tokens=12)
     a = torch.tensor([1, 2, 3, 4, 5])
     cache.update([], [(a, kv(5))])
     assert cache.match(torch.tensor([1, 2, 3, 9])) == (0, 3)
@@ -240,7 +239,7 @@ def test_prefix_cache_matches_evicts_and_drops_what_a_longer_sequence_contains()
 
 def test_generate_with_prefix_cache_matches_generate_without(text_policy):
     first = convs(3)
-    cache = G.PrefixCache()
+    cache = M.PrefixCache()
     a1 = text_policy.generate(first, max_new_tokens=10, greedy=True, cache=cache)
     assert len(cache.entries) == 3 and cache.reused > 0      # the first round shares the common prefix
     second = [c + [{"role": "assistant", "content": s.text}, {"role": "user", "content": "You failed this trial."}]

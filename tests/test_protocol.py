@@ -12,13 +12,14 @@ import torch
 
 import env_points as G
 import env_virl as V
+import eval_report as ER
 import evaluate as EV
 import model as M
 import official as O
 import train_ppo as P
 import train_sft as S
 from rollout import Episode, rollout
-from tasks import make_envs
+from rollout import make_envs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -159,7 +160,7 @@ def test_both_virl_per_step_accuracies():
     failed.outcomes.append("step_limit")
     assert EV.summarize([failed, won], "virl-l")["per_step_accuracy_official"] == pytest.approx(3 / 7)
     assert EV.summarize([failed, won], "virl-l")["per_step_accuracy"] == pytest.approx(3 / 6)
-    assert EV.headline("virl-l", "official") == "per_step_accuracy_official" and EV.headline("gp-l") == "success"
+    assert ER.headline("virl-l", "official") == "per_step_accuracy_official" and ER.headline("gp-l") == "success"
 
 
 def test_official_rollout_scores_the_extra_answer_and_draws_routes_with_replacement():

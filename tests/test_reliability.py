@@ -17,7 +17,7 @@ import replicate as RE
 import runs as R
 import train_ppo as P
 import train_sft as S
-from cli import parse_config
+from runs import parse_config
 from launch import torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

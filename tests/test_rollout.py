@@ -5,10 +5,10 @@ import re
 import pytest
 import torch
 
-import env_points as E
+import env_points as G
 import model as M
 from rollout import CONTEXT_OUTCOME, rollout
-from tasks import env_config, make_envs
+from rollout import env_config, make_envs
 
 WRONG = '{"formula": "1+1"}'
 
@@ -17,8 +17,8 @@ def expert_for(conversation):
     """The expert answer for a GP-L prompt, read off the prompt text (rule and cards)."""
     prompt = conversation[0]["content"]
     ranks = json.loads(re.search(r"Your cards: (\[.*?\])", prompt).group(1))
-    values = [E.card_value(r, "each count as 10" in prompt) for r in ranks]
-    return json.dumps({"cards": ranks, "number": values, "formula": E.solve(values)[0]})
+    values = [G.card_value(r, "each count as 10" in prompt) for r in ranks]
+    return json.dumps({"cards": ranks, "number": values, "formula": G.solve(values)[0]})
 
 
 class ScriptedPolicy:
@@ -134,4 +134,4 @@ def test_rollout_with_the_tiny_model_records_what_ppo_needs():
     for i, t in enumerate(r.turns):
         assert (out["logprobs"][i, :len(t.response_ids)] - t.logprobs).abs().max() < 1e-4
         assert abs(out["values"][i].item() - t.value) < 1e-4
-        assert t.reward in E.REWARDS.values()
+        assert t.reward in G.REWARDS.values()

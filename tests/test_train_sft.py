@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-import env_points as E
+import env_points as G
 import model as M
 import runs as R
 import train_sft as S
@@ -37,7 +37,7 @@ def test_expert_examples_are_correct_and_round_trip(tmp_path):
         assert e["messages"][2]["content"].startswith("You failed this trial")
     for e in exs:  # every target answer is one the verifier scores correct for its hand
         ranks = json.loads(e["response"])["cards"]
-        assert E.verify(e["response"], ranks, E.PointsConfig()).outcome == "correct"
+        assert G.verify(e["response"], ranks, G.PointsConfig()).outcome == "correct"
     path = tmp_path / "d.jsonl"
     out = subprocess.run([sys.executable, "train_sft.py", "--examples", "20", "--data-seed", "3",
                           "--revision-frac", "0.5", "--export-data", str(path)],

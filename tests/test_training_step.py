@@ -9,7 +9,7 @@ import model as M
 import runs as R
 import train_ppo as P
 import train_sft as S
-from cli import parse_config
+from runs import parse_config
 
 
 def test_chunked_scores_equal_one_pass_in_value_and_gradient(monkeypatch):
@@ -37,7 +37,9 @@ def test_ppo_logs_the_padding_share_and_explained_variance(tmp_path):
     with open(os.path.join(tmp_path / "run", "metrics.jsonl")) as f:
         log = json.loads(f.readline())
     assert 0 < log["padding_share"] < 1              # answers of different lengths share a micro-batch
-    assert log["explained_variance"] is None or log["explained_variance"] <= 1
+    # logged as a number: the returns of turns at different places in their episodes differ (its formula is
+    # checked against cleanrl's in test_train_ppo.py::test_explained_variance_is_cleanrls)
+    assert isinstance(log["explained_variance"], float)
 
 
 def test_gradient_checkpointing_where_asked_or_needed(capsys):

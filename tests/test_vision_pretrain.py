@@ -7,25 +7,25 @@ import random
 import pytest
 import torch
 
-import env_points as E
+import env_points as G
 import model as M
 import model_zoo as Z
-import replicate as RP
+import replicate as RE
 import train_ppo as P
 import train_sft as S
-import vision_pretrain as V
+import vision_pretrain as VP
 
 
 def small(out, **kw):
     base = dict(language_model="tiny-text", out=str(out), hidden=32, layers=1, heads=2, tower_steps=3, tower_batch=4,
                 align_steps=2, align_batch=2, eval_images=2)
-    return V.VisionConfig(**{**base, **kw})
+    return VP.VisionConfig(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("vlm") / "smolvlm-small"
-    report = V.pretrain(small(out))
+    report = VP.pretrain(small(out))
     return str(out), report
 
 
@@ -40,7 +40,7 @@ def test_build_reports_recognition_and_saves_a_llava_folder(built):
     assert scores["chance_cards"] == pytest.approx(1 / 13) and 0 < scores["chance_hands"] < 0.001
     policy = M.load_policy(folder)
     assert policy.is_vlm and type(policy.model).__name__ == "LlavaForConditionalGeneration"
-    fresh, _ = V.build(small(folder))  # the same seed's untrained model: pretraining moved the tower
+    fresh, _ = VP.build(small(folder))  # the same seed's untrained model: pretraining moved the tower
     tower = policy.model.model.vision_tower.state_dict()
     assert any(not torch.equal(tower[k], v) for k, v in fresh.model.vision_tower.state_dict().items())
 
@@ -56,20 +56,20 @@ def changed(before, module):
 @pytest.mark.parametrize("language_lr", [5e-5, 0.0])
 def test_stage_one_leaves_the_language_model_stage_two_the_tower(tmp_path, language_lr):
     cfg = small(tmp_path / "x", language_lr=language_lr)
-    model, processor = V.build(cfg)
+    model, processor = VP.build(cfg)
     text = M.load_policy("tiny-text").model
     for name, weight in text.model.state_dict().items():  # the language model starts as tiny-text
         loaded = model.model.language_model.state_dict()[name]
         assert torch.equal(loaded[: weight.shape[0]] if name == "embed_tokens.weight" else loaded, weight), name
-    cards = lambda: V.card_sample(random.Random(0), V.ALL_SUITS)  # noqa: E731
-    streets = V.Streets(("nyc",), seed=0)
+    cards = lambda: VP.card_sample(random.Random(0), VP.ALL_SUITS)  # noqa: E731
+    streets = VP.Streets(("nyc",), seed=0)
     language, tower = snapshot(model.model.language_model), snapshot(model.model.vision_tower)
     projector = snapshot(model.model.multi_modal_projector)
-    V.train_tower(model, processor, cfg, cards, streets)
+    VP.train_tower(model, processor, cfg, cards, streets)
     assert not changed(language, model.model.language_model)
     assert changed(tower, model.model.vision_tower) and changed(projector, model.model.multi_modal_projector)
     tower, projector = snapshot(model.model.vision_tower), snapshot(model.model.multi_modal_projector)
-    V.align(M.Policy(model, processor, is_vlm=True), cfg, cards, streets)
+    VP.align(M.Policy(model, processor, is_vlm=True), cfg, cards, streets)
     assert not changed(tower, model.model.vision_tower) and changed(projector, model.model.multi_modal_projector)
     assert changed(language, model.model.language_model) == (language_lr > 0)
 
@@ -79,7 +79,7 @@ def test_save_load_round_trip_reproduces_generation_and_scores(built, tmp_path):
     a = M.load_policy(folder)
     a.save(str(tmp_path / "again"))
     b = M.load_policy(str(tmp_path / "again"))
-    obs = E.GeneralPointsEnv(E.PointsConfig(vision=True), seed=3).reset()
+    obs = G.GeneralPointsEnv(G.PointsConfig(vision=True), seed=3).reset()
     conv = [{"role": "user", "content": obs.text, "image": obs.image}]
     out_a = a.generate([conv], max_new_tokens=6, greedy=True)[0]
     out_b = b.generate([conv], max_new_tokens=6, greedy=True)[0]
@@ -110,20 +110,20 @@ def test_one_sft_step_and_one_ppo_update_on_each_vl_task(built, tmp_path, task):
 
 
 def test_replicate_picks_a_vision_language_model_for_the_vl_tasks():
-    assert RP.ReplicateConfig(task="gp-vl", scale="cpu").model == "smolvlm-local"
-    assert RP.ReplicateConfig(task="virl-vl", scale="tiny").model == "tiny-vlm"
-    vl = RP.ReplicateConfig(task="virl-vl", scale="gpu")
+    assert RE.ReplicateConfig(task="gp-vl", scale="cpu").model == "smolvlm-local"
+    assert RE.ReplicateConfig(task="virl-vl", scale="tiny").model == "tiny-vlm"
+    vl = RE.ReplicateConfig(task="virl-vl", scale="gpu")
     assert vl.model == "smolvlm-local" and vl.engine is False  # the engine serves text models
-    assert RP.ReplicateConfig(task="gp-l", scale="gpu").engine is True
-    assert RP.ReplicateConfig(task="gp-vl", scale="cpu", model="my-vlm").model == "my-vlm"
+    assert RE.ReplicateConfig(task="gp-l", scale="gpu").engine is True
+    assert RE.ReplicateConfig(task="gp-vl", scale="cpu", model="my-vlm").model == "my-vlm"
 
 
 def test_captions_name_what_the_renderers_draw():
     rng = random.Random(0)
-    image, caption, labels = V.card_sample(rng, V.ID_SUITS)
-    assert [E.RANKS[i] for i in labels["ranks"]] == caption.split(", ") and image.size[0] > 0
-    assert V.read_ranks("10, A, 7 and K") == ["10", "A", "7", "K"]
-    streets = V.Streets(("nyc",), seed=0)
+    image, caption, labels = VP.card_sample(rng, VP.ID_SUITS)
+    assert [G.RANKS[i] for i in labels["ranks"]] == caption.split(", ") and image.size[0] > 0
+    assert VP.read_ranks("10, A, 7 and K") == ["10", "A", "7", "K"]
+    streets = VP.Streets(("nyc",), seed=0)
     _, caption, labels = streets.sample()
     assert caption.startswith(f"Intersection: {'yes' if labels['intersection'] else 'no'}.")
     assert len(labels["signs"]) == 4
