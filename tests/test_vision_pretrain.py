@@ -143,3 +143,23 @@ def test_bad_config_is_one_line(args, match, tmp_path):
 
 def test_smolvlm_local_is_a_builtin_name():
     assert "smolvlm-local" in Z.BUILTIN_NAMES
+
+
+def test_a_folder_holding_other_files_is_refused_and_a_built_model_kept(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's own")
+    with pytest.raises(ValueError, match="holds files that are not a model this script built"):
+        VP.VisionConfig(out=str(mine))
+    assert (mine / "notes.txt").read_text() == "the user's own"       # nothing deleted
+    built = tmp_path / "built"
+    built.mkdir()
+    (built / "pretraining.json").write_text('{"recognition": {"cards": 1.0}}')
+    assert VP.pretrain(VP.VisionConfig(out=str(built))) == {"recognition": {"cards": 1.0}}   # kept: nothing runs
+
+
+def test_loading_smolvlm_local_never_builds_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SFTRL_CACHE", str(tmp_path))   # an empty model cache
+    with pytest.raises(ValueError, match=r"not built yet: build it once with `python vision_pretrain.py`"):
+        M.load_policy("smolvlm-local")
+    assert not any(tmp_path.iterdir())
