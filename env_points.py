@@ -80,6 +80,7 @@ class PointsConfig:
         if type(self.prompt_template) is not int or not 0 <= self.prompt_template < PROMPT_TEMPLATES:
             raise ValueError(f"PointsConfig.prompt_template={self.prompt_template!r}: expected an integer from 0 to "
                              f"{PROMPT_TEMPLATES - 1}")
+        prompt_template(self.prompt_template)  # 1 to 9: prompt_variants.py is here, or one line says so
         if self.face_card_required is None:
             self.face_card_required = not self.face_cards_as_10
         if self.protocol == "official" and self.prompt_template:
@@ -429,9 +430,9 @@ def verify(text, ranks, config: PointsConfig) -> Verdict:
 
 
 # ---- prompts ----
-# Prompt diversity ("Debunk the Myth of SFT Generalization", arXiv 2510.00237): SFT on many wordings of one task keeps
-# a model from tying the task to one template. Each (0: the original) states the same facts in its own words and order:
-# (cards in the image, cards listed: {} the ranks as `join` joins them, join, faces by ID rule, by OOD rule, $-text).
+# The task prompt (template 0), and 9 more wordings of it for the prompt-diversity study in prompt_variants.py (read
+# only when asked for). A template: (cards in the image, cards listed: {} the ranks as `join` joins them, join,
+# faces by ID rule, by OOD rule, the text with $cards, $faces and $target).
 
 def _and_list(items) -> str:
     items = list(items)
@@ -439,81 +440,29 @@ def _and_list(items) -> str:
 
 
 _json_list = lambda ranks: json.dumps(list(ranks))
-_TEMPLATES = [
-    ("The four cards are shown in the image.", "Your cards: {}.", _json_list,
-     "J, Q and K each count as 10", "J counts as 11, Q as 12 and K as 13",
-     "You are an expert player of the $target points card game. You are dealt four cards. Write one arithmetic "
-     "formula that uses the number of every card exactly once, combined with +, -, *, / and parentheses, and that "
-     "evaluates to $target.\nAn A counts as 1, $faces, and every other card counts as the number printed on it.\n"
-     '$cards\nAnswer with one JSON object and nothing else:\n{"cards": [x, y, z, w], "number": [a, b, c, d], '
-     '"formula": "..."}\nwhere "cards" are the ranks of the four cards (A, 2-10, J, Q, K), "number" the numbers they '
-     'count for under the rule above, in the same order, and "formula" your formula, for example "(2+4)*(9-5)".'),
-    ("Your hand is the four cards in the image.", "Your hand: {}.", ", ".join,
-     "J = Q = K = 10", "J = 11, Q = 12, K = 13",
-     "Answer with a single JSON object, with no text around it, of the form\n"
-     '{"cards": [...], "number": [...], "formula": "..."}\nPut in "cards" the ranks of your four cards (written A, '
-     '2-10, J, Q, K), in "number" the value each card counts for, in the same order, and in "formula" an arithmetic '
-     'expression such as "(3+5)*(7-4)".\n$cards\nCard values: A = 1, $faces, and the cards 2 to 10 are worth the '
-     "number they show.\nThe expression must use each card's value once and only once, may combine the values with "
-     "+ - * / and brackets, and must come to exactly $target."),
-    ("Four cards lie on the table, as the image shows.", "Four cards lie on the table: {}.", _json_list,
-     "a jack, queen or king (J, Q, K) is 10", "a jack (J) is 11, a queen (Q) 12 and a king (K) 13",
-     "$cards\nYour job is to reach $target with them. Each card stands for one number, and you must use every one of "
-     "these numbers exactly once, joined by addition, subtraction, multiplication, division and parentheses.\n"
-     "What a card stands for: an ace (A) is 1, $faces, and any other card is its printed number.\n"
-     'Reply with JSON only, one object holding three keys in this order: "cards" (the four ranks, as A, 2-10, J, Q '
-     'or K), "number" (the number of each card, in the same order) and "formula" (your expression, e.g. "4*(5+1)").'),
-    ("see the image (four cards)", "{}", " ".join, "J, Q and K are 10", "J is 11, Q is 12, K is 13",
-     "Solve a round of the $target points card game.\nCards dealt: $cards\nRules:\n"
-     "1. Every card has a value: A is 1, $faces; the cards 2 to 10 have their printed value.\n"
-     "2. Write a formula that uses each of the four values exactly once.\n"
-     "3. Only +, -, *, / and parentheses may join the values.\n4. The formula must evaluate to $target.\n"
-     'Output format (one JSON object, nothing else):\n{"cards": ["<rank>", "<rank>", "<rank>", "<rank>"], "number": '
-     '[<value>, <value>, <value>, <value>], "formula": "<formula>"}\n"cards" holds the ranks as dealt (A, 2-10, J, '
-     'Q, K), "number" their values in the same order and "formula" the formula, for instance "(8-2)*(1+3)".'),
-    ("the four cards in the image", "the cards {}", _and_list,
-     "J, Q, K count as 10 each", "J counts as 11, Q as 12, K as 13",
-     "Question: given $cards, how can you make $target?\nCounting: the ranks 2 through 10 count as printed, A counts "
-     "as 1, and $faces.\nConstraints: use the number of each card exactly once; combine the numbers with +, -, *, / "
-     'and parentheses only.\nAnswer as one JSON object with the fields "cards" (the four ranks: A, 2-10, J, Q, K), '
-     '"number" (what each card counts as, same order) and "formula" (an expression equal to $target, like '
-     '"(6-2)*(3+3)"). Write nothing but the JSON object.'),
-    ("in the image", "[{}]", ", ".join, "J=Q=K=10", "J=11, Q=12, K=13",
-     "Card values in this game: A=1, 2-10 = the printed number, $faces.\nTarget: $target.\nCards: $cards\n"
-     "Task: combine the four card values, each used exactly once, with + - * / and ( ), into a formula equal to the "
-     'target.\nOutput: exactly one JSON object {"cards": [...], "number": [...], "formula": "..."}, where "cards" = '
-     'the ranks (A, 2-10, J, Q, K), "number" = their values in the same order, "formula" = the formula, e.g. '
-     '"2*(3+9)".'),
-    ("I deal you four cards; you can see them in the image.", "I deal you four cards: {}.", ", ".join,
-     "J, Q and K are each 10", "J is 11, Q is 12 and K is 13",
-     "Let's play $target. $cards\nBuild an arithmetic expression that equals $target, using the value of each of "
-     "your cards one time, no more and no less. You may add, subtract, multiply and divide, and group with "
-     "parentheses.\nRemember how cards are valued: A is 1; $faces; every other card is worth the number on it.\n"
-     'When you answer, give only a JSON object whose "cards" field lists the four ranks (A, 2-10, J, Q, K), whose '
-     '"number" field lists the value of each card in that same order, and whose "formula" field is your expression, '
-     'for example "(5-1)*(4+2)".'),
-    ("The cards you hold are pictured in the image.", "The cards you hold: {}", _json_list,
-     "J, Q and K count 10", "J counts 11, Q 12, K 13",
-     "Respond in JSON, as one object with exactly these keys, in this order:\n"
-     '- "cards": a list of the four ranks (A, 2-10, J, Q, K)\n- "number": a list of the four numbers those cards '
-     'count for, in the same order\n- "formula": a string holding your formula, e.g. "(7-3)*(2+4)"\n'
-     "The formula must combine all four numbers, each exactly once, using +, -, *, / and parentheses, and equal "
-     "$target.\nNumbers of the cards: A counts 1, $faces, and a number card counts its printed number.\n$cards"),
-    ("Shown in the image.", "{}", " | ".join, "J, Q, K -> 10", "J -> 11, Q -> 12, K -> 13",
-     "## Game\n$target points: turn four playing cards into the number $target.\n## Card values\n"
-     "A -> 1, 2..10 -> as printed, $faces\n## Your cards\n$cards\n## What to do\n"
-     "Use each card's value exactly once with +, -, *, / and parentheses so that the result is $target.\n"
-     '## Answer format\nA single JSON object and nothing else: {"cards": [ranks A, 2-10, J, Q, K], "number": '
-     '[values, same order], "formula": "your formula, e.g. (9-3)*(1+3)"}'),
-    ("the four cards shown in the image", "the cards {}", _and_list, "J, Q and K as 10", "J as 11, Q as 12 and K as 13",
-     "Exercise ($target points). You hold $cards; A counts as 1, $faces, any other card as its number.\n"
-     "Write down a formula over these four numbers that uses each exactly once, uses only +, -, *, / and "
-     'parentheses, and equals $target.\nGive your solution as one JSON object, nothing else: "cards" for the ranks '
-     '(A, 2-10, J, Q, K), "number" for the numbers they count as, in the same order, and "formula" for the formula '
-     '(e.g. "(2+2)*(3+3)"), as in {"cards": [...], "number": [...], "formula": "..."}.'),
-]
-# as %-formats the texts are filled in one call: reset() is a hot path
-_FORMATS = [re.sub(r"\$(cards|faces|target)", r"%(\1)s", text.replace("%", "%%")) for *_, text in _TEMPLATES]
+_PROMPT = (  # template 0, the original wording
+    "The four cards are shown in the image.", "Your cards: {}.", _json_list,
+    "J, Q and K each count as 10", "J counts as 11, Q as 12 and K as 13",
+    "You are an expert player of the $target points card game. You are dealt four cards. Write one arithmetic "
+    "formula that uses the number of every card exactly once, combined with +, -, *, / and parentheses, and that "
+    "evaluates to $target.\nAn A counts as 1, $faces, and every other card counts as the number printed on it.\n"
+    '$cards\nAnswer with one JSON object and nothing else:\n{"cards": [x, y, z, w], "number": [a, b, c, d], '
+    '"formula": "..."}\nwhere "cards" are the ranks of the four cards (A, 2-10, J, Q, K), "number" the numbers they '
+    'count for under the rule above, in the same order, and "formula" your formula, for example "(2+4)*(9-5)".')
+
+
+@functools.lru_cache(maxsize=None)
+def prompt_template(k: int) -> tuple:
+    """Template k, its text as a %-format (filled in one call: reset() is a hot path). 1 to 9 come from
+    prompt_variants.py, the prompt-diversity study's file, imported only then."""
+    if k:
+        try:
+            import prompt_variants
+        except ImportError as e:
+            raise ValueError(f"prompt_template={k} needs prompt_variants.py beside env_points.py ({e}); "
+                             "expected it, or prompt_template=0") from None
+    *parts, text = _PROMPT if k == 0 else prompt_variants.POINTS[k - 1]
+    return (*parts, re.sub(r"\$(cards|faces|target)", r"%(\1)s", text.replace("%", "%%")))
 
 
 def prompt_text(ranks, config: PointsConfig) -> str:
@@ -522,10 +471,10 @@ def prompt_text(ranks, config: PointsConfig) -> str:
     if config.protocol == "official":
         return official_rules().gp_prompt(ranks, tuple(card_value(r, config.face_cards_as_10) for r in FACE_CARDS),
                                           config.vision, config.target)
-    in_image, listed, join, faces_id, faces_ood, _ = _TEMPLATES[config.prompt_template]
+    in_image, listed, join, faces_id, faces_ood, text = prompt_template(config.prompt_template)
     cards = in_image if config.vision else listed.format(join(ranks))
     faces = faces_id if config.face_cards_as_10 else faces_ood  # the values card_value gives J, Q, K
-    return _FORMATS[config.prompt_template] % {"cards": cards, "faces": faces, "target": config.target}
+    return text % {"cards": cards, "faces": faces, "target": config.target}
 
 
 # ---- expert ----

@@ -96,6 +96,7 @@ class VirlConfig:
         if type(self.prompt_template) is not int or not 0 <= self.prompt_template < PROMPT_TEMPLATES:
             raise ValueError(f"VirlConfig.prompt_template={self.prompt_template!r}: expected an integer from 0 to "
                              f"{PROMPT_TEMPLATES - 1}")
+        prompt_template(self.prompt_template)  # 1 to 9: prompt_variants.py is here, or one line says so
 
 
 # ---- geometry ----
@@ -158,55 +159,19 @@ def lerp(a, b, t: float):
 
 
 # ---- synthetic cities ----
-# Each city: a centre, the compass angle of its street grid, its block lengths, and its look.
-# "nyc" is the in-distribution city; the other nine make the visual OOD benchmark.
+# "nyc" is the in-distribution city; the other nine make the visual OOD benchmark. Their looks are streetview.STYLES.
 
-def _style(sky, road, sidewalk, lane, facades, window, pattern, sign_bg, sign_fg, sign_shape):
-    return dict(sky=sky, road=road, sidewalk=sidewalk, lane=lane, facades=facades, window=window,
-                pattern=pattern, sign_bg=sign_bg, sign_fg=sign_fg, sign_shape=sign_shape)
-
-
-CITIES = {
-    "nyc": dict(center=(40.7549, -73.9840), angle=29, blocks=(80, 260), style=_style(
-        (170, 200, 230), (70, 70, 75), (165, 160, 150), (240, 200, 60),
-        [(150, 80, 60), (120, 110, 100), (180, 170, 150), (90, 90, 100)], (40, 50, 70), "grid",
-        (20, 60, 140), (255, 255, 255), "rect")),
-    "london": dict(center=(51.5098, -0.1342), angle=12, blocks=(60, 180), style=_style(
-        (190, 195, 200), (85, 85, 85), (150, 150, 145), (250, 250, 250),
-        [(160, 60, 50), (200, 190, 170), (110, 70, 50), (220, 215, 200)], (30, 30, 40), "brick",
-        (0, 70, 40), (240, 220, 150), "banner")),
-    "tokyo": dict(center=(35.6595, 139.7005), angle=-8, blocks=(40, 120), style=_style(
-        (200, 220, 240), (100, 100, 105), (190, 190, 185), (250, 250, 250),
-        [(230, 230, 225), (200, 205, 210), (170, 180, 190), (240, 235, 220)], (90, 130, 170), "bands",
-        (230, 40, 40), (255, 255, 255), "banner")),
-    "paris": dict(center=(48.8698, 2.3077), angle=-30, blocks=(70, 200), style=_style(
-        (180, 205, 235), (95, 90, 85), (200, 190, 170), (245, 245, 245),
-        [(225, 210, 180), (215, 200, 170), (235, 225, 200)], (60, 70, 90), "arches",
-        (30, 30, 30), (230, 200, 120), "rounded")),
-    "hong_kong": dict(center=(22.2819, 114.1582), angle=20, blocks=(40, 110), style=_style(
-        (160, 175, 185), (60, 60, 65), (130, 135, 130), (250, 220, 0),
-        [(120, 140, 150), (200, 200, 190), (90, 110, 120), (170, 160, 140)], (150, 200, 210), "glass",
-        (250, 220, 0), (200, 0, 0), "banner")),
-    "melbourne": dict(center=(-37.8136, 144.9631), angle=-20, blocks=(90, 220), style=_style(
-        (120, 170, 230), (80, 80, 80), (175, 170, 160), (255, 255, 255),
-        [(200, 120, 70), (140, 150, 140), (230, 220, 200), (100, 110, 130)], (30, 40, 60), "grid",
-        (250, 250, 250), (20, 90, 60), "rounded")),
-    "lagos": dict(center=(6.4541, 3.3947), angle=40, blocks=(60, 170), style=_style(
-        (220, 225, 200), (110, 100, 90), (190, 170, 140), (250, 250, 250),
-        [(220, 190, 100), (180, 210, 200), (230, 150, 120), (240, 240, 230)], (60, 60, 50), "bands",
-        (0, 120, 60), (255, 255, 255), "rect")),
-    "mumbai": dict(center=(18.9322, 72.8264), angle=-15, blocks=(50, 150), style=_style(
-        (210, 205, 180), (90, 85, 80), (170, 160, 140), (240, 240, 240),
-        [(220, 200, 150), (200, 120, 90), (170, 190, 170), (230, 220, 190)], (70, 50, 40), "arches",
-        (120, 20, 90), (255, 230, 120), "rect")),
-    "buenos_aires": dict(center=(-34.6037, -58.3816), angle=5, blocks=(100, 130), style=_style(
-        (150, 190, 240), (75, 75, 80), (160, 150, 140), (255, 255, 255),
-        [(210, 200, 190), (160, 140, 120), (190, 170, 160)], (50, 50, 60), "brick",
-        (110, 170, 220), (255, 255, 255), "rounded")),
-    "san_francisco": dict(center=(37.7879, -122.4075), angle=45, blocks=(90, 200), style=_style(
-        (205, 215, 225), (65, 65, 70), (180, 175, 170), (255, 255, 255),
-        [(240, 230, 210), (170, 200, 210), (230, 190, 170), (200, 210, 190)], (60, 80, 100), "glass",
-        (200, 80, 30), (255, 250, 235), "rect")),
+CITIES = {  # name: its centre (lat, lng), the compass angle of its street grid, its block lengths (m)
+    "nyc": dict(center=(40.7549, -73.9840), angle=29, blocks=(80, 260)),
+    "london": dict(center=(51.5098, -0.1342), angle=12, blocks=(60, 180)),
+    "tokyo": dict(center=(35.6595, 139.7005), angle=-8, blocks=(40, 120)),
+    "paris": dict(center=(48.8698, 2.3077), angle=-30, blocks=(70, 200)),
+    "hong_kong": dict(center=(22.2819, 114.1582), angle=20, blocks=(40, 110)),
+    "melbourne": dict(center=(-37.8136, 144.9631), angle=-20, blocks=(90, 220)),
+    "lagos": dict(center=(6.4541, 3.3947), angle=40, blocks=(60, 170)),
+    "mumbai": dict(center=(18.9322, 72.8264), angle=-15, blocks=(50, 150)),
+    "buenos_aires": dict(center=(-34.6037, -58.3816), angle=5, blocks=(100, 130)),
+    "san_francisco": dict(center=(37.7879, -122.4075), angle=45, blocks=(90, 200)),
 }
 ID_CITY = "nyc"
 OOD_CITIES = tuple(c for c in CITIES if c != ID_CITY)
@@ -704,111 +669,38 @@ def official_prompt(steps: list, history: list, current: str, absolute: bool, vi
 
 
 # ---- the prompt ----
-# Prompt diversity ("Debunk the Myth of SFT Generalization", arXiv 2510.00237): SFT on many wordings of one task
-# keeps a model from tying the task to one template. Each template states the same facts in its own words and order;
-# template 0 is the original prompt. A template is (prompt, one instruction, one past position, the past when empty,
-# the views' paragraph), the prompt's fields {steps}, {past}, {n} (the current position), {current}, {choices} (the
-# turn directions) and {view} (V-IRL-VL's paragraph, else nothing).
-_TEMPLATES = (
-    ("[Task]\nYou are an expert navigator. Follow the route instructions below, one position at a time. At each "
-     "position, say what you observe, which instruction you are carrying out, and the action to take next.\n\n"
-     '[Instructions]\n{steps}\n\n{view}[Action space]\n"forward()": move forward to the next position;\n'
-     '"turn_direction(x)": turn to face x, one of {choices};\n"stop()": stop, you have reached the destination.'
-     "\n\n[Observations and actions so far]\n{past}O_{n}: {current}\n\n[Output]\nAnswer with one JSON object and "
-     'nothing else:\n{{"current observation": "what you observe now", "current instruction": "the instruction '
-     'you are carrying out", "action": "one action from the action space"}}',
-     "{i}. {s}", "O_{i}: {o}\nA_{i}: {a}\n", "",
-     "[Observation format]\nYou observe a 2x2 grid of street views with these headings:\n[front, right\n back, left]\n"
-     "Check whether a landmark named in the instructions is in sight.\n\n"),
-    ('Reply with exactly one JSON object:\n{{"current observation": "...", "current instruction": "...", '
-     '"action": "..."}}\n"current observation" describes what you observe where you stand now, "current '
-     'instruction" is the route instruction you are carrying out there, and "action" is your next move, taken '
-     "from the allowed actions.\n\nAllowed actions:\n- forward(): go ahead to the next position\n- turn_direction(x): "
-     "turn to face x, where x is one of {choices}\n- stop(): you have arrived at the destination\n\nYou are walking a "
-     "route through a city, one position at a time. The route:\n{steps}\n\n{view}Positions so far:\n{past}Position "
-     "{n} (current) - observed: {current}",
-     "Step {i}: {s}", "Position {i} - observed: {o}\nPosition {i} - action taken: {a}\n", "",
-     "At the current position you see one image of four street views in a 2x2 grid: the front view top left, the "
-     "right view top right, the back view bottom left and the left view bottom right. Look in them for the landmarks "
-     "the route names.\n\n"),
-    ("Navigation task. You walk along a route in a city, position by position, following written directions. At "
-     "every position, report what you see, name the direction you are following, and choose the next action.\n\n"
-     "What you have seen and done, oldest first:\n{past}Now you see: {current}\n\nRoute directions:\n{steps}\n\n"
-     "Actions you may take: forward() moves you to the next position; turn_direction(x) turns you to face x, with x "
-     "one of {choices}; stop() ends the walk at the destination.\n\n{view}Output one JSON object only, with the keys "
-     '"current observation" (what you see now), "current instruction" (the direction you are following) and '
-     '"action" (the action you take).',
-     "({i}) {s}", "{i}. saw: {o} | did: {a}\n", "nothing yet, this is the first position\n",
-     "What you see is one image of 4 street views, laid out as a 2x2 grid: front and right on the top row, back and "
-     "left on the bottom row. Check it for the landmarks the directions mention.\n\n"),
-    ("## Role\nYou guide a pedestrian through a city along a described route, deciding one move per position.\n"
-     "## Route instructions\n{steps}\n## Moves\n* forward() - walk on to the next position\n* turn_direction(x) - "
-     "face x, where x is one of {choices}\n* stop() - the destination is reached\n{view}## Trajectory\n{past}t{n} "
-     'observation: {current}   <- now\n## Answer\nA single JSON object, {{"current observation": ..., "current '
-     'instruction": ..., "action": ...}}, giving what you observe at t{n}, the instruction you are following '
-     "there, and your move.",
-     "{i}) {s}", "t{i} observation: {o}\nt{i} action: {a}\n", "",
-     "## Views\nA 2x2 image of street views: [front | right] on top, [back | left] below. Watch for the landmarks "
-     "named in the instructions.\n"),
-    ("Question: you are following the route below and stand at position {n}. What do you observe, which instruction "
-     "are you following, and what is your next action?\n\nRoute:\n{steps}\n\nEarlier positions:\n{past}At this "
-     "position you observe: {current}\n\n{view}Possible actions are forward() (advance to the next position), "
-     "turn_direction(x) (turn to face x, x being one of {choices}) and stop() (you are at the destination).\n\n"
-     'Answer format: one JSON object and nothing else, {{"current observation": "<what you observe>", "current '
-     'instruction": "<the instruction you follow>", "action": "<your action>"}}.',
-     "Instruction {i} - {s}", 'At position {i} you observed "{o}" and took the action {a}.\n',
-     "None: you are at the first position.\n",
-     "Your observation is an image of four street views in a 2x2 grid (top: front, right; bottom: back, left); find "
-     "in it the landmarks the instructions name.\n\n"),
-    ("Current observation: {current}\n\nPrevious observations and actions:\n{past}\nYou are a navigator on foot. "
-     "These are the numbered instructions of your whole route; carry them out in order:\n{steps}\n\n{view}Action "
-     "space: forward() | turn_direction(x), x in {choices} | stop()\nforward() takes you to the next position, "
-     "turn_direction(x) turns you to face x, stop() means you have arrived.\n\nRespond with JSON only, one object "
-     'with three fields, in this order: "current observation", what you observe now; "current instruction", the '
-     'instruction you are carrying out; "action", one action from the action space.',
-     "[{i}] {s}", "{i}) {o} => {a}\n", "(none)\n",
-     "The current observation is a picture made of four street views, 2 by 2: front (top left), right (top right), "
-     "back (bottom left), left (bottom right). Look for the landmarks of the instructions.\n\n"),
-    ("INPUT\nroute instructions:\n{steps}\nhistory:\n{past}current observation: {current}\n{view}ACTIONS\nforward() "
-     "= move to the next position; turn_direction(x) = turn to face x (x in {choices}); stop() = at the destination\n"
-     'OUTPUT\none JSON object: {{"current observation": <what you observe>, "current instruction": <the '
-     'instruction being carried out>, "action": <an action from ACTIONS>}}\nTASK\nNavigate the route one position '
-     "at a time: read the current observation against the instructions and pick the next action.",
-     "  #{i} {s}", "  #{i} observation={o} action={a}\n", "  (empty)\n",
-     "VIEWS\none image, a 2x2 grid of street views: front, right (top row); back, left (bottom row)\n"),
-    ("Imagine you are on foot in a city, finding your way with these directions, which you follow in order:\n"
-     "{steps}\nOn the way you noted:\n{past}Where you stand now (position {n}): {current}\n{view}At each position you "
-     "take exactly one action: forward() to walk on to the next position, turn_direction(x) to turn and face x (x is "
-     "one of {choices}), or stop() once you reach the destination.\nSay what you observe, which of the directions you "
-     'are following, and what you do next, as one JSON object and nothing else: {{"current observation": "...", '
-     '"current instruction": "...", "action": "..."}}',
-     "{i}. {s}", "- at position {i} you saw: {o} (you chose {a})\n", "- nothing so far\n",
-     "What you see comes as one image of four street views in a 2x2 grid, front and right above, back and left "
-     "below; spot in it the landmarks of your directions.\n"),
-    ('Your answer must be one JSON object with these keys, in this order:\n- "current observation": what you '
-     'observe at your position\n- "current instruction": which route instruction you are carrying out\n- '
-     '"action": the next action, one of forward(), turn_direction(x) with x among {choices}, or stop()\nforward() '
-     "moves you to the next position, turn_direction(x) turns you to face x, and stop() says you have reached the "
-     "destination.\n\nThe route you are navigating, step by step:\n{steps}\n\n{view}Log of the walk:\n{past}O_{n} = "
-     "{current} (now)",
-     "Step {i}. {s}", "O_{i} = {o}\nA_{i} = {a}\n", "",
-     "Your observations are images of 4 street views in a 2x2 grid ([front, right] over [back, left]); check them "
-     "for the landmarks of the route.\n\n"),
-    ("You are a navigation agent in a city. Rules: go one position at a time; at each position, compare what you "
-     "observe with the route instructions, then take the action that carries out the current instruction.\n"
-     "Actions: forward() (to the next position), turn_direction(x) (face x, with x in {choices}), stop() (the "
-     "destination is reached).\nRoute, numbered:\n{steps}\n{view}Log:\n{past}[{n}] {current} -> ?\nAnswer: one JSON "
-     'object holding "current observation" (what you observe), "current instruction" (the instruction in '
-     'progress) and "action" (your action), nothing else.',
-     "{i} - {s}", "[{i}] {o} -> {a}\n", "",
-     "Views: each position shows one image, four street views in a 2x2 grid, front top left, right top right, back "
-     "bottom left, left bottom right.\n"),
-)
+# The task prompt (template 0), and 9 more wordings of it for the prompt-diversity study in prompt_variants.py (read
+# only when asked for). A template: (prompt, one instruction, one past position, the past when empty, the views'
+# paragraph), the prompt's fields {steps}, {past}, {n} (the current position), {current}, {choices} (the turn
+# directions) and {view} (V-IRL-VL's paragraph, else nothing).
+_PROMPT = (  # template 0, the original wording
+    "[Task]\nYou are an expert navigator. Follow the route instructions below, one position at a time. At each "
+    "position, say what you observe, which instruction you are carrying out, and the action to take next.\n\n"
+    '[Instructions]\n{steps}\n\n{view}[Action space]\n"forward()": move forward to the next position;\n'
+    '"turn_direction(x)": turn to face x, one of {choices};\n"stop()": stop, you have reached the destination.'
+    "\n\n[Observations and actions so far]\n{past}O_{n}: {current}\n\n[Output]\nAnswer with one JSON object and "
+    'nothing else:\n{{"current observation": "what you observe now", "current instruction": "the instruction '
+    'you are carrying out", "action": "one action from the action space"}}',
+    "{i}. {s}", "O_{i}: {o}\nA_{i}: {a}\n", "",
+    "[Observation format]\nYou observe a 2x2 grid of street views with these headings:\n[front, right\n back, left]\n"
+    "Check whether a landmark named in the instructions is in sight.\n\n")
+
+
+def prompt_template(k: int) -> tuple:
+    """Template k: 1 to 9 come from prompt_variants.py, the prompt-diversity study's file, imported only then."""
+    if k == 0:
+        return _PROMPT
+    try:
+        import prompt_variants
+    except ImportError as e:
+        raise ValueError(f"prompt_template={k} needs prompt_variants.py beside env_virl.py ({e}); expected it, or "
+                         "prompt_template=0") from None
+    return prompt_variants.VIRL[k - 1]
 
 
 def prompt_text(steps: list, history: list, current: str, absolute: bool, vision: bool, template: int = 0) -> str:
     """The full prompt at one position in the wording of `template` (VirlConfig.prompt_template)."""
-    prompt, step, past, empty, view = _TEMPLATES[template]
+    prompt, step, past, empty, view = prompt_template(template)
     return prompt.format(steps="\n".join(step.format(i=i + 1, s=s) for i, s in enumerate(steps)),
                          past="".join(past.format(i=i + 1, o=o, a=a) for i, (o, a) in enumerate(history)) or empty,
                          n=len(history) + 1, current=current, choices=_choices(absolute), view=view if vision else "")
@@ -939,8 +831,9 @@ class NavigationEnv:
         if self.streetviews is not None:
             return self.streetviews.views(pos.point, pos.heading, self.config.view_size)
         spot = f"{self.route.route_id}:{pos.point[0]:.6f}:{pos.point[1]:.6f}"
-        return _streetview().synthetic_views(CITIES[self.route.city]["style"], pos.landmarks, pos.heading,
-                                             pos.at_intersection, self.config.view_size, spot)
+        sv = _streetview()
+        return sv.synthetic_views(sv.STYLES[self.route.city], pos.landmarks, pos.heading,
+                                  pos.at_intersection, self.config.view_size, spot)
 
     def _observation(self) -> Observation:
         pos, cfg = self.position, self.config

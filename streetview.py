@@ -6,13 +6,10 @@ This file owns what the model sees at a position, and nothing of navigation:
     signs_in_view     which landmarks a view shows, and where across it
     render_grid       the four views as the 2x2 grid [front, right / back, left] the model is shown
     load_pano_map, perspective_view, StreetViews   real Google Street View panoramas, cut at the same headings
-It takes plain values (a city's style dict, landmarks as (name, compass bearing), headings in degrees), so it
-never imports env_virl.py: routes, the rail, the prompt, the verifier and the rewards live there. It needs Pillow
+    STYLES            the look of each synthetic city: a style dict, what the renderer takes
+It takes plain values (a style dict, landmarks as (name, compass bearing), headings in degrees), so it never imports
+env_virl.py: the cities' maps, routes, the rail, the prompt, the verifier and the rewards live there. It needs Pillow
 (numpy for real panoramas) and nothing else of the project: with env_virl.py it copies out for V-IRL-VL.
-
-A style dict (env_virl.CITIES[city]["style"]) holds: sky, road, sidewalk, lane (RGB), facades (a list of RGB),
-window (RGB), pattern ("grid", "brick", "bands", "arches" or "glass"), sign_bg, sign_fg (RGB) and
-sign_shape ("rect", "rounded" or "banner").
 """
 from __future__ import annotations
 
@@ -38,6 +35,58 @@ NEAR, FAR, BLOCK_D = 0.5, 80.0, 40.0   # street drawn from NEAR to FAR; building
 CROSS = (2.2, 5.2)                     # z span of the cross street (only when at an intersection)
 LOD_Z = 12.0                           # beyond this single windows are sub-pixel wide: one band per floor
 ZEBRA, BLACK, WHITE = (236, 236, 230), (0, 0, 0), (255, 255, 255)
+def _style(sky, road, sidewalk, lane, facades, window, pattern, sign_bg, sign_fg, sign_shape):
+    return dict(sky=sky, road=road, sidewalk=sidewalk, lane=lane, facades=facades, window=window,
+                pattern=pattern, sign_bg=sign_bg, sign_fg=sign_fg, sign_shape=sign_shape)
+
+
+# The look of each synthetic city (env_virl.CITIES): sky, road, sidewalk, lane (RGB), facades (a list of RGB),
+# window (RGB), pattern ("grid", "brick", "bands", "arches" or "glass"), sign_bg, sign_fg (RGB) and sign_shape
+# ("rect", "rounded" or "banner"): a style dict, what the renderer takes.
+STYLES = {
+    "nyc": _style(
+        (170, 200, 230), (70, 70, 75), (165, 160, 150), (240, 200, 60),
+        [(150, 80, 60), (120, 110, 100), (180, 170, 150), (90, 90, 100)], (40, 50, 70), "grid",
+        (20, 60, 140), (255, 255, 255), "rect"),
+    "london": _style(
+        (190, 195, 200), (85, 85, 85), (150, 150, 145), (250, 250, 250),
+        [(160, 60, 50), (200, 190, 170), (110, 70, 50), (220, 215, 200)], (30, 30, 40), "brick",
+        (0, 70, 40), (240, 220, 150), "banner"),
+    "tokyo": _style(
+        (200, 220, 240), (100, 100, 105), (190, 190, 185), (250, 250, 250),
+        [(230, 230, 225), (200, 205, 210), (170, 180, 190), (240, 235, 220)], (90, 130, 170), "bands",
+        (230, 40, 40), (255, 255, 255), "banner"),
+    "paris": _style(
+        (180, 205, 235), (95, 90, 85), (200, 190, 170), (245, 245, 245),
+        [(225, 210, 180), (215, 200, 170), (235, 225, 200)], (60, 70, 90), "arches",
+        (30, 30, 30), (230, 200, 120), "rounded"),
+    "hong_kong": _style(
+        (160, 175, 185), (60, 60, 65), (130, 135, 130), (250, 220, 0),
+        [(120, 140, 150), (200, 200, 190), (90, 110, 120), (170, 160, 140)], (150, 200, 210), "glass",
+        (250, 220, 0), (200, 0, 0), "banner"),
+    "melbourne": _style(
+        (120, 170, 230), (80, 80, 80), (175, 170, 160), (255, 255, 255),
+        [(200, 120, 70), (140, 150, 140), (230, 220, 200), (100, 110, 130)], (30, 40, 60), "grid",
+        (250, 250, 250), (20, 90, 60), "rounded"),
+    "lagos": _style(
+        (220, 225, 200), (110, 100, 90), (190, 170, 140), (250, 250, 250),
+        [(220, 190, 100), (180, 210, 200), (230, 150, 120), (240, 240, 230)], (60, 60, 50), "bands",
+        (0, 120, 60), (255, 255, 255), "rect"),
+    "mumbai": _style(
+        (210, 205, 180), (90, 85, 80), (170, 160, 140), (240, 240, 240),
+        [(220, 200, 150), (200, 120, 90), (170, 190, 170), (230, 220, 190)], (70, 50, 40), "arches",
+        (120, 20, 90), (255, 230, 120), "rect"),
+    "buenos_aires": _style(
+        (150, 190, 240), (75, 75, 80), (160, 150, 140), (255, 255, 255),
+        [(210, 200, 190), (160, 140, 120), (190, 170, 160)], (50, 50, 60), "brick",
+        (110, 170, 220), (255, 255, 255), "rounded"),
+    "san_francisco": _style(
+        (205, 215, 225), (65, 65, 70), (180, 175, 170), (255, 255, 255),
+        [(240, 230, 210), (170, 200, 210), (230, 190, 170), (200, 210, 190)], (60, 80, 100), "glass",
+        (200, 80, 30), (255, 250, 235), "rect"),
+}
+
+
 _FONTS = {}  # pixel size -> Pillow's built-in font: a few dozen sizes at most
 
 

@@ -18,6 +18,7 @@ from hypothesis import given, settings, strategies as st
 
 import env_points as G
 import official
+import prompt_variants
 from env_points import GeneralPointsEnv, PointsConfig, evaluate_formula, solve, verify
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -463,6 +464,16 @@ def test_env_points_copies_out_alone(tmp_path):
     assert out.returncode == 0 and "20/20 episodes solved" in out.stdout, out.stderr
     bad = run("--episodes", "-1")
     assert (bad.returncode, bad.stderr) == (2, "error: --episodes -1: expected 0 or a positive integer\n")
+    # the prompt-diversity study's wordings live in prompt_variants.py: without it one clear error, with it they run
+    code = ("import sys; sys.path.insert(0, '.'); import env_points as G\n"
+            "try:\n    G.PointsConfig(prompt_template=3)\nexcept ValueError as e:\n    sys.exit(str(e))\n"
+            "print(G.GeneralPointsEnv(G.PointsConfig(prompt_template=3), seed=0).reset().text)")
+    variant = lambda: subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    missing = variant()
+    assert missing.returncode == 1 and "prompt_template=3 needs prompt_variants.py" in missing.stderr, missing.stderr
+    (tmp_path / "prompt_variants.py").write_text(open(os.path.join(ROOT, "prompt_variants.py")).read())
+    found = variant()
+    assert found.returncode == 0 and "Solve a round of the 24 points card game" in found.stdout, found.stderr
 
 
 # ---- prompts and rendering ----
@@ -553,7 +564,7 @@ def test_every_template_keeps_its_wording():
 
 @pytest.mark.parametrize("rule,vision", [(True, False), (False, False), (True, True), (False, True)])
 def test_every_template_states_the_task_and_the_verifier_scores_the_expert(rule, vision):
-    assert G.PROMPT_TEMPLATES == len(G._TEMPLATES) >= 8
+    assert G.PROMPT_TEMPLATES == 1 + len(prompt_variants.POINTS) >= 8
     orders = set()
     for seed in range(6):
         texts = []

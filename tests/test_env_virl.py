@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import env_virl as V
+import prompt_variants
 import streetview as SV
 from env_virl import NavigationEnv, VirlConfig
 
@@ -580,10 +581,12 @@ def test_streetview_never_imports_the_navigation():
     assert "env_virl" not in modules and modules <= set(sys.stdlib_module_names) | {"PIL", "numpy"}
 
 
-def test_env_virl_imports_the_project_only_where_vision_or_the_official_rules_need_it():
+def test_env_virl_imports_the_project_only_where_vision_the_official_rules_or_the_prompt_study_need_it():
     """At the top the standard library alone, so that V-IRL-L copies out with env_virl.py alone."""
     assert imported_modules("env_virl.py", top_level_only=True) <= set(sys.stdlib_module_names)
-    assert imported_modules("env_virl.py") - set(sys.stdlib_module_names) == {"official", "streetview"}
+    assert imported_modules("env_virl.py") - set(sys.stdlib_module_names) == {"official", "streetview",
+                                                                              "prompt_variants"}
+    assert imported_modules("prompt_variants.py") <= set(sys.stdlib_module_names)
 
 
 def test_signs_fall_in_exactly_one_view():
@@ -602,7 +605,8 @@ def test_rendering_is_deterministic_and_cities_differ():
     a, b, c = grid("nyc"), grid("nyc"), grid("tokyo")
     assert a.size == (192, 192) and a.tobytes() == b.tobytes()
     assert np.abs(np.asarray(a, dtype=int) - np.asarray(c, dtype=int)).mean() > 10
-    style = V.CITIES["paris"]["style"]
+    assert set(SV.STYLES) == set(V.CITIES)  # every city has its look
+    style = SV.STYLES["paris"]
     plain = SV.render_view(style, [], False, 96, 1)
     cross = SV.render_view(style, [], True, 96, 1)
     signed = SV.render_view(style, [("Maple Cafe", 0.5)], False, 96, 1)
@@ -736,7 +740,7 @@ def test_template_zero_is_the_original_prompt():
 
 @pytest.mark.parametrize("absolute,vision", [(True, False), (False, False), (True, True), (False, True)])
 def test_every_template_states_the_task_and_the_verifier_scores_the_expert(absolute, vision):
-    assert V.PROMPT_TEMPLATES == len(V._TEMPLATES) >= 8
+    assert V.PROMPT_TEMPLATES == 1 + len(prompt_variants.VIRL) >= 8
     choices = V.DIRECTIONS if absolute else V.TURNS
     envs = [NavigationEnv(VirlConfig(n_routes=3, absolute_actions=absolute, vision=vision, view_size=32,
                                      prompt_template=k), seed=0) for k in range(V.PROMPT_TEMPLATES)]
@@ -921,6 +925,16 @@ def test_env_virl_copies_out_alone_for_virl_l(tmp_path):
     bad = run("--episodes", "-1", "--no-grids")
     assert (bad.returncode, bad.stderr) == (2, "error: --episodes -1: expected 0 or a positive integer\n")
     assert not any(tmp_path.rglob("*.png"))
+    # the prompt-diversity study's wordings live in prompt_variants.py: without it one clear error, with it they run
+    code = ("import sys; sys.path.insert(0, '.'); import env_virl as V\n"
+            "try:\n    V.VirlConfig(prompt_template=5)\nexcept ValueError as e:\n    sys.exit(str(e))\n"
+            "print(V.NavigationEnv(V.VirlConfig(n_routes=2, prompt_template=5), seed=0).reset().text)")
+    variant = lambda: subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    missing = variant()
+    assert missing.returncode == 1 and "prompt_template=5 needs prompt_variants.py" in missing.stderr, missing.stderr
+    copy_out(tmp_path, "prompt_variants.py")
+    found = variant()
+    assert found.returncode == 0 and "Current observation: " in found.stdout, found.stderr
 
 
 def test_env_virl_and_streetview_copy_out_for_virl_vl(tmp_path):
