@@ -5,11 +5,14 @@ Two files per run folder and task, rewritten together after every evaluated chec
     <run>/eval_<task>.json           {"run", "task", "config", "checkpoints": [entry, ...]}
         entry: {"path", "step", "gflops", "key": {the RESULT_KEY_FIELDS}, "settings": {setting: metrics}, "sampling"}
     <run>/eval_<task>_answers.jsonl  one answer a line: {"checkpoint", "result", "setting", "episode", "attempt", ...}
+    <run>/eval_<task>_history.jsonl  appended, never rewritten: a result that other weights replaced, with its answers
 
 A stored result is one checkpoint under one evaluation key; result_id names it (the checkpoint's absolute path, a
 hash of the key), and an answer's "checkpoint" and "result" name the result it belongs to (answer_id). Results
 accumulate: an evaluation replaces only the results of its own checkpoints under its own key and keeps every other
-(merged). A result is reused only for the same weights, its step and GFLOPs unchanged (reusable).
+(merged). A result is reused only for the same weights: the digest of the checkpoint's weight files (weights_digest)
+and its step and GFLOPs unchanged (reusable). A checkpoint whose weights changed (a rerun with --overwrite, another
+run's folder copied over it) is played again, and the result it replaces goes to the history (keep_replaced).
 """
 from __future__ import annotations
 
@@ -34,6 +37,23 @@ def result_id(path: str, key: dict) -> tuple:
     """What one stored result is of: a checkpoint under one evaluation key (the settings of RESULT_KEY_FIELDS).
     ("runs/sft/step-000010/", {"task": "gp-l", ...}) -> ("/abs/runs/sft/step-000010", "<12 hex digits>")"""
     return checkpoint_key(path), hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+WEIGHT_FILES = (".safetensors", ".bin", ".gguf", ".pth")  # what a model folder's weights are written in
+
+
+def weights_digest(path: str) -> str:
+    """sha256 over the names and bytes of a checkpoint's weight files (a built-in name: its local folder's), read in
+    1 MiB blocks: the same digest means the same weights, whatever the folder's path, times or trainer state."""
+    folder = Z.resolve(path)
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(WEIGHT_FILES) and os.path.isfile(os.path.join(folder, name)):
+            digest.update(name.encode() + b"\0")
+            with open(os.path.join(folder, name), "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
 def answer_id(answer: dict) -> tuple:
@@ -65,24 +85,35 @@ def stored_results(run_dir: str, task: str) -> tuple:
     return entries, answers
 
 
-def reusable(stored: tuple, path: str, state: dict, key: dict) -> tuple:
-    """(the entry to evaluate a checkpoint into, the stored answers it carries). The entry starts from the stored
-    result of the checkpoint under `key` when the weights are the same (step and GFLOPs of its trainer `state`
-    unchanged), else empty:
+def reusable(stored: tuple, path: str, state: dict, key: dict, weights: str) -> tuple:
+    """(the entry to evaluate a checkpoint into, the stored answers it carries, the stored entry it replaces). The
+    entry starts from the stored result of the checkpoint under `key` when the weights are the same (their digest,
+    and the step and GFLOPs of its trainer `state`, unchanged), else empty, and the stored one is replaced:
 
-        {"path": "runs/sft/step-000010", "step": 10, "gflops": 2.5, "key": key, "settings": {}}
-        stored at step 10, 2.5 GFLOPs -> settings {"id": {...}}, the stored "sampling", the answers of "id"
-        stored at step 8 (the folder was trained further) -> the empty entry, no answers
+        {"path": "runs/sft/step-000010", "step": 10, "gflops": 2.5, "weights": "9f2c...", "key": key, "settings": {}}
+        stored with the same weights -> settings {"id": {...}}, the stored "sampling", the answers of "id"; None
+        stored with other weights, or at step 8 (trained further) -> the empty entry, no answers; the stored entry
     """
     entries, answers = stored
-    entry = {"path": path, "step": state.get("step", 0), "gflops": float(state.get("gflops", 0.0)), "key": key,
-             "settings": {}}
+    entry = {"path": path, "step": state.get("step", 0), "gflops": float(state.get("gflops", 0.0)),
+             "weights": weights, "key": key, "settings": {}}
     rid = result_id(path, key)
-    before = {result_id(e["path"], e["key"]): e for e in entries}.get(rid, {})
-    if not all(before.get(k) == entry[k] for k in ("step", "gflops")):  # other weights: nothing of it holds
-        return entry, []
+    before = {result_id(e["path"], e["key"]): e for e in entries}.get(rid)
+    if before is None:
+        return entry, [], None
+    if not all(before.get(k) == entry[k] for k in ("step", "gflops", "weights")):  # other weights: nothing holds
+        return entry, [], before
     entry.update(settings=dict(before.get("settings", {})), sampling=before.get("sampling"))
-    return entry, [a for a in answers if answer_id(a) == rid and a["setting"] in entry["settings"]]
+    return entry, [a for a in answers if answer_id(a) == rid and a["setting"] in entry["settings"]], None
+
+
+def keep_replaced(run_dir: str, task: str, entry: dict, answers: list) -> None:
+    """Append a stored result that other weights replace, and its answers, to <run>/eval_<task>_history.jsonl."""
+    rid = result_id(entry["path"], entry["key"])
+    line = {"replaced_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "entry": entry,
+            "answers": [a for a in answers if answer_id(a) == rid]}
+    with open(os.path.join(run_dir, f"eval_{task}_history.jsonl"), "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def merged(stored: tuple, run: dict, answers: list) -> tuple:

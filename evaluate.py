@@ -45,7 +45,8 @@ import model as M
 import model_zoo as Z
 import runs as R
 from eval_report import write_report
-from eval_store import RESULT_KEY_FIELDS, merged, result_id, reusable, stored_results, write_run
+from eval_store import (RESULT_KEY_FIELDS, keep_replaced, merged, result_id, reusable, stored_results, weights_digest,
+                        write_run)
 from rollout import (CONTEXT_OUTCOME, SETTINGS, check_protocol, check_task, env_overrides, evaluation_episodes,
                      make_envs, rollout)
 from runs import check_writable, main, require
@@ -276,11 +277,15 @@ def evaluate(cfg: EvalConfig) -> list:
         answers = []  # of this call's checkpoints: the stored ones carried, and the new ones
         for ckpt in ckpts:
             state = R.read_trainer_state(ckpt)
-            entry, carried = reusable(stored, ckpt, state, key)  # what is stored of these weights under this key
+            entry, carried, replaced = reusable(stored, ckpt, state, key, weights_digest(ckpt))
             todo = [s for s in settings if s not in entry["settings"] or not cfg.reuse]
             if todo and R.out_of_time(started, cfg.time_limit):
                 stopped = True
                 break
+            if replaced is not None and rank == 0:  # other weights than those stored: their result to the history
+                print(f"{ckpt}: its weights changed since it was evaluated; evaluating it again (the old result is "
+                      f"kept in {os.path.join(run_dir, f'eval_{cfg.task}_history.jsonl')})")
+                keep_replaced(run_dir, cfg.task, replaced, stored[1])
             answers += [a for a in carried if a["setting"] not in todo]
             if todo:
                 entry["sampling"], metrics, new = play_checkpoint(entry, state, todo, cfg, rank, world,

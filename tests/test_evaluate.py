@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import eval_report as ER
 import eval_store as ES
@@ -207,10 +208,40 @@ def test_stored_results_are_reused_and_redone_when_the_test_changes(run_folder, 
     assert len(loads) == 2
 
 
+def test_overwritten_weights_are_evaluated_again_and_their_old_result_kept_in_the_history(tmp_path, capsys):
+    """Same path, step and GFLOPs, other weights (a rerun with --overwrite, another run copied over it): the stored
+    result is not reused; it moves to eval_<task>_history.jsonl with its answers, and the new one replaces it."""
+    run = tmp_path / "run"
+    ckpt = run / "step-000010"
+    shutil.copytree(M.resolve("tiny-text"), ckpt)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 10, "gflops": 2.5}))
+    cfg = EV.EvalConfig(model=str(ckpt), task="gp-l", settings="id", episodes=2, batch_size=2, max_new_tokens=8,
+                        out=str(tmp_path / "out"), plots=False)
+    first = EV.evaluate(cfg)[0]["checkpoints"][0]
+    assert EV.evaluate(cfg)[0]["checkpoints"][0] == first                      # unchanged: reused as it was
+    assert not (run / "eval_gp-l_history.jsonl").exists()
+    policy = M.load_policy(str(ckpt), device="cpu")
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    policy.save(str(ckpt))                                                      # the same folder, other weights
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 10, "gflops": 2.5}))
+    capsys.readouterr()
+    second = EV.evaluate(cfg)[0]["checkpoints"][0]
+    assert "weights changed" in capsys.readouterr().out
+    assert second["weights"] != first["weights"] and second["weights"] == ES.weights_digest(str(ckpt))
+    stored = json.loads((run / "eval_gp-l.json").read_text())["checkpoints"]
+    assert [e["weights"] for e in stored] == [second["weights"]]              # one result per checkpoint and key
+    history = [json.loads(line) for line in (run / "eval_gp-l_history.jsonl").read_text().splitlines()]
+    assert [h["entry"]["weights"] for h in history] == [first["weights"]]
+    assert len(history[0]["answers"]) >= 2 and {a["setting"] for a in history[0]["answers"]} == {"id"}
+    assert EV.evaluate(cfg)[0]["checkpoints"][0] == second                     # and the new result is reused
+
+
 def test_the_store_reuses_only_the_same_weights_and_replaces_only_what_was_played(tmp_path, capsys):
     key, other = {"episodes": 3}, {"episodes": 4}
     a, b = str(tmp_path / "step-000001"), str(tmp_path / "step-000002")
-    entry = lambda path, k: {"path": path, "step": 1, "gflops": 1.0, "key": k,  # noqa: E731
+    entry = lambda path, k: {"path": path, "step": 1, "gflops": 1.0, "weights": "w1", "key": k,  # noqa: E731
                              "settings": {"id": {"success": 0.5}}, "sampling": {"greedy": True}}
     answer = lambda path, k, s: {"checkpoint": path, "result": ES.result_id(path, k)[1], "setting": s}  # noqa: E731
     ES.write_run(str(tmp_path), "gp-l", {"run": "r", "checkpoints": [entry(a, key), entry(b, key), entry(a, other)]},
@@ -218,10 +249,13 @@ def test_the_store_reuses_only_the_same_weights_and_replaces_only_what_was_playe
     stored = ES.stored_results(str(tmp_path), "gp-l")
     assert stored[0][1] == entry(b, key) and stored[1][2] == answer(a, other, "id")   # read back as written
 
-    fresh, carried = ES.reusable(stored, a, {"step": 1, "gflops": 1.0}, key)          # the same weights, same key
-    assert fresh == entry(a, key) and carried == [answer(a, key, "id")]
-    assert ES.reusable(stored, a, {"step": 2, "gflops": 3.0}, key) == (              # trained further: nothing holds
-        {"path": a, "step": 2, "gflops": 3.0, "key": key, "settings": {}}, [])
+    fresh, carried, replaced = ES.reusable(stored, a, {"step": 1, "gflops": 1.0}, key, "w1")  # same weights and key
+    assert fresh == entry(a, key) and carried == [answer(a, key, "id")] and replaced is None
+    assert ES.reusable(stored, a, {"step": 2, "gflops": 3.0}, key, "w2") == (        # trained further: nothing holds
+        {"path": a, "step": 2, "gflops": 3.0, "weights": "w2", "key": key, "settings": {}}, [], entry(a, key))
+    assert ES.reusable(stored, a, {"step": 1, "gflops": 1.0}, key, "w3") == (        # same step, other weights
+        {"path": a, "step": 1, "gflops": 1.0, "weights": "w3", "key": key, "settings": {}}, [], entry(a, key))
+    assert ES.reusable(stored, str(tmp_path / "step-000003"), {}, key, "w1")[2] is None  # nothing stored: none replaced
 
     fresh["settings"]["ood_rule"] = {"success": 0.0}                                  # this call played ood_rule
     run, answers = ES.merged(stored, {"run": "r", "checkpoints": [fresh]}, carried + [answer(a, key, "ood_rule")])
