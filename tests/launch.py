@@ -5,6 +5,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# every subprocess's time bound, against hangs only: a loaded 2-core machine runs five times slower and a whole
+# tiny study takes minutes there, so no test's outcome may depend on how long a command takes
+HANG_S = 3600
 
 
 def free_port() -> int:
@@ -13,7 +16,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(script: str, args: list, nproc: int = 2, timeout: int = 600):
+def torchrun(script: str, args: list, nproc: int = 2, timeout: int = HANG_S):
     """The CompletedProcess of `torchrun --nproc_per_node nproc script *args` run from the repository root.
     A run whose worker died by a signal (exit code -6 in the launcher's report: gloo's C++ transport aborting,
     seen once in CI, never in 40 runs here) runs once more; a run that fails in Python is never retried."""

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import model as M
 import train_ppo as P
 import train_sft as S
-from launch import report, torchrun
+from launch import HANG_S, report, torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,6 +130,6 @@ def test_two_process_fsdp2_bf16_mixed_precision_moves_fp32_shards(tmp_path):
 def test_bad_precision_is_one_line(tmp_path):
     for script in ("train_sft.py", "train_ppo.py"):
         out = subprocess.run([sys.executable, script, "--precision", "fp16", "--out", str(tmp_path / "r")], cwd=ROOT,
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=HANG_S)
         assert out.returncode == 2 and "precision='fp16': expected one of auto, fp32, bf16" in out.stderr, out.stderr
         assert out.stderr.strip().count("\n") == 0

@@ -20,6 +20,7 @@ import train_ppo as P
 import train_sft as S
 from rollout import Episode, rollout
 from rollout import make_envs
+from launch import HANG_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -190,10 +191,10 @@ def test_a_study_refuses_a_phase_of_the_other_protocol(tmp_path):
                         out=str(tmp_path / "study" / "init")))
     run = subprocess.run([sys.executable, "replicate.py", "--task", "gp-l", "--scale", "tiny", "--protocol", "official",
                           "--init-steps", "1", "--out", str(tmp_path / "study")], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=HANG_S)
     assert run.returncode == 2 and "was trained under protocol project, this study runs official" in run.stderr
     dry = subprocess.run([sys.executable, "replicate.py", "--task", "gp-l", "--scale", "tiny", "--protocol", "official",
-                          "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert "--protocol official" in dry.stdout and "replicate-gp-l-tiny-official" in dry.stdout
 
 

@@ -6,13 +6,14 @@ import subprocess
 import sys
 
 import runs as R
+from launch import HANG_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def replicate(out, *extra):
     return subprocess.run([sys.executable, "replicate.py", "--task", "gp-l", "--scale", "tiny", "--seeds", "0,1",
-                           "--out", str(out), *extra], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                           "--out", str(out), *extra], cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
 
 
 def test_tiny_replication_matches_compute_pools_seeds_and_resumes(tmp_path):
@@ -49,7 +50,7 @@ def test_bad_flags_are_one_line():
                         (["--task", "chess"], "unknown task 'chess'"),
                         (["--rl-updates", "3", "--checkpoints", "2"], "rl_updates=3 is not a multiple")):
         out = subprocess.run([sys.executable, "replicate.py", *args], cwd=ROOT, capture_output=True, text=True,
-                             timeout=120)
+                             timeout=HANG_S)
         assert out.returncode == 2 and match in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr
 
 
@@ -78,7 +79,7 @@ def test_every_experiment_runs_its_arms_at_tiny_scale(tmp_path):
 def test_recognition_evaluates_one_attempt_and_draws_figure_8(tmp_path):
     run = subprocess.run([sys.executable, "replicate.py", "--task", "gp-vl", "--scale", "tiny", "--model", "tiny-vlm",
                           "--seeds", "0", "--experiment", "recognition", "--out", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+                         cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "recognition" / "fig8_gp-vl.png").exists()
     stored = json.loads((tmp_path / "rl-s0" / "eval_gp-vl.json").read_text())["checkpoints"]
@@ -90,12 +91,13 @@ def test_recognition_evaluates_one_attempt_and_draws_figure_8(tmp_path):
 
 
 def test_a_deadline_keeps_what_finished_and_the_same_command_resumes(tmp_path):
-    # 0.6 s from the start, the initialization's 40 steps (several seconds) are cut whatever the machine's speed
-    longer = ("--seeds", "0", "--init-steps", "40")
-    cut = replicate(tmp_path, *longer, "--deadline-minutes", "0.01")
-    assert cut.returncode == 0 and "deadline of 0.01 minutes reached" in cut.stdout, cut.stdout[-2000:]
+    # 1.2 s from the start, the initialization's 60 steps (several seconds on a fast machine, more on a slow one) are
+    # cut; before it starts, the study does milliseconds of work, so even a loaded machine starts it
+    longer = ("--seeds", "0", "--init-steps", "60")
+    cut = replicate(tmp_path, *longer, "--deadline-minutes", "0.02")
+    assert cut.returncode == 0 and "deadline of 0.02 minutes reached" in cut.stdout, cut.stdout[-2000:]
     assert "--time-limit" in cut.stdout and R.last_checkpoint(str(tmp_path / "init"))
-    assert not R.last_checkpoint(str(tmp_path / "init")).endswith("step-000040")
+    assert not R.last_checkpoint(str(tmp_path / "init")).endswith("step-000060")
     again = replicate(tmp_path, *longer)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "--resume" in again.stdout.split("[init]")[1].splitlines()[0]        # the cut phase resumed
@@ -107,7 +109,7 @@ def test_gpu_small_preset_gives_its_phases_the_time_left(tmp_path):
     under its deadline a phase gets the time left as --time-limit, and it evaluates at the paper's sizes."""
     import replicate as RE
     run = subprocess.run([sys.executable, "replicate.py", "--task", "gp-l", "--scale", "gpu-small", "--dry-run",
-                          "--out", str(tmp_path / "study")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          "--out", str(tmp_path / "study")], cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert run.returncode == 0, run.stderr[-2000:]
     init = next(line for line in run.stdout.splitlines() if line.startswith("[init] python train_sft.py"))
     left = float(init.split("--time-limit ")[1].split()[0])
@@ -116,11 +118,11 @@ def test_gpu_small_preset_gives_its_phases_the_time_left(tmp_path):
     assert (cfg.eval_episodes, cfg.eval_virl_routes) == (234, 48)
 
 
-def test_under_a_second_left_is_still_a_time_limit(tmp_path, capsys):
-    import time
+def test_under_a_second_left_is_still_a_time_limit(tmp_path, capsys, monkeypatch):
     import replicate as RE
+    monkeypatch.setattr(RE.time, "time", lambda: 1000.0)        # a stopped clock: the test never races it
     cfg = RE.ReplicateConfig(scale="tiny", out=str(tmp_path), dry_run=True, deadline_minutes=1.0)
-    cfg.started = time.time() - 59.7                            # 0.3 s left: "0" would have meant no limit at all
+    cfg.started = 1000.0 - 59.7                                 # 0.3 s left: "0" would have meant no limit at all
     RE.command("init", ["train_sft.py"], cfg)
     limit = float(capsys.readouterr().out.split("--time-limit ")[1].split()[0])
     assert 0 < limit <= 0.3

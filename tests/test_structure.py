@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import model as M
+from launch import HANG_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith(".py"))
@@ -42,7 +43,7 @@ def test_no_import_circle_and_nothing_below_the_scripts_imports_one():
 
 def loaded_by(module: str) -> list:
     code = f"import sys, {module}; print(' '.join(m for m in sys.modules if m in {set(MODULES)!r}))"
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert run.returncode == 0, run.stderr[-2000:]
     return sorted(run.stdout.split())
 
@@ -72,10 +73,10 @@ def test_the_trainers_copy_out_with_model_rollout_env_points_and_runs(tmp_path):
     python = [sys.executable, "-E", "-s"]   # the script's folder on the path, nothing of the environment's
     sft = subprocess.run([*python, "train_sft.py", "--model", model, "--examples", "4", "--steps", "1",
                           "--batch-size", "2", "--micro-batch", "2", "--out", "sft"], cwd=folder, env=env,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=HANG_S)
     assert sft.returncode == 0, sft.stderr[-3000:]
     ppo = subprocess.run([*python, "train_ppo.py", "--model", "sft", "--updates", "1", "--turns", "4",
                           "--envs", "2", "--minibatch", "4", "--micro-batch", "2", "--max-new-tokens", "6",
-                          "--out", "ppo"], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+                          "--out", "ppo"], cwd=folder, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert ppo.returncode == 0, ppo.stderr[-3000:]
     assert os.path.exists(os.path.join(folder, "ppo", "step-000001", "trainer_state.json"))

@@ -19,7 +19,7 @@ import train_sft as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from launch import report, torchrun  # noqa: E402
+from launch import HANG_S, report, torchrun  # noqa: E402
 from ppo_check import make_batch  # noqa: E402
 
 
@@ -239,7 +239,7 @@ WANDB = __import__("importlib").util.find_spec("wandb") is not None  # then --wa
                                                      marks=pytest.mark.skipif(WANDB, reason="wandb is installed"))])
 def test_bad_config_is_one_line(args, match, tmp_path):
     out = subprocess.run([sys.executable, "train_ppo.py", "--out", str(tmp_path / "r"), *args], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 2 and match in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr[-500:]
 
 

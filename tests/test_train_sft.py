@@ -11,7 +11,7 @@ import env_points as G
 import model as M
 import runs as R
 import train_sft as S
-from launch import report, torchrun
+from launch import HANG_S, report, torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +41,7 @@ def test_expert_examples_are_correct_and_round_trip(tmp_path):
     path = tmp_path / "d.jsonl"
     out = subprocess.run([sys.executable, "train_sft.py", "--examples", "20", "--data-seed", "3",
                           "--revision-frac", "0.5", "--export-data", str(path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+                         cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 0 and "wrote 20 examples" in out.stdout, out.stderr[-500:]
     back = S.read_examples(str(path))
     last_turns = lambda xs: [(x["messages"][-1]["content"], x["response"]) for x in xs]  # noqa: E731
@@ -104,7 +104,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     args = ["--model", "tiny-text", "--examples", "8", "--steps", "3", "--batch-size", "4", "--micro-batch", "1",
             "--lr", "1e-3", "--warmup-steps", "1", "--save-every", "3"]
     one = subprocess.run([sys.executable, "train_sft.py", *args, "--out", str(tmp_path / "one")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=HANG_S)
     assert one.returncode == 0, one.stderr[-2000:]
     two = torchrun("train_sft.py", [*args, "--out", str(tmp_path / "two")])
     assert two.returncode == 0, report(two)
@@ -127,7 +127,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
                                         (["--task", "gp-vl", "--image-size", "32"], "image_size=32")])
 def test_bad_config_is_one_line(args, match, tmp_path):
     out = subprocess.run([sys.executable, "train_sft.py", "--out", str(tmp_path / "r"), *args], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 2 and match in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr[-500:]
 
 
