@@ -193,9 +193,7 @@ class BenchConfig:
         if self.gpu_check and not self.out:
             self.out = os.path.join("runs", "gpu_check.jsonl")
         if self.out:
-            if os.path.isdir(self.out):
-                raise ValueError(f"out={self.out!r} is a folder: expected a file to append the JSON lines to")
-            check_writable(os.path.dirname(os.path.abspath(self.out)))
+            check_writable(self.out, file=True)  # a file to append the JSON lines to
         if self.profile:
             check_writable(self.profile, "profile")
 

@@ -345,8 +345,19 @@ def _landmarks(text: str, heading: int) -> list:
     return [(name.strip(), (heading + RELATION_ANGLE[rel]) % 360) for name, rel in _LANDMARK_RE.findall(text)]
 
 
+def _geocode(value, where: str, name: str) -> tuple:
+    """A [lat, lng] of a route file as (lat, lng); ValueError naming the field otherwise."""
+    try:
+        lat, lng = (float(x) for x in value[:2]) if isinstance(value, (list, tuple)) and len(value) >= 2 else (None,)
+    except (TypeError, ValueError, OverflowError):
+        lat = None
+    if lat is None or not (-90 <= lat <= 90 and -180 <= lng <= 180):
+        raise ValueError(f"{where}: {name} is {str(value)[:60]}; expected [lat, lng] in degrees")
+    return lat, lng
+
+
 def parse_route(raw: dict, where: str = "route") -> Route:
-    """A Route from one entry of a V-IRL route file; ValueError naming the missing or bad field."""
+    """A Route from one entry of a V-IRL route file; ValueError naming the first missing or bad field."""
     def need(obj, *keys):
         for k in keys:
             if not isinstance(obj, dict) or k not in obj:
@@ -354,41 +365,65 @@ def parse_route(raw: dict, where: str = "route") -> Route:
             obj = obj[k]
         return obj
 
-    start, points, blocks = (need(raw, "start_place", "relocated_geocode"), need(raw, "route_results", "geocode_list"),
-                             need(raw, "milestone_info"))
+    start = _geocode(need(raw, "start_place", "relocated_geocode"), where, "start_place.relocated_geocode")
+    points, blocks = need(raw, "route_results", "geocode_list"), need(raw, "milestone_info")
+    if not isinstance(points, list):
+        raise ValueError(f"{where}: route_results.geocode_list is a {type(points).__name__}; expected a list")
+    points = [_geocode(p, where, f"route_results.geocode_list[{k}]") for k, p in enumerate(points)]
+    heading = raw.get("init_heading", 0) or 0
     try:
-        start = tuple(float(x) for x in start)[:2]
-        points = [tuple(float(x) for x in p)[:2] for p in points]
-        init_heading = int(float(raw.get("init_heading", 0) or 0)) % 360
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: malformed geocode or heading ({e})") from None
-    blocks = _BLOCK_RE.findall("\n".join(blocks) if isinstance(blocks, list) else str(blocks))
+        init_heading = int(float(heading)) % 360
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{where}: init_heading is {str(heading)[:40]}; expected a heading in degrees") from None
+    if isinstance(blocks, list) and all(isinstance(b, str) for b in blocks):
+        blocks = "\n".join(blocks)
+    if not isinstance(blocks, str):
+        raise ValueError(f"{where}: milestone_info holds {str(blocks)[:60]}; expected a list of strings (or one)")
+    blocks = _BLOCK_RE.findall(blocks)
     if not points or len(blocks) != len(points):
         raise ValueError(f"{where}: {len(points)} geocodes but {len(blocks)} milestone_info blocks: expected one each")
     headings, landmarks, here = [], [], start
     for point, block in zip(points, blocks):
         fields = dict(_MILESTONE_FIELD_RE.findall(block))
-        m = re.match(r"\s*(-?\d+)", fields.get("to_next_intersection_heading", ""))
+        m = re.match(r"\s*(-?\d{1,9})\b", fields.get("to_next_intersection_heading", ""))
         heading = int(m.group(1)) % 360 if m else round(bearing(here, point)) % 360
         headings.append(heading)
         landmarks.append(_landmarks(fields.get("landmarks", ""), heading))
         here = point
     dest = raw.get("dest_place", {}).get("name") if isinstance(raw.get("dest_place"), dict) else None
-    dest = dest or (landmarks[-1][0][0] if landmarks[-1] else "the destination")
+    dest = dest if isinstance(dest, str) and dest else (landmarks[-1][0][0] if landmarks[-1] else "the destination")
     return Route(str(raw.get("route_id", where)), raw.get("city") if raw.get("city") in CITIES else None,
                  start, init_heading, points, headings, landmarks, dest)
+
+
+MAX_NESTING = 64  # brackets deep in a route file: real ones are 4 deep; deeper is refused before JSON parsing
+
+
+def _nesting(text: str) -> int:
+    """How deep the text's JSON brackets nest, strings skipped: one pass, never recursion."""
+    depth = deepest = 0
+    for m in re.finditer(r'"(?:[^"\\]|\\.)*"|([\[{])|[\]}]', text):
+        if m.group(1):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif m.group(0) in "]}":
+            depth -= 1
+    return deepest
 
 
 def load_routes(path: str) -> list:
     """Routes (raw dicts) from a V-IRL route file: the JSON array [routes, count] (a bare list works too)."""
     try:
         with open(path) as f:
-            data = json.load(f)
+            text = f.read()
+        if _nesting(text) > MAX_NESTING:
+            raise ValueError(f"nested more than {MAX_NESTING} deep")
+        data = json.loads(text)
     except FileNotFoundError:
         raise ValueError(f"route file {path!r} not found") from None
     except IsADirectoryError:
         raise ValueError(f"route file {path!r} is a folder: expected a V-IRL route file (JSON)") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise ValueError(f"route file {path!r} is not readable JSON: {e}") from None
     routes = data[0] if isinstance(data, list) and data and isinstance(data[0], list) else data
     if not isinstance(routes, list) or not routes or not all(isinstance(r, dict) for r in routes):

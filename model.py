@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -37,6 +38,7 @@ from runs import atomic_folder, full_state_dict, gathered, rank
 VALUE_HEAD_FILE = "value_head.safetensors"
 # processor outputs with one entry per token (padded with the sequence); everything else is per image
 PER_TOKEN_KEYS = ("input_ids", "attention_mask", "cross_attention_mask", "token_type_ids", "mm_token_type_ids")
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}  # Hugging Face's, for a config that names none
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 
 
@@ -518,8 +520,19 @@ class Policy(nn.Module):
         gen = self.model.generation_config
         if not gen.do_sample:
             return {"greedy": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
-        return {"greedy": False, "temperature": gen.temperature or 1.0, "top_p": gen.top_p or 1.0,
-                "top_k": 50 if gen.top_k is None else gen.top_k}
+        drawn = {"greedy": False, "temperature": gen.temperature or 1.0, "top_p": gen.top_p or 1.0,
+                 "top_k": 50 if gen.top_k is None else gen.top_k}
+        print0 = print if rank() == 0 else (lambda *a: None)
+        valid = {"temperature": lambda v: v > 0 and math.isfinite(v), "top_p": lambda v: 0 < v <= 1,
+                 "top_k": lambda v: v >= 0 and v == int(v)}
+        for name, ok in valid.items():  # a hand-edited or foreign config: Hugging Face's default, said out loud
+            value = drawn[name]
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value):
+                drawn[name] = SAMPLING_DEFAULTS[name]
+                print0(f"warning: {getattr(self.model, 'name_or_path', 'the checkpoint')}/generation_config.json: "
+                      f"{name}={value!r} is out of range; sampling with Hugging Face's default "
+                      f"{SAMPLING_DEFAULTS[name]} instead")
+        return drawn
 
     # ---- saving ----
 
@@ -601,8 +614,11 @@ def load_policy(name_or_path: str, device=None, dtype: Optional[torch.dtype] = N
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     is_vlm = _is_vlm_config(config)
     auto = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
-    with _one_line_errors(f"model folder {folder!r}: its weights cannot be loaded"):
-        model = auto.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
+    with _one_line_errors(f"model folder {folder!r}: its weights cannot be loaded"), _quiet_transformers():
+        model, info = auto.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code,
+                                           output_loading_info=True)
+    check_weights_cover(folder, info)
+    model = model.to(device)
     with _one_line_errors(f"model folder {folder!r}: its tokenizer or processor cannot be loaded"):
         processor = (AutoProcessor if is_vlm else AutoTokenizer).from_pretrained(folder,
                                                                                trust_remote_code=trust_remote_code)
@@ -618,7 +634,35 @@ def load_policy(name_or_path: str, device=None, dtype: Optional[torch.dtype] = N
         policy = Policy(model, processor, is_vlm, temperature, compute_dtype, value_width=width)
         if value_state:
             policy.value_head.load_state_dict(value_state)
+    where = next((n for n in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
+                  if os.path.exists(os.path.join(folder, n))), "the tokenizer")
+    with _one_line_errors(f"model folder {folder!r}: its chat template ({where}) cannot be rendered"):
+        policy.end_of_turn_id  # renders a probe conversation: a broken template fails here, not at the first prompt
     return policy
+
+
+def check_weights_cover(folder: str, info: dict) -> None:
+    """Refuse weights that leave some of the model's parameters freshly initialized (tensor names that do not match,
+    e.g. all prefixed) or hold tensors the model has no place for: one line naming a few of each. Tied weights
+    (lm_head to the embedding) are neither: Hugging Face fills them and does not list them."""
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    if missing or unexpected:
+        few = lambda keys: ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")  # noqa: E731
+        parts = ([f"{len(missing)} parameter(s) missing from the weights ({few(missing)})"] if missing else []) + \
+                ([f"{len(unexpected)} tensor(s) the model has no place for ({few(unexpected)})"] if unexpected else [])
+        raise ValueError(f"model folder {folder!r}: its weights do not match its config.json: {'; '.join(parts)}")
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Hugging Face's load report is many lines; what matters of it, check_weights_cover says in one."""
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 @contextlib.contextmanager

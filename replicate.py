@@ -24,7 +24,8 @@ The scale presets hold the sizes; every one of them can be overridden by its fla
 evaluate.py: docs/fidelity.md), in its own study folder (runs/replicate-<task>-<scale>-official unless --out is
 given), with the task's official learning rates for RL and continued SFT unless --rl-lr / --sft-lr are given; a
 phase found done under another protocol is refused, never mixed in. The tables and figures say which protocol
-produced them.
+produced them. A phase whose checkpoints recorded another recipe (its command's flags) is refused the same way,
+unless --restart-changed starts it over.
 """
 from __future__ import annotations
 
@@ -136,6 +137,9 @@ class ReplicateConfig:
     """start no phase after this many minutes, give each the time left; 0: none (gpu-small: 11)"""
     dry_run: bool = False
     """print the commands of the phases still to run, run nothing"""
+    restart_changed: bool = False
+    """start over each phase whose recorded recipe differs from the one asked for (deleting its checkpoints);
+    without it such a phase stops the study with one line naming the differing fields"""
 
     def __post_init__(self):
         check_task(self.task)
@@ -183,19 +187,62 @@ def finished(run: str, steps: int) -> Optional[str]:
     return last if last and R.read_trainer_state(last)["step"] >= steps else None
 
 
+RUN_CONTROL = {"out", "resume", "overwrite", "time_limit"}  # flags that say where and how long, not what is trained
+
+
+def recipe(args: list) -> dict:
+    """A phase's recipe: its command's flags as {config field: value text}, the run-control flags left out.
+    ["train_sft.py", "--lr", "0.0001", "--engine", "--out", "r"] -> {"lr": "0.0001", "engine": True}"""
+    out, i = {}, 1
+    while i < len(args):
+        name = args[i][2:].replace("-", "_")
+        has_value = i + 1 < len(args) and not args[i + 1].startswith("--")
+        out[name], i = (args[i + 1], i + 2) if has_value else (True, i + 1)
+    return {k: v for k, v in out.items() if k not in RUN_CONTROL}
+
+
+def recipe_changes(asked: dict, trained: dict) -> list:
+    """The fields where a run's recorded config (its trainer state's "config") differs from the recipe asked:
+    ["lr 0.001 (asked 0.0001)"]. Numbers compare as numbers, so 1e-4 and 0.0001 are one rate."""
+    changes = []
+    for name, value in asked.items():
+        have = trained.get(name)
+        if isinstance(have, bool) or value is True:
+            same = have == (value is True)
+        elif isinstance(have, (int, float)):
+            try:
+                same = float(value) == float(have)
+            except ValueError:
+                same = False
+        else:
+            same = str(have) == str(value)
+        if not same:
+            changes.append(f"{name.replace('_', '-')} {have} (asked {value})")
+    return changes
+
+
 def run_phase(name: str, args: list, run: str, steps: int, cfg: ReplicateConfig) -> None:
     """Run one training phase to `steps` under the study's protocol, resuming it when a checkpoint of it exists;
-    skip it when done. A phase begun under another protocol stops the study: its results would mix the two."""
+    skip it when done. A phase begun under another protocol stops the study: its results would mix the two; one
+    begun with another recipe (its trainer state's config) too, unless --restart-changed starts it over."""
     last = R.last_checkpoint(run)
     found = (R.trained_protocol(R.read_trainer_state(last)) if last else None) or cfg.protocol
     if found != cfg.protocol:
         raise ValueError(f"phase {name}: {run} was trained under protocol {found}, this study runs {cfg.protocol}; "
                          "expected another --out (each protocol has its own study folder)")
     args = [*args, "--protocol", cfg.protocol]
+    changes = recipe_changes(recipe(args), R.read_trainer_state(last).get("config", {})) if last else []
+    if changes and not cfg.restart_changed:
+        raise ValueError(f"phase {name}: {run} was trained with another recipe: {'; '.join(changes)}; pass "
+                         "--restart-changed to start such phases over, or another --out to keep both")
+    if changes:
+        print(f"[{name}] recipe changed ({'; '.join(changes)}): starting it over")
+        command(name, args + ["--overwrite"], cfg)
+        return
     if finished(run, steps):
         print(f"[{name}] done: {run}")
         return
-    resume = ["--resume"] if R.last_checkpoint(run) else []
+    resume = ["--resume"] if last else []
     command(name, args + resume, cfg)
 
 

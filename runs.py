@@ -89,17 +89,30 @@ def require(cfg, names: str, test, expected: str) -> None:
             raise ValueError(f"{name}={value!r}: expected {expected}")
 
 
-def check_writable(path: str, what: str = "out") -> None:
-    """ValueError unless `path` is, or can be made, a folder we may write in; creates nothing."""
-    if os.path.exists(path) and not os.path.isdir(path):
+def check_writable(path: str, what: str = "out", file: bool = False) -> None:
+    """ValueError unless `path` is, or can be made, a folder we may write in (`file`: a file we may write); creates
+    nothing."""
+    if file and os.path.isdir(path):
+        raise ValueError(f"{what}={path!r} is a folder: expected a file")
+    if not file and os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{what}={path!r} is a file: expected a folder (existing or to create)")
     parent = os.path.abspath(path)
     while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if file and parent == os.path.abspath(path):  # the file exists: its folder is what must take the write
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise ValueError(f"{what}={path!r} lies under the file {parent!r}: expected a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{what}={path!r}: {parent!r} is not writable")
+    longest = os.pathconf(parent, "PC_NAME_MAX")  # a name the filesystem cannot hold fails at the first write
+    too_long = [n for n in os.path.relpath(os.path.abspath(path), parent).split(os.sep) if len(n.encode()) > longest]
+    if too_long:
+        raise ValueError(f"{what}={path!r}: the name {too_long[0][:40]!r}... is {len(too_long[0].encode())} bytes; "
+                         f"this filesystem takes at most {longest}")
+    if len(os.path.abspath(path).encode()) >= os.pathconf(parent, "PC_PATH_MAX"):
+        raise ValueError(f"{what}={path[:60]!r}...: the path is {len(os.path.abspath(path).encode())} bytes; this "
+                         f"system takes paths under {os.pathconf(parent, 'PC_PATH_MAX')}")
 
 
 def main(cls, run, argv=None):
@@ -283,8 +296,14 @@ def read_trainer_state(folder: str) -> dict:
     path = os.path.join(folder, "trainer_state.json")
     if not os.path.isdir(folder) or not os.path.exists(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not readable as JSON ({e}); expected the trainer state a trainer wrote") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds a {type(state).__name__}; expected a JSON object (the trainer state)")
+    return state
 
 
 def cosine_lr(step: int, peak: float, total: int, warmup: int = 0, floor: float = 0.0, hold: bool = True) -> float:
@@ -348,7 +367,7 @@ def last_checkpoint(run: str):
         return None
     done = [os.path.join(run, d) for d in os.listdir(run)
             if d.startswith("step-") and read_trainer_state(os.path.join(run, d))]
-    return max(done, key=lambda d: read_trainer_state(d)["step"], default=None)
+    return max(done, key=lambda d: read_trainer_state(d).get("step", -1), default=None)
 
 
 def drop_older_optimizer_states(run: str, newest: str) -> None:
@@ -400,6 +419,11 @@ def start(model: str, out: str, resume: bool, overwrite: bool, task: str, protoc
     if resume and resume_from is None:
         raise ValueError(f"--resume: no complete checkpoint in {out!r}")
     state = read_trainer_state(resume_from or init)
+    missing = [k for k in ("step", "gflops", "tokens") if not isinstance(state.get(k), (int, float))]
+    if resume_from and (missing or not os.path.exists(os.path.join(resume_from, "optimizer.pt"))):
+        what = f"{', '.join(missing)} in its trainer_state.json" if missing else "its optimizer.pt"
+        raise ValueError(f"--resume: {resume_from} lacks {what}, so the run cannot go on where it stopped; start a new "
+                         f"run from its weights with --model {resume_from} and another --out (a fresh optimizer)")
     for line in recipe_warnings(state, task, protocol, resume_from or init):
         print0(f"warning: {line}")
     return init, resume_from, state
@@ -416,22 +440,78 @@ def save_checkpoint(policy, opt, out: str, step: int, trainer_state: dict) -> st
 
 
 def step_done(policy, opt, out: str, step: int, total: int, save_every: int, time_limit: float, started: float,
-              trainer_state: dict, print0) -> bool:
+              trainer_state: dict, print0, health: "Divergence") -> bool:
     """After a trainer's step (an SFT step, a PPO update): a checkpoint when one is due (every `save_every`, the last
-    step, or the time limit reached on any rank). True when the time limit stops the run there (--resume goes on)."""
+    step, or the time limit reached on any rank). True when the time limit stops the run there (--resume goes on).
+    Never after a skipped step (health.in_a_row): a due save waits for a step that trains, and a run whose last step
+    was skipped stops with one line, its last good checkpoint kept."""
     late = out_of_time(started, time_limit)
-    if step % save_every == 0 or step == total or late:
+    due = step % save_every == 0 or step == total or late
+    if due and health.in_a_row and (step == total or late):
+        raise health.stop(f"the last {health.in_a_row} {health.unit}(s) had a non-finite loss or gradient", step)
+    if due and health.in_a_row:
+        print0(f"warning: {health.unit} {step} skipped (non-finite loss or gradient): not saved; the next {health.unit} "
+               "that trains is")
+        health.save_due = True
+    elif due or health.save_due:
         save_checkpoint(policy, opt, out, step, trainer_state)
+        health.save_due = False
     if late and step < total:
         print0(f"time limit of {time_limit:g} s reached at step {step}: --resume continues")
     return late and step < total
 
 
-def restore(policy, opt, checkpoint: str, state: dict) -> None:
-    """A resumed run's optimizer state and torch RNG state, as `save_checkpoint` wrote them."""
+def restore(policy, opt, checkpoint: str, state: dict, print0=print) -> None:
+    """A resumed run's optimizer state and torch RNG state, as `save_checkpoint` wrote them. Without the RNG state
+    (a checkpoint saved before it was kept, or edited) the run goes on from --seed's RNG, and says so."""
     load_optimizer_state(policy, opt, checkpoint)
-    if "rng" in state:
-        torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+    rng = state.get("rng")
+    try:
+        torch.set_rng_state(torch.tensor(rng, dtype=torch.uint8))
+    except (TypeError, ValueError, RuntimeError):
+        why = "missing" if rng is None else "malformed"
+        print0(f"warning: {checkpoint}: trainer_state.json holds no usable RNG state ({why}); resuming with the RNG "
+               "of --seed, so the rest of the run will not repeat an uninterrupted one exactly")
+
+
+# ---- divergence: a non-finite loss, gradient or weight ----
+
+MAX_SKIPPED_IN_A_ROW = 5  # steps in a row with a non-finite loss or gradient: the run has diverged and stops
+
+
+def all_finite(tensors) -> bool:
+    """Whether every tensor (a sharded parameter: this rank's shard) is finite, on every rank."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    bad = bool(local) and not bool(torch.stack([torch.isfinite(t).all() for t in local]).all())
+    return all_reduce_max(float(bad)) == 0
+
+
+class Divergence:
+    """A trainer's health: steps skipped for a non-finite loss or gradient (never applied), counted; the run stops
+    with one line, naming the likely cause and the last good checkpoint, after MAX_SKIPPED_IN_A_ROW of them in a row
+    or when an applied step leaves a weight non-finite. Nothing non-finite is ever saved (step_done)."""
+
+    def __init__(self, out: str, lr: float, unit: str = "step"):
+        self.out, self.lr, self.unit = out, lr, unit  # unit: what the trainer calls a step ("update" in PPO)
+        self.in_a_row = self.skipped = 0
+        self.save_due = False  # a save that fell on a skipped step, made at the next step that trains
+
+    def step(self, applied: bool, step: int, params) -> None:
+        """After a step: `applied` False when it was skipped; `params` checked when it was applied."""
+        if applied:
+            self.in_a_row = 0
+            if not all_finite(params):
+                raise self.stop("the optimizer step made some weights non-finite", step)
+            return
+        self.in_a_row, self.skipped = self.in_a_row + 1, self.skipped + 1
+        if self.in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise self.stop(f"{self.in_a_row} {self.unit}s in a row had a non-finite loss or gradient", step)
+
+    def stop(self, what: str, step: int) -> ValueError:
+        last = last_checkpoint(self.out)
+        return ValueError(f"{what} ({self.unit} {step}): training diverged, most likely from the learning rate "
+                          f"({self.lr:g}: try a smaller --lr) or the data; these weights were not saved; the last good "
+                          f"checkpoint is {last or 'none: nothing was saved'}")
 
 
 class MetricsLog:
@@ -474,7 +554,8 @@ def read_optimizer_file(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ValueError(f"{path!r} is missing: the checkpoint is incomplete") from None
+        raise ValueError(f"{path!r} is missing: the checkpoint is incomplete; start a new run from its weights with "
+                         "--model instead (a fresh optimizer)") from None
     except Exception as e:  # an UnpicklingError for a pickle of code, anything else for a torn or foreign file
         raise ValueError(f"{path!r} is not a plain optimizer state and was not loaded "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None

@@ -624,10 +624,12 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
         engine.attach(policy, compile=policy.device.type == "cuda")
     opt = build_optimizer(policy, cfg)
     if resume_from:
-        R.restore(policy, opt, resume_from, state)
+        R.restore(policy, opt, resume_from, state, print0)
+    health = R.Divergence(cfg.out, opt.param_groups[0]["peak"], "update")
 
-    bar = tqdm(total=cfg.updates, initial=update, desc=f"ppo {cfg.task}", disable=rank != 0)
-    with R.MetricsLog(cfg.out, update, rank) as log:
+    # the bar closes on an error too, so that its one line starts a line of its own
+    with (R.MetricsLog(cfg.out, update, rank) as log,
+          tqdm(total=cfg.updates, initial=update, desc=f"ppo {cfg.task}", disable=rank != 0) as bar):
         started = time.perf_counter()
         while update < cfg.updates:
             seed = update_seed(cfg.seed, update, rank)
@@ -683,6 +685,7 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
                        "rollout_s": t1 - t0, "train_s": t2 - t1,
                        "tokens_per_s": (roll["rollout_tokens"] + trained["trained_tokens"]) / max(t2 - t0, 1e-9)}
             log.write(metrics)
+            health.step(trained["steps"] > 0, update, policy.parameters())  # an update of skipped minibatches only
             if wandb_run:
                 wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=update)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", success=metrics["success_rate"],
@@ -691,9 +694,8 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
             trainer_state = {"step": update, "tokens": tokens, "gflops": gflops, "kind": "ppo", "task": cfg.task,
                              "init": init, "config": asdict(cfg)}
             if R.step_done(policy, opt, cfg.out, update, cfg.updates, cfg.save_every, cfg.time_limit, started,
-                           trainer_state, print0):
+                           trainer_state, print0, health):
                 break
-    bar.close()
     if wandb_run:
         wandb_run.finish()
     R.leave_distributed()

@@ -20,6 +20,7 @@ here as they would score one trained on the official data; its learning rate def
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -120,8 +121,10 @@ class SFTConfig:
             folder = " (it is a folder)" if os.path.isdir(self.data) else ""
             raise ValueError(f"data file {self.data!r} not found{folder}")
         self.out = self.out or os.path.join("runs", f"sft-{self.task}")
-        check_writable(self.export_data and os.path.dirname(os.path.abspath(self.export_data)) or self.out,
-                       "export_data" if self.export_data else "out")
+        if self.export_data:
+            check_writable(self.export_data, "export_data", file=True)
+        else:
+            check_writable(self.out)
 
 
 # ---- data ----
@@ -277,12 +280,14 @@ def train(cfg: SFTConfig) -> dict:
     opt = torch.optim.AdamW([p for n, p in policy.named_parameters() if not n.startswith("value_head.")],
                             lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     if resume_from:
-        R.restore(policy, opt, resume_from, state)
+        R.restore(policy, opt, resume_from, state, print0)
+    health = R.Divergence(cfg.out, cfg.lr)
 
     # ---- loop ----
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"sft {cfg.task}", disable=rank != 0)
     policy.train()
-    with R.MetricsLog(cfg.out, step, rank) as log:
+    # the bar closes on an error too, so that its one line starts a line of its own
+    with (R.MetricsLog(cfg.out, step, rank) as log,
+          tqdm(total=cfg.steps, initial=step, desc=f"sft {cfg.task}", disable=rank != 0) as bar):
         started = time.perf_counter()
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -301,26 +306,28 @@ def train(cfg: SFTConfig) -> dict:
                 seen += int(batch["attention_mask"].sum())  # real tokens read and trained on, padding excluded
             params = [p for g in opt.param_groups for p in g["params"]]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+            loss_mean = R.all_reduce_sum(nll_sum) / step_tokens
+            applied = math.isfinite(loss_mean) and math.isfinite(float(grad_norm))  # else skipped: never applied
+            if applied:
+                opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
             step_seen = R.all_reduce_sum(seen)
             tokens += int(step_seen)
             gflops += 6 * n_params * step_seen / 1e9
-            loss_mean = R.all_reduce_sum(nll_sum) / step_tokens
             secs = time.perf_counter() - t0
             metrics = {"step": step, "loss": loss_mean, "learning_rate": lr_at(step - 1, cfg),
-                       "grad_norm": float(grad_norm),
+                       "grad_norm": float(grad_norm), "skipped_steps": health.skipped + (not applied),
                        "tokens": tokens, "gflops": gflops, "tokens_per_s": step_seen / secs}
             log.write(metrics)
+            health.step(applied, step, params)
             bar.set_postfix(loss=f"{loss_mean:.4f}", tok_s=f"{step_seen / secs:.0f}")
             bar.update(1)
             trainer_state = {"step": step, "tokens": tokens, "gflops": gflops, "kind": "sft", "task": cfg.task,
                              "init": init, "config": asdict(cfg)}
             if R.step_done(policy, opt, cfg.out, step, cfg.steps, cfg.save_every, cfg.time_limit, started,
-                           trainer_state, print0):
+                           trainer_state, print0, health):
                 break
-    bar.close()
     R.leave_distributed()
     return {"step": step, "gflops": gflops, "tokens": tokens}
 

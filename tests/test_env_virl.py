@@ -153,7 +153,7 @@ def test_route_file_round_trip_and_real_format(tmp_path):
     ({"start_place": {"relocated_geocode": [1, 2]}, "route_results": {"geocode_list": [[1, 2]]},
       "milestone_info": []}, "1 geocodes but 0 milestone_info blocks"),
     ({"start_place": {"relocated_geocode": ["x", 2]}, "route_results": {"geocode_list": [[1, 2]]},
-      "milestone_info": []}, "malformed"),
+      "milestone_info": []}, r"start_place.relocated_geocode is \['x', 2\]; expected \[lat, lng\]"),
 ])
 def test_bad_routes_name_the_field(bad, match):
     with pytest.raises(ValueError, match=match):
