@@ -581,23 +581,45 @@ def _draw_card(img, box, rank: str, suit: str) -> None:
         _draw_suit(draw, suit, cx, (y0 + y1) / 2, w * 0.2, color)
 
 
-def render_cards(cards, size: int = 448):
-    """A size x size RGB image of the (rank, suit) cards side by side on a green table, inside a bare margin of
-    TABLE_MARGIN * size. A pure function of its arguments: the same hand always gives the same pixels."""
-    from PIL import Image
-    # Pillow draws shapes without anti-aliasing and hints small text into blobs: drawing large and reducing keeps
-    # the ranks legible at 224 px; the integer box filter leaves bare table exact
+def _layout(n: int, size: int) -> tuple:
+    """(supersampling factor, [card boxes in the large image]) of n cards on a size x size table."""
     scale = min(4, -(-SUPERSAMPLE_PX // size))
     big = size * scale
-    img = Image.new("RGB", (big, big), TABLE_GREEN)
-    n, margin, gap = len(cards), big * TABLE_MARGIN, big * CARD_GAP
+    margin, gap = big * TABLE_MARGIN, big * CARD_GAP
     w = (big - 2 * margin - (n - 1) * gap) / n
     h = min(w * CARD_ASPECT, big - 2 * margin)
     top = int((big - h) / 2)
+    lefts = [int(margin + i * (w + gap)) for i in range(n)]  # boxes are inclusive: the last column is left + w - 1
+    return scale, [(left, top, left + int(w) - 1, top + int(h) - 1) for left in lefts]
+
+
+@functools.lru_cache(maxsize=4096)  # 52 cards x 4 places per image size
+def _card_tile(n: int, i: int, rank: str, suit: str, size: int) -> tuple:
+    """(tile, (x, y)): card i of n as the final image shows it, the output pixels its box touches. The card is drawn
+    where the whole hand's drawing puts it, then only the blocks of `scale` x `scale` large pixels it touches are
+    reduced: neighbours are more than a block apart, so those pixels are exactly the whole hand's."""
+    from PIL import Image
+    scale, boxes = _layout(n, size)
+    x0, y0, x1, y1 = boxes[i]
+    big = Image.new("RGB", (size * scale, size * scale), TABLE_GREEN)
+    _draw_card(big, boxes[i], rank, suit)
+    c0, r0, c1, r1 = x0 // scale, y0 // scale, x1 // scale + 1, y1 // scale + 1  # output pixels, end exclusive
+    tile = big.crop((c0 * scale, r0 * scale, c1 * scale, r1 * scale))
+    return (tile.reduce(scale) if scale > 1 else tile), (c0, r0)
+
+
+def render_cards(cards, size: int = 448):
+    """A size x size RGB image of the (rank, suit) cards side by side on a green table, inside a bare margin of
+    TABLE_MARGIN * size. A pure function of its arguments: the same hand always gives the same pixels. Each card is
+    drawn once per (place, rank, suit, size) and reused (_card_tile): a hand is four pastes."""
+    from PIL import Image
+    # Pillow draws shapes without anti-aliasing and hints small text into blobs: drawing large and reducing keeps
+    # the ranks legible at 224 px; the integer box filter leaves bare table exact
+    img = Image.new("RGB", (size, size), TABLE_GREEN)
     for i, (rank, suit) in enumerate(cards):
-        left = int(margin + i * (w + gap))  # boxes are inclusive: the last column is left + w - 1
-        _draw_card(img, (left, top, left + int(w) - 1, top + int(h) - 1), rank, suit)
-    return img.reduce(scale) if scale > 1 else img
+        tile, at = _card_tile(len(cards), i, rank, suit, size)
+        img.paste(tile, at)
+    return img
 
 
 # ---- the environment ----

@@ -517,6 +517,25 @@ def test_cards_sit_inside_the_frame_on_the_official_table(size):
             assert quarter.sum() > 0.08 * size * size / 4
 
 
+@pytest.mark.parametrize("size", [64, 97, 224, 333, 448, 1200])
+def test_a_hand_of_cached_cards_is_the_whole_hand_drawn_anew_pixel_for_pixel(size):
+    """render_cards pastes each card's tile, drawn once per (place, rank, suit, size): the image must equal the
+    whole hand drawn large and reduced at once, every card anew, as render_cards did before the tiles."""
+    from PIL import Image
+
+    def whole(cards):
+        scale, boxes = G._layout(len(cards), size)
+        img = Image.new("RGB", (size * scale, size * scale), G.TABLE_GREEN)
+        for box, (rank, suit) in zip(boxes, cards):
+            G._draw_card(img, box, rank, suit)
+        return img.reduce(scale) if scale > 1 else img
+    rng = random.Random(size)
+    for n in (4, 4, 4, 2, 5):
+        cards = [(rng.choice(G.RANKS), rng.choice(list(G.SUIT_COLORS))) for _ in range(n)]
+        assert G.render_cards(cards, size).tobytes() == whole(cards).tobytes(), (size, cards)
+    assert G.render_cards(cards, size).tobytes() == whole(cards).tobytes()   # from the tiles cache this time
+
+
 def test_every_rank_draws_differently_at_the_smallest_trained_size():
     images = {rank: G.render_cards([(rank, "spades")] * 4, 224).tobytes() for rank in G.RANKS}
     assert len(set(images.values())) == len(G.RANKS)
