@@ -446,14 +446,15 @@ def step_done(policy, opt, out: str, step: int, total: int, save_every: int, tim
     Never after a skipped step (health.in_a_row): a due save waits for a step that trains, and a run whose last step
     was skipped stops with one line, its last good checkpoint kept."""
     late = out_of_time(started, time_limit)
-    due = step % save_every == 0 or step == total or late
-    if due and health.in_a_row and (step == total or late):
-        raise health.stop(f"the last {health.in_a_row} {health.unit}(s) had a non-finite loss or gradient", step)
+    due = step % save_every == 0 or step == total or late or health.save_due
     if due and health.in_a_row:
-        print0(f"warning: {health.unit} {step} skipped (non-finite loss or gradient): not saved; the next {health.unit} "
-               "that trains is")
+        if step == total or late:
+            raise health.stop(f"the last {health.in_a_row} {health.unit}(s) had a non-finite loss or gradient", step)
+        if not health.save_due:
+            print0(f"warning: {health.unit} {step} skipped (non-finite loss or gradient): not saved; the next "
+                   f"{health.unit} that trains is")
         health.save_due = True
-    elif due or health.save_due:
+    elif due:
         save_checkpoint(policy, opt, out, step, trainer_state)
         health.save_due = False
     if late and step < total:

@@ -271,6 +271,16 @@ def test_an_applied_step_that_makes_a_weight_non_finite_stops_the_run():
     assert (health.in_a_row, health.skipped) == (1, 1)
 
 
+def test_a_save_that_falls_on_skipped_steps_waits_for_the_next_step_that_trains(monkeypatch):
+    saved = []
+    monkeypatch.setattr(R, "save_checkpoint", lambda policy, opt, out, step, state: saved.append(step))
+    health = R.Divergence("/nonexistent", 1e-3)
+    for step, applied in ((1, True), (2, False), (3, False), (4, True), (5, True), (6, True)):
+        health.step(applied, step, [torch.ones(1)])
+        R.step_done(None, None, "/nonexistent", step, 10, 2, 0, 0.0, {}, print, health)
+    assert saved == [4, 6]   # step 2 was due but skipped, step 3 skipped too: the save falls on step 4
+
+
 def test_resume_says_what_a_checkpoint_lacks(tmp_path, capsys):
     S.train(sft(tmp_path / "run", steps=2))
     state_file = tmp_path / "run" / "step-000002" / "trainer_state.json"
