@@ -347,11 +347,13 @@ def _landmarks(text: str, heading: int) -> list:
 
 def _geocode(value, where: str, name: str) -> tuple:
     """A [lat, lng] of a route file as (lat, lng); ValueError naming the field otherwise."""
-    try:
-        lat, lng = (float(x) for x in value[:2]) if isinstance(value, (list, tuple)) and len(value) >= 2 else (None,)
-    except (TypeError, ValueError, OverflowError):
-        lat = None
-    if lat is None or not (-90 <= lat <= 90 and -180 <= lng <= 180):
+    lat = lng = math.nan  # fails the range test below, as does a NaN in the file
+    if isinstance(value, (list, tuple)) and len(value) >= 2:
+        try:
+            lat, lng = float(value[0]), float(value[1])
+        except (TypeError, ValueError, OverflowError):
+            pass
+    if not (-90 <= lat <= 90 and -180 <= lng <= 180):
         raise ValueError(f"{where}: {name} is {str(value)[:60]}; expected [lat, lng] in degrees")
     return lat, lng
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runs import atomic_folder, full_state_dict, gathered, rank
+from runs import atomic_folder, full_state_dict, gathered, printer, rank
 VALUE_HEAD_FILE = "value_head.safetensors"
 # processor outputs with one entry per token (padded with the sequence); everything else is per image
 PER_TOKEN_KEYS = ("input_ids", "attention_mask", "cross_attention_mask", "token_type_ids", "mm_token_type_ids")
@@ -520,9 +520,10 @@ class Policy(nn.Module):
         gen = self.model.generation_config
         if not gen.do_sample:
             return {"greedy": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
-        drawn = {"greedy": False, "temperature": gen.temperature or 1.0, "top_p": gen.top_p or 1.0,
-                 "top_k": 50 if gen.top_k is None else gen.top_k}
-        print0 = print if rank() == 0 else (lambda *a: None)
+        drawn = {"greedy": False, "temperature": gen.temperature or SAMPLING_DEFAULTS["temperature"],
+                 "top_p": gen.top_p or SAMPLING_DEFAULTS["top_p"],
+                 "top_k": SAMPLING_DEFAULTS["top_k"] if gen.top_k is None else gen.top_k}
+        print0 = printer(rank())
         valid = {"temperature": lambda v: v > 0 and math.isfinite(v), "top_p": lambda v: 0 < v <= 1,
                  "top_k": lambda v: v >= 0 and v == int(v)}
         for name, ok in valid.items():  # a hand-edited or foreign config: Hugging Face's default, said out loud

@@ -226,12 +226,13 @@ def run_phase(name: str, args: list, run: str, steps: int, cfg: ReplicateConfig)
     skip it when done. A phase begun under another protocol stops the study: its results would mix the two; one
     begun with another recipe (its trainer state's config) too, unless --restart-changed starts it over."""
     last = R.last_checkpoint(run)
-    found = (R.trained_protocol(R.read_trainer_state(last)) if last else None) or cfg.protocol
+    state = R.read_trainer_state(last) if last else {}
+    found = R.trained_protocol(state) or cfg.protocol
     if found != cfg.protocol:
         raise ValueError(f"phase {name}: {run} was trained under protocol {found}, this study runs {cfg.protocol}; "
                          "expected another --out (each protocol has its own study folder)")
     args = [*args, "--protocol", cfg.protocol]
-    changes = recipe_changes(recipe(args), R.read_trainer_state(last).get("config", {})) if last else []
+    changes = recipe_changes(recipe(args), state.get("config", {})) if last else []
     if changes and not cfg.restart_changed:
         raise ValueError(f"phase {name}: {run} was trained with another recipe: {'; '.join(changes)}; pass "
                          "--restart-changed to start such phases over, or another --out to keep both")
@@ -239,7 +240,7 @@ def run_phase(name: str, args: list, run: str, steps: int, cfg: ReplicateConfig)
         print(f"[{name}] recipe changed ({'; '.join(changes)}): starting it over")
         command(name, args + ["--overwrite"], cfg)
         return
-    if finished(run, steps):
+    if last and state["step"] >= steps:
         print(f"[{name}] done: {run}")
         return
     resume = ["--resume"] if last else []

@@ -96,23 +96,23 @@ def check_writable(path: str, what: str = "out", file: bool = False) -> None:
         raise ValueError(f"{what}={path!r} is a folder: expected a file")
     if not file and os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{what}={path!r} is a file: expected a folder (existing or to create)")
-    parent = os.path.abspath(path)
+    full = parent = os.path.abspath(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if file and parent == os.path.abspath(path):  # the file exists: its folder is what must take the write
+    if file and parent == full:  # the file exists: its folder is what must take the write
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise ValueError(f"{what}={path!r} lies under the file {parent!r}: expected a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{what}={path!r}: {parent!r} is not writable")
-    longest = os.pathconf(parent, "PC_NAME_MAX")  # a name the filesystem cannot hold fails at the first write
-    too_long = [n for n in os.path.relpath(os.path.abspath(path), parent).split(os.sep) if len(n.encode()) > longest]
-    if too_long:
+    longest, path_max = os.pathconf(parent, "PC_NAME_MAX"), os.pathconf(parent, "PC_PATH_MAX")
+    too_long = [n for n in os.path.relpath(full, parent).split(os.sep) if len(n.encode()) > longest]
+    if too_long:  # a name the filesystem cannot hold fails at the first write
         raise ValueError(f"{what}={path!r}: the name {too_long[0][:40]!r}... is {len(too_long[0].encode())} bytes; "
                          f"this filesystem takes at most {longest}")
-    if len(os.path.abspath(path).encode()) >= os.pathconf(parent, "PC_PATH_MAX"):
-        raise ValueError(f"{what}={path[:60]!r}...: the path is {len(os.path.abspath(path).encode())} bytes; this "
-                         f"system takes paths under {os.pathconf(parent, 'PC_PATH_MAX')}")
+    if len(full.encode()) >= path_max:
+        raise ValueError(f"{what}={path[:60]!r}...: the path is {len(full.encode())} bytes; this system takes paths "
+                         f"under {path_max}")
 
 
 def main(cls, run, argv=None):
