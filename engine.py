@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from model import Sampler, fp32_logits
+from model import Sampler, cached_layout, fp32_logits, match_prefixes, remember
 
 LENGTH_STEP = 256       # cache lengths are multiples of this
 MIN_BATCH = 8           # the smallest batch bucket; larger ones are powers of two
@@ -72,56 +72,71 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompts: list, max_new_tokens: int = 256, temperature=None, top_p: float = 1.0,
-                 top_k: int = 0, greedy: bool = False) -> list:
-        """One Sample per encoded prompt (batch dim 1 each), as Policy.generate returns them."""
+                 top_k: int = 0, greedy: bool = False, cache=None) -> list:
+        """One Sample per encoded prompt (batch dim 1 each), as Policy.generate returns them. `cache`: a
+        model.PrefixCache whose prefixes are not prefilled again, and which keeps what this call reads and writes."""
         policy, n = self.policy, len(prompts)
-        widths = [p["input_ids"].shape[1] for p in prompts]
-        width = max(widths)
-        b, length = self.bucket(n, width + max_new_tokens)
-        ids = torch.full((b, width), policy.pad_id, dtype=torch.long)                         # (B, W) left-padded
-        mask = torch.zeros((b, length), dtype=torch.long)                                     # (B, L) 1: written
-        for i, p in enumerate(prompts):
-            ids[i, width - widths[i]:] = p["input_ids"][0]
-            mask[i, width - widths[i]:width] = 1
-        mask[n:, width - 1] = 1  # a filler row attends to its one pad token: never an empty softmax row
-        device = policy.device
-        ids, mask = ids.to(device), mask.to(device)
-        position = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)                               # (B, W)
-        cache = self.cache(b, length)
-        sampler = Sampler(temperature or policy.temperature, top_p, greedy, top_k)
-        stop_ids = torch.tensor(policy.stop_ids, device=device)
         was_training = policy.training
         policy.eval()
         try:
             with policy.autocast():
-                # prefill: the whole left-padded prompts in one pass; the last position gives V and the first token
-                hidden = policy.model.model(input_ids=ids, attention_mask=mask[:, :width], position_ids=position,
-                                            cache=cache, use_cache=True).last_hidden_state[:, -1]   # (B, H)
-                values = policy.value_head(hidden).float().cpu()                               # (B,)
-                token = sampler.draw(fp32_logits(policy.model.get_output_embeddings(), hidden))  # (B,)
-                tokens = [token]
-                done = torch.isin(token, stop_ids)                                             # (B,)
-                done[n:] = True
-                next_pos = position[:, -1:] + 1                                                # (B, 1)
-                step = self.step(b, length)
-                for t in range(1, max_new_tokens):
-                    if t % STOP_CHECK_EVERY == 0 and bool(done.all()):
-                        break
-                    mask[:, width + t - 1] = 1
-                    start = time.perf_counter()
-                    logits = step(token[:, None], next_pos, mask, cache)                       # (B, V)
-                    if (b, length) not in self.warm:
-                        self.warm.add((b, length))
-                        self.warmup_s += time.perf_counter() - start
-                    token = sampler.draw(logits)
-                    tokens.append(token)
-                    done |= torch.isin(token, stop_ids)
-                    next_pos = next_pos + 1
+                matches = match_prefixes(policy, prompts, cache) if cache is not None else [(None, 0)] * n
+                sampler = Sampler(temperature or policy.temperature, top_p, greedy, top_k)
+                tokens, values, mask, kv, width = self._decode(prompts, matches, cache, max_new_tokens, sampler)
         finally:
             policy.train(was_training)
         new = torch.stack(tokens, 1)[:n].cpu()                                                 # (n, R)
         logprobs = torch.stack(sampler.logprobs, 1)[:n].cpu()                                  # (n, R)
-        return policy.samples(prompts, new, logprobs, values[:n])
+        samples = policy.samples(prompts, new, logprobs, values[:n])
+        if cache is not None:
+            remember(cache, samples, matches, mask[:, :width], kv)
+        return samples
+
+    def _decode(self, prompts: list, matches: list, cache, max_new_tokens: int, sampler: Sampler) -> tuple:
+        """Prefill and decode a batch, its cached prefixes served from `cache`: (tokens [(B,)], values (B,), mask
+        (B, L), the static cache, prompt width W)."""
+        policy, n = self.policy, len(prompts)
+        rows, row_mask, past = cached_layout(prompts, matches, policy.pad_id)                 # (n, W) each
+        width = rows.shape[1]
+        b, length = self.bucket(n, width + max_new_tokens)
+        ids = torch.full((b, width), policy.pad_id, dtype=torch.long)                         # (B, W) left-padded
+        mask = torch.zeros((b, length), dtype=torch.long)                                     # (B, L) 1: written
+        ids[:n], mask[:n, :width] = rows, row_mask
+        mask[n:, width - 1] = 1  # a filler row attends to its one pad token: never an empty softmax row
+        device = policy.device
+        ids, mask = ids.to(device), mask.to(device)
+        position = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)                               # (B, W)
+        kv = self.cache(b, length)
+        if past:  # the cached prefixes, in the first `past` columns: the prefill computes only the rest
+            for layer, (keys, values) in zip(kv.layers, cache.gather(matches, past, rows=b)):
+                layer.update(keys, values)
+        # prefill: the left-padded prompts (past their cached prefixes) in one pass; the last position gives V and
+        # the first token
+        hidden = policy.model.model(input_ids=ids[:, past:], attention_mask=mask[:, :width],
+                                    position_ids=position[:, past:], cache=kv,
+                                    use_cache=True).last_hidden_state[:, -1]                   # (B, H)
+        values = policy.value_head(hidden).float().cpu()                                       # (B,)
+        token = sampler.draw(fp32_logits(policy.model.get_output_embeddings(), hidden))        # (B,)
+        tokens = [token]
+        stop_ids = torch.tensor(policy.stop_ids, device=device)
+        done = torch.isin(token, stop_ids)                                                     # (B,)
+        done[n:] = True
+        next_pos = position[:, -1:] + 1                                                        # (B, 1)
+        step = self.step(b, length)
+        for t in range(1, max_new_tokens):
+            if t % STOP_CHECK_EVERY == 0 and bool(done.all()):
+                break
+            mask[:, width + t - 1] = 1
+            start = time.perf_counter()
+            logits = step(token[:, None], next_pos, mask, kv)                                  # (B, V)
+            if (b, length) not in self.warm:
+                self.warm.add((b, length))
+                self.warmup_s += time.perf_counter() - start
+            token = sampler.draw(logits)
+            tokens.append(token)
+            done |= torch.isin(token, stop_ids)
+            next_pos = next_pos + 1
+        return tokens, values, mask, kv, width
 
 
 def attach(policy, compile: bool = False):

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -83,6 +85,16 @@ class Sampler:
         return token
 
 
+MATCH_CANDIDATES = 32  # entries compared token by token past a prompt's longest run of cached whole blocks
+
+
+def common_length(a: np.ndarray, b: np.ndarray) -> int:
+    """How many tokens two sequences share from their start."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
 class PrefixCache:
     """Key/value states of token sequences the policy has already read, so that `generate` computes only
     what follows the longest of them that a prompt starts with. A conversation's next attempt starts
@@ -92,136 +104,229 @@ class PrefixCache:
     Valid for one set of weights: make a new one after each optimizer step (rollout makes one per call).
     Holds at most `max_tokens` tokens, dropping the least recently used sequences; a sequence that a
     longer one extends is dropped when that one is added. Used for text models whose cache is plain
-    per-layer key/value tensors (`generate` checks); VLMs recompute their prompts."""
+    per-layer key/value tensors (`generate` checks); VLMs recompute their prompts.
 
-    def __init__(self, max_tokens: int = 32768):
-        self.max_tokens = max_tokens
-        self.entries = []          # least recently used first: (ids (L,), [(keys, values) (H, L, D) per layer])
+    The states live in one pool per layer, (slots, H, D), one slot per token, slot 0 all zeros (padding), so
+    that serving a batch and remembering it are a fixed number of tensor operations per layer however many rows
+    it has (`gather`, `store`): at batch 512 a Python loop over rows would issue ~175,000 small operations, each
+    a kernel launch on a GPU. Sequences are found by the hashes of their prefixes `block` tokens at a time
+    (vLLM's prefix caching), on the host in numpy; the match length itself is then counted token by token."""
+
+    def __init__(self, max_tokens: int = 32768, block: int = 16):
+        self.max_tokens, self.block = max_tokens, block
+        self.entries = {}          # key -> (ids (L,) int64, slots (L,) int64, prefix hashes), least recent first
+        self.index = {}            # prefix hash -> {key: None} of the entries that start with that prefix
+        self.keys = self.values = None   # per layer (1 + capacity, H, D), made at the first store
+        self.free = np.zeros(0, dtype=np.int64)   # unused slots
+        self.next_key = self.tokens = 0   # the next entry's key; tokens held
         self.reused = self.computed = 0   # prompt tokens served from here / computed, over all calls
+        # random odd weights of a polynomial hash per token of a block and per block of a sequence (uint64 wraps)
+        rng = np.random.default_rng(0)
+        self.token_w = rng.integers(1, 2**63, size=block, dtype=np.uint64) | np.uint64(1)
+        self.block_w = rng.integers(1, 2**63, size=1 << 16, dtype=np.uint64) | np.uint64(1)
 
-    def match(self, ids: torch.Tensor) -> tuple:
-        """(entry index or None, m): the entry sharing the longest prefix with `ids`, m tokens long, at
-        most len(ids) - 1 so that the last prompt token (whose state gives the value and first token) is
-        always computed."""
-        return self.match_all([ids])[0]
+    def prefix_hashes(self, ids: np.ndarray) -> np.ndarray:
+        """Hash of ids[:block * (k + 1)] for every whole block k. (n // block,)"""
+        n = min(len(ids) // self.block, len(self.block_w))
+        blocks = ids[:n * self.block].astype(np.uint64).reshape(n, self.block)                 # (K, block)
+        return np.cumsum((blocks * self.token_w).sum(1, dtype=np.uint64) * self.block_w[:n], dtype=np.uint64)
+
+    def match(self, ids) -> tuple:
+        """(entry key or None, m): the entry sharing the longest prefix with `ids`, m tokens long, at most
+        len(ids) - 1 so that the last prompt token (whose state gives the value and first token) is always
+        computed. Found by the longest run of whole blocks some entries share with `ids`; m is counted exactly."""
+        ids = np.asarray(ids, dtype=np.int64)
+        hashes = self.prefix_hashes(ids[:-1])
+        lo, hi = 0, len(hashes)  # entries hold every prefix of theirs: present hashes are a prefix of `hashes`
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if int(hashes[mid]) in self.index else (lo, mid)
+        if lo == 0:
+            return None, 0
+        n, start = len(ids) - 1, lo * self.block
+        # of the entries holding those blocks (the latest few), the one that goes on furthest into the next block
+        key = max(itertools.islice(reversed(self.index[int(hashes[lo - 1])]), MATCH_CANDIDATES),
+                  key=lambda k: common_length(self.entries[k][0][start:start + self.block], ids[start:n]))
+        held = self.entries[key][0]
+        m = common_length(held, ids[:n])  # counted from the start: a hash collision only shortens it
+        return (key, m) if m > 0 else (None, 0)
 
     def match_all(self, queries: list) -> list:
-        """`match` of every sequence in `queries`, compared with every entry at once.
-        Example, entries [5 6 7 8] and [5 9]; query [5 6 7 2]: first mismatches at 3 and 1 -> (0, 3)."""
-        if not self.entries or not queries:
-            return [(None, 0)] * len(queries)
-        width = max(len(ids) for ids, _ in self.entries)
-        held = torch.full((len(self.entries), width), -1, dtype=torch.long)                 # (E, L) -1: no token
-        for e, (ids, _) in enumerate(self.entries):
-            held[e, :len(ids)] = ids
-        out = []
-        for q in queries:
-            n = min(width, len(q) - 1)
-            if n < 1:
-                out.append((None, 0))
-                continue
-            differ = held[:, :n] != q[None, :n]                                              # (E, n)
-            # the first differing position, or n when none differs
-            m = torch.where(differ.any(1), differ.to(torch.int8).argmax(1), torch.tensor(n))  # (E,)
-            best = int(m.argmax())
-            out.append((best, int(m[best])) if int(m[best]) > 0 else (None, 0))
-        return out
+        return [self.match(q) for q in queries]
 
-    def update(self, matches: list, new: list) -> None:
-        """After a generate call: `matches` [(entry index or None, m)] were its prompts' matches, `new`
-        [(ids, kv)] the sequences it read and wrote. Matched entries become the most recently used; one
-        that a new sequence contains whole is dropped; then the oldest go until max_tokens fit."""
-        used = {e for e, _ in matches if e is not None}
-        whole = {e for e, m in matches if e is not None and m == len(self.entries[e][0])}
-        self.entries = ([x for i, x in enumerate(self.entries) if i not in used]
-                        + [self.entries[i] for i in sorted(used - whole)] + list(new))
-        total = sum(len(ids) for ids, _ in self.entries)
-        while total > self.max_tokens and self.entries:
-            total -= len(self.entries.pop(0)[0])
+    def gather(self, matches: list, width: int, rows: Optional[int] = None):
+        """Keys and values of each row's matched prefix, right-aligned in `width` columns, zero elsewhere:
+        [(keys, values) (B, H, width, D) per layer], B = `rows` (filler rows beyond the matches: zeros)."""
+        idx = np.zeros((rows or len(matches), width), dtype=np.int64)                          # (B, W) 0: padding
+        for i, (key, m) in enumerate(matches):
+            if m:
+                idx[i, width - m:] = self.entries[key][1][:m]
+        idx = torch.from_numpy(idx).to(self.keys[0].device)
+        return [(k[idx].transpose(1, 2), v[idx].transpose(1, 2)) for k, v in zip(self.keys, self.values)]
+
+    def store(self, matches: list, sequences: list, layers: list) -> None:
+        """After a generate call: `matches` [(entry key or None, m)] were its prompts' matches, `sequences` the
+        token ids it read and wrote, `layers` their states [(keys, values) (N, H, D) per layer], N the sequences'
+        lengths summed, in order. Matched entries become the most recently used; one that a new sequence
+        contains whole is dropped; then the oldest go until max_tokens fit (the first new ones too, if need be)."""
+        for key, m in matches:
+            if key is None or key not in self.entries:
+                continue
+            if m == len(self.entries[key][0]):
+                self._drop(key)
+            else:
+                self.entries[key] = self.entries.pop(key)  # the most recently used: last
+        lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+        first = 0  # new sequences that fit, the latest kept
+        while first < len(sequences) and lengths[first:].sum() > self.max_tokens:
+            first += 1
+        need = int(lengths[first:].sum())
+        if need == 0:
+            return
+        self._make_room(need, layers)
+        slots, self.free = self.free[:need], self.free[need:]
+        src = torch.arange(int(lengths[:first].sum()), int(lengths.sum()), device=layers[0][0].device)
+        target = torch.from_numpy(slots).to(self.keys[0].device)
+        for (k, v), pool_k, pool_v in zip(layers, self.keys, self.values):
+            pool_k.index_copy_(0, target, k[src] if first else k)
+            pool_v.index_copy_(0, target, v[src] if first else v)
+        for ids, part in zip(sequences[first:], np.split(slots, np.cumsum(lengths[first:])[:-1])):
+            ids = np.asarray(ids, dtype=np.int64)
+            key, hashes = self.next_key, self.prefix_hashes(ids)
+            self.next_key += 1
+            self.entries[key] = (ids, part, hashes)
+            self.tokens += len(ids)
+            for h in hashes.tolist():
+                self.index.setdefault(h, {})[key] = None
+
+    def _drop(self, key) -> None:
+        ids, slots, hashes = self.entries.pop(key)
+        for h in hashes.tolist():
+            holders = self.index[h]
+            del holders[key]
+            if not holders:
+                del self.index[h]
+        self.free = np.concatenate([self.free, slots])
+        self.tokens -= len(ids)
+
+    def _make_room(self, need: int, layers: list) -> None:
+        """At least `need` (<= max_tokens) free slots: the pools grown (doubling, at most to max_tokens slots),
+        then the least recently used entries dropped."""
+        capacity = 0 if self.keys is None else len(self.keys[0]) - 1
+        if len(self.free) < need and capacity < self.max_tokens:
+            grown = min(self.max_tokens, max(2 * capacity, self.tokens + need))
+            if self.keys is None:
+                self.keys = [k.new_zeros(1 + grown, *k.shape[1:]) for k, _ in layers]
+                self.values = [v.new_zeros(1 + grown, *v.shape[1:]) for _, v in layers]
+            else:
+                self.keys = [torch.cat([k, k.new_zeros(grown - capacity, *k.shape[1:])]) for k in self.keys]
+                self.values = [torch.cat([v, v.new_zeros(grown - capacity, *v.shape[1:])]) for v in self.values]
+            self.free = np.concatenate([self.free, np.arange(1 + capacity, 1 + grown, dtype=np.int64)])
+        while len(self.free) < need:
+            self._drop(next(iter(self.entries)))
 
 
 def caches_prefixes(policy) -> bool:
     """Whether `generate` can use a PrefixCache: text models whose layers all keep plain key/value
     tensors (no sliding windows or linear attention, whose states cannot be cut per token)."""
-    if not hasattr(policy, "_caches_prefixes"):
+    if not hasattr(policy, "caches_prefixes_"):
         from transformers import StaticCache
         from transformers.cache_utils import StaticLayer
         layers = StaticCache(config=policy.model.config, max_cache_len=1).layers
         policy.caches_prefixes_ = not policy.is_vlm and all(type(layer) is StaticLayer for layer in layers)
     return policy.caches_prefixes_
 
+def host_ids(rows: list) -> list:
+    """Token-id tensors, all (1, L) or all (L,), as numpy arrays (L,), moved in one operation whatever their number:
+    the prefix cache's host-side work is numpy."""
+    if not rows:
+        return []
+    flat = torch.cat(rows, -1).numpy().reshape(-1)                                          # (sum of L,)
+    return np.split(flat, np.cumsum([r.shape[-1] for r in rows])[:-1])
+
+
+def prompt_ids(prompts: list) -> list:
+    """Each encoded prompt's token ids as a numpy array (L,)."""
+    return host_ids([p["input_ids"] for p in prompts])
+
+
 def match_prefixes(policy, prompts: list, cache: PrefixCache) -> list:
-    """Each prompt's longest cached prefix, (entry index, m). When the batch's prompts share a longer
+    """Each prompt's longest cached prefix, (entry key, m). When the batch's prompts share a longer
     common prefix (a task's instructions, on the first round) it is computed once and cached first."""
-    ids = [p["input_ids"][0] for p in prompts]
+    ids = prompt_ids(prompts)
     matches = cache.match_all(ids)
     n = min(len(x) for x in ids) - 1
     if len(ids) < 2 or n < 1:
         return matches
-    stacked = torch.stack([x[:n] for x in ids])                                          # (B, n)
-    common = int((stacked == stacked[0]).all(0).long().cumprod(0).sum())
+    differ = (np.stack([x[:n] for x in ids]) != ids[0][:n]).any(0)                          # (n,)
+    common = int(np.argmax(differ)) if differ.any() else n
     if common < 16 or all(m >= common for _, m in matches):
         return matches
     from transformers import DynamicCache
     kv = DynamicCache()
-    policy.model.model(input_ids=ids[0][None, :common].to(policy.device), cache=kv, use_cache=True)
-    cache.entries.append((ids[0][:common], [(layer.keys[0], layer.values[0]) for layer in kv.layers]))
+    policy.model.model(input_ids=torch.from_numpy(ids[0][None, :common]).to(policy.device), cache=kv, use_cache=True)
+    cache.store([], [ids[0][:common]], [(layer.keys[0].transpose(0, 1), layer.values[0].transpose(0, 1))
+                                        for layer in kv.layers])                               # (common, H, D)
     cache.computed += common
     return cache.match_all(ids)
+
+
+def cached_layout(prompts: list, matches: list, pad_id: int) -> tuple:
+    """Input ids and attention mask (B, Lc + Lr) of prompts whose first m tokens are served from the cache: each
+    row's cached prefix right-aligned in the first Lc columns (Lc the longest m), the rest of its prompt
+    right-aligned after them. Example, pad ., cached c, computed x, prompts of 4 and 5 tokens with m = 2 and 3:
+        input_ids       . c c | . x x      attention_mask  0 1 1 | 0 1 1
+                        c c c | . x x                      1 1 1 | 0 1 1   (row 2: 3 cached + 2 new)
+    Hugging Face numbers positions by the mask's running count, so every token keeps its position."""
+    ids = prompt_ids(prompts)
+    past = max((m for _, m in matches), default=0)
+    width = past + max(len(x) - m for x, (_, m) in zip(ids, matches))
+    out, mask = np.full((len(ids), width), pad_id, dtype=np.int64), np.zeros((len(ids), width), dtype=np.int64)
+    for i, (x, (_, m)) in enumerate(zip(ids, matches)):
+        out[i, past - m:past], mask[i, past - m:past] = x[:m], 1
+        out[i, width - len(x) + m:], mask[i, width - len(x) + m:] = x[m:], 1
+    return torch.from_numpy(out), torch.from_numpy(mask), past
+
 
 def generation_inputs(policy, prompts: list, cache: Optional[PrefixCache], matches: list,
                       max_new_tokens: int) -> dict:
     """Left-padded inputs for `generate`. With a prefix cache (text models) they also hold a
     preallocated key/value cache (Hugging Face's StaticCache: written in place, where the default
-    cache copies itself at every token), whose first columns hold each row's cached prefix (m
-    tokens, right-aligned) while the input ids go on with the rest of its prompt (right-aligned).
-    Example, pad ., cached c, computed x, prompts of 4 and 5 tokens with m = 2 and 3:
-        input_ids       . c c | . x x      attention_mask  0 1 1 | 0 1 1
-                        c c c | x x . .                    1 1 1 | 1 1    (row 2: 3 cached + 2 new)
-    Hugging Face numbers positions by the mask's running count, so every token keeps its position."""
+    cache copies itself at every token) whose first columns hold each row's cached prefix, laid out
+    as `cached_layout` says."""
     if cache is None:
         return {k: v.to(policy.device) for k, v in policy.collate(prompts, side="left").items()}
     from transformers import StaticCache
-    past = max((m for _, m in matches), default=0)
-    rest = policy.collate([{k: p[k][:, m:] for k in ("input_ids", "attention_mask")}
-                         for p, (_, m) in zip(prompts, matches)], side="left")
-    width = past + rest["input_ids"].shape[1]
-    kv_cache = StaticCache(config=policy.model.config, max_cache_len=width + max_new_tokens)
-    b = len(prompts)
-    past_ids = torch.full((b, past), policy.pad_id, dtype=torch.long)                      # (B, Lc)
-    past_mask = torch.zeros((b, past), dtype=torch.long)                                 # (B, Lc)
-    layers = None
-    for i, (e, m) in enumerate(matches):
-        if not m:
-            continue
-        ids, kv = cache.entries[e]
-        past_ids[i, past - m:], past_mask[i, past - m:] = ids[:m], 1
-        if layers is None:  # (B, H, Lc, D) keys and values per layer, zero where masked
-            layers = [(k.new_zeros(b, k.shape[0], past, k.shape[2]), v.new_zeros(b, v.shape[0], past, v.shape[2]))
-                      for k, v in kv]
-        for (keys, values), (k, v) in zip(layers, kv):
-            keys[i, :, past - m:], values[i, :, past - m:] = k[:, :m], v[:, :m]
-    for layer, (keys, values) in zip(kv_cache.layers, layers or []):
-        layer.update(keys, values)
-    return {"input_ids": torch.cat([past_ids, rest["input_ids"]], 1).to(policy.device),
-            "attention_mask": torch.cat([past_mask, rest["attention_mask"]], 1).to(policy.device),
-            "cache": kv_cache}
+    ids, mask, past = cached_layout(prompts, matches, policy.pad_id)
+    kv_cache = StaticCache(config=policy.model.config, max_cache_len=ids.shape[1] + max_new_tokens)
+    if past:
+        for layer, (keys, values) in zip(kv_cache.layers, cache.gather(matches, past)):
+            layer.update(keys, values)
+    return {"input_ids": ids.to(policy.device), "attention_mask": mask.to(policy.device), "cache": kv_cache}
+
 
 def remember(cache: PrefixCache, samples: list, matches: list, mask: torch.Tensor, kv_cache) -> None:
     """Put each row's prompt and response, with their keys and values from `kv_cache` (B, H, L, D per
-    layer, the first `get_seq_length()` positions written), into the prefix cache."""
+    layer, the first `get_seq_length()` positions written; rows past the samples are filler), into the prefix
+    cache: one gather per layer for the whole batch."""
     layers = kv_cache.layers
-    width, length = mask.shape[1], int(kv_cache.get_seq_length())
-    new = []
-    for i, s in enumerate(samples):
-        k = min(len(s.response_ids), length - width)  # the last token drawn was never fed back: no state
-        pos = torch.cat([mask[i].nonzero().squeeze(1).cpu(), torch.arange(width, width + k)])   # (P + k,)
-        pos = pos.to(layers[0].keys.device)
-        new.append((torch.cat([s.prompt["input_ids"][0], s.response_ids[:k]]),
-                    [(layer.keys[i][:, pos], layer.values[i][:, pos]) for layer in layers]))
-        cache.reused += matches[i][1]
-        cache.computed += s.prompt["input_ids"].shape[1] - matches[i][1]
-    cache.update(matches, new)
+    width, length, n = mask.shape[1], int(kv_cache.get_seq_length()), len(samples)
+    # the last token drawn was never fed back: it has no state
+    ks = np.array([max(0, min(len(s.response_ids), length - width)) for s in samples], dtype=np.int64)
+    rows_p, cols_p = np.nonzero(mask[:n].cpu().numpy())         # each row's prompt positions, in order
+    rows_r = np.repeat(np.arange(n), ks)
+    cols_r = width + np.arange(int(ks.sum())) - np.repeat(np.cumsum(ks) - ks, ks)
+    rows, cols = np.concatenate([rows_p, rows_r]), np.concatenate([cols_p, cols_r])
+    order = np.lexsort((cols, rows))                               # row by row, prompt then response
+    device = layers[0].keys.device
+    rows, cols = torch.from_numpy(rows[order]).to(device), torch.from_numpy(cols[order]).to(device)   # (N,)
+    ids = prompt_ids([s.prompt for s in samples])
+    responses = host_ids([s.response_ids for s in samples])
+    sequences = [np.concatenate([x, r[:k]]) for x, r, k in zip(ids, responses, ks)]
+    cache.store(matches, sequences, [(layer.keys[rows, :, cols], layer.values[rows, :, cols])
+                                     for layer in layers])                                  # (N, H, D) each
+    cache.reused += sum(m for _, m in matches)
+    cache.computed += sum(len(x) - m for x, (_, m) in zip(ids, matches))
 
 
 # ---- the policy ----
@@ -465,10 +570,10 @@ class Policy(nn.Module):
         `cache` (text models) serves the prompts' known prefixes and keeps what this call reads and writes."""
         from transformers import GenerationConfig, LogitsProcessorList
         prompts = prompts if prompts is not None else [self.encode(c) for c in conversations]
+        cache = cache if caches_prefixes(self) else None
         if self.engine is not None:  # engine.py: a static cache and a compiled decode step instead
             with gathered(self):
-                return self.engine.generate(prompts, max_new_tokens, temperature, top_p, top_k, greedy)
-        cache = cache if caches_prefixes(self) else None
+                return self.engine.generate(prompts, max_new_tokens, temperature, top_p, top_k, greedy, cache)
         sampler = Sampler(temperature or self.temperature, top_p, greedy, top_k)
         captured = []
 

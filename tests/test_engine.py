@@ -34,6 +34,21 @@ def test_engine_answers_as_the_plain_path_and_shares_buckets():
         assert (out["logprobs"][i, :len(s.response_ids)] - s.logprobs).abs().max() < 1e-4
 
 
+def test_engine_serves_cached_prefixes_and_answers_as_without_them():
+    policy = M.load_policy("tiny-text", temperature=0.7)
+    convs = [[{"role": "user", "content": "solve this " + "please " * (3 * i)}] for i in range(5)]
+    engine, cache = E.Engine(policy), M.PrefixCache()
+    first = engine.generate([policy.encode(c) for c in convs], max_new_tokens=10, greedy=True, cache=cache)
+    assert cache.reused > 0 and len(cache.entries) == 5          # the shared opening, computed once
+    follow = [policy.encode(c + [{"role": "assistant", "content": s.text}, {"role": "user", "content": "Try again."}])
+              for c, s in zip(convs, first)]
+    before = cache.reused
+    cached = engine.generate(follow, max_new_tokens=10, greedy=True, cache=cache)
+    # no earlier prompt read again (its last token may be: the answer's first token can merge with it on re-encoding)
+    assert cache.reused - before >= sum(s.prompt["input_ids"].shape[1] - 1 for s in first)
+    assert_same(cached, policy.generate(None, prompts=follow, max_new_tokens=10, greedy=True))
+
+
 def test_engine_stops_at_the_end_of_turn():
     policy = M.load_policy("tiny-text")
     prompts, engine = prompts_of(policy, 4), E.Engine(policy)

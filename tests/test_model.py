@@ -219,22 +219,69 @@ def test_value_head_is_the_papers_scaled_to_the_model_and_old_widths_still_load(
 
 
 def test_prefix_cache_matches_evicts_and_drops_what_a_longer_sequence_contains():
-    def kv(n):
-        return [(torch.zeros(2, n, 4), torch.zeros(2, n, 4))]
-    cache = M.PrefixCache(max_tokens=12)
-    a = torch.tensor([1, 2, 3, 4, 5])
-    cache.update([], [(a, kv(5))])
-    assert cache.match(torch.tensor([1, 2, 3, 9])) == (0, 3)
-    assert cache.match(a) == (0, 4)                          # the last prompt token is always computed
-    assert cache.match(torch.tensor([7, 1, 2])) == (None, 0)
-    longer = torch.tensor([1, 2, 3, 4, 5, 6, 7])             # a's conversation goes on: a is dropped
-    cache.update([(0, 5)], [(longer, kv(7))])
-    assert [e[0].tolist() for e in cache.entries] == [longer.tolist()]
-    other = torch.tensor([1, 2, 8, 8])                       # shares 2 tokens with `longer`: both kept...
-    cache.update([(0, 2)], [(other, kv(4))])
-    assert len(cache.entries) == 2
-    cache.update([], [(torch.tensor([5, 5, 5]), kv(3))])    # ...until 14 tokens exceed 12: the oldest goes
-    assert [len(e[0]) for e in cache.entries] == [4, 3]
+    def states(*seqs):  # each token's key and value: its own id, so that a slot's content says whose it is
+        ids = torch.cat([torch.as_tensor(s, dtype=torch.float32) for s in seqs])
+        return [(ids[:, None, None].expand(-1, 2, 4), -ids[:, None, None].expand(-1, 2, 4))]   # (N, H, D)
+
+    def held(cache):
+        return [ids.tolist() for ids, _, _ in cache.entries.values()]
+    cache = M.PrefixCache(max_tokens=12, block=2)
+    a = [1, 2, 3, 4, 5]
+    cache.store([], [a], states(a))
+    key = next(iter(cache.entries))
+    assert cache.match([1, 2, 3, 9]) == (key, 3)             # two whole blocks found, the third token counted
+    assert cache.match(a) == (key, 4)                        # the last prompt token is always computed
+    assert cache.match([7, 1, 2]) == (None, 0)
+    longer = [1, 2, 3, 4, 5, 6, 7]                           # a's conversation goes on: a is dropped
+    cache.store([(key, 5)], [longer], states(longer))
+    assert held(cache) == [longer] and cache.tokens == 7
+    other = [1, 2, 8, 8]                                     # shares 2 tokens with `longer`: both kept...
+    cache.store([(cache.match(other)[0], 2)], [other], states(other))
+    assert held(cache) == [longer, other]
+    cache.store([], [[5, 5, 5]], states([5, 5, 5]))          # ...until 14 tokens exceed 12: the oldest goes
+    assert held(cache) == [other, [5, 5, 5]] and cache.tokens == 7
+    assert cache.match(longer) == (next(iter(cache.entries)), 2)
+    # what `gather` serves is what was stored: row 0 the first 3 of `other`, right-aligned; row 1 nothing
+    (keys, values), = cache.gather([(cache.match([1, 2, 8, 8, 0])[0], 3), (None, 0)], 4, rows=3)
+    assert keys.shape == (3, 2, 4, 4) and keys[0, 0, :, 0].tolist() == [0, 1, 2, 8]
+    assert keys[1:].abs().sum() == 0 and torch.equal(values, -keys)
+    cache.store([], [list(range(20))], states(range(20)))    # longer than the cache: not kept, nothing else lost
+    assert held(cache) == [other, [5, 5, 5]]
+
+
+def test_prefix_cache_work_per_round_does_not_grow_with_the_batch(text_policy):
+    """Serving and remembering a round is a fixed number of tensor operations per layer: batch 24 issues no more
+    than batch 3 (a loop over rows would issue eight times as many)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0  # over every use of the mode
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops_of_a_round(batch):
+        Count.ops, cache = 0, M.PrefixCache()
+        first = convs(batch)
+        answers = text_policy.generate(first, max_new_tokens=6, greedy=True, cache=cache)
+        prompts = [text_policy.encode(c + [{"role": "assistant", "content": s.text},
+                                           {"role": "user", "content": "You failed this trial."}])
+                   for c, s in zip(first, answers)]
+        with torch.no_grad():
+            matches = M.match_prefixes(text_policy, prompts, cache)
+            assert all(m > 0 for _, m in matches)                # every prompt continues a cached one
+            with Count():
+                batch = M.generation_inputs(text_policy, prompts, cache, matches, 6)
+            gather_ops = Count.ops
+            samples = text_policy.generate(None, prompts=prompts, max_new_tokens=6, greedy=True)
+            for layer in batch["cache"].layers:  # as if decoded: the prompt and 6 tokens written
+                layer.cumulative_length.fill_(batch["input_ids"].shape[1] + 6)
+            with Count():
+                M.remember(cache, samples, matches, batch["attention_mask"], batch["cache"])
+        return {"gather": gather_ops, "remember": Count.ops - gather_ops}
+    small, large = ops_of_a_round(3), ops_of_a_round(24)
+    assert large["gather"] <= small["gather"] + 4 and large["remember"] <= small["remember"] + 4, (small, large)
 
 
 def test_generate_with_prefix_cache_matches_generate_without(text_policy):
