@@ -440,23 +440,78 @@ class Policy(nn.Module):
 
     # ---- encoding ----
 
-    def encode(self, conversation: list) -> dict:
+    def encode(self, conversation: list, previous: Optional[dict] = None) -> dict:
         """A conversation -> model inputs for its next assistant turn, batch dim 1: input_ids (1, P),
-        attention_mask (1, P), and for VLMs the image tensors the processor makes."""
+        attention_mask (1, P), and for VLMs the image tensors the processor makes. `previous`: the encoded
+        conversation without its last two turns (an answer and what followed it), so that a text model whose chat
+        template allows it (`continues_exactly`) tokenizes only what those turns add: the same ids, a turn's
+        work instead of the whole conversation's."""
         images = [turn["image"] for turn in conversation if turn.get("image") is not None]
         if images and not self.is_vlm:
             raise ValueError("this conversation has images but the model is text-only: use a vision-language model")
         if not self.is_vlm:
-            messages = [{"role": t["role"], "content": t["content"]} for t in conversation]
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-            ids = torch.tensor([ids], dtype=torch.long)
+            continued = (self._continued(previous["input_ids"][0], conversation[-2:])
+                         if previous is not None and len(conversation) > 2 and self.continues_exactly else None)
+            ids = continued[None] if continued is not None else self._encode_whole(conversation)
             return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         messages = [{"role": t["role"], "content": ([{"type": "image"}] if t.get("image") is not None else [])
                      + [{"type": "text", "text": t["content"]}]} for t in conversation]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         out = self.processor(text=text, images=images or None, return_tensors="pt", add_special_tokens=False)
         return {k: v for k, v in out.items() if torch.is_tensor(v)}
+
+    def _encode_whole(self, conversation: list) -> torch.Tensor:
+        """A text model's prompt ids (1, P): the chat template rendered and tokenized."""
+        messages = [{"role": t["role"], "content": t["content"]} for t in conversation]
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        return torch.tensor([ids], dtype=torch.long)
+
+    # A chat template renders a conversation as text, which is then tokenized whole; the text that two more turns
+    # add is what the template renders for them after any prompt (`_turns_text`), and tokenization restarts at
+    # every special token (<|im_start|>, ...), so the ids of a continued conversation are the previous ones up to
+    # their last special token, then the rest of them and the new text tokenized together.
+
+    def _turns_text(self, turns: list) -> Optional[str]:
+        """The text the chat template adds for `turns` after a prompt that ends in the generation prompt."""
+        probe = [{"role": "user", "content": "x"}]
+        render = lambda conv: self.tokenizer.apply_chat_template(  # noqa: E731
+            conv + [{"role": t["role"], "content": t["content"]} for t in turns], add_generation_prompt=True,
+            tokenize=False)
+        if not hasattr(self, "probe_text_"):
+            self.probe_text_ = self.tokenizer.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
+        text = render(probe)
+        return text[len(self.probe_text_):] if text.startswith(self.probe_text_) else None
+
+    def _continued(self, ids: torch.Tensor, turns: list) -> Optional[torch.Tensor]:
+        """The ids of a prompt `ids` (P,) continued by `turns` (P',); None where the template does not render these
+        turns the same after every prompt."""
+        added = self._turns_text(turns)
+        if added is None:
+            return None
+        at = np.flatnonzero(np.isin(ids.numpy(), self.split_ids))
+        cut = int(at[-1]) + 1 if len(at) else 0
+        tail = self.tokenizer.decode(ids[cut:], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        new = self.tokenizer(tail + added, add_special_tokens=False)["input_ids"]
+        return torch.cat([ids[:cut], torch.tensor(new, dtype=torch.long)])
+
+    @functools.cached_property
+    def split_ids(self) -> np.ndarray:
+        """The ids of the tokenizer's added tokens (chat markers, end of turn): tokenization restarts after each."""
+        return np.array(sorted(set(self.tokenizer.get_added_vocab().values()) | set(self.tokenizer.all_special_ids)))
+
+    @functools.cached_property
+    def continues_exactly(self) -> bool:
+        """Whether `encode(conversation, previous)` gives a full encoding's ids for this chat template, tried on a
+        probe conversation (a template that renders earlier turns differently, or a tokenizer that does not
+        restart at special tokens, fails it: encode then tokenizes every conversation whole)."""
+        # a first part longer than _turns_text's probe: a template counting turns fails here
+        first = [{"role": "user", "content": "Make 24 from the cards 3, 3, 8, 8.\nAnswer in JSON."},
+                 {"role": "assistant", "content": "8 * 3"}, {"role": "user", "content": "Wrong. Try again."}]
+        turns = [{"role": "assistant", "content": '\n{"formula": "8 / (3 - 8 / 3)"} '},
+                 {"role": "user", "content": "You failed this trial. Try again."}]
+        continued = self._continued(self.encode(first)["input_ids"][0], turns)
+        return continued is not None and torch.equal(continued, self.encode(first + turns)["input_ids"][0])
 
     def response_ids(self, text: str) -> torch.Tensor:
         """An assistant answer as the model should produce it: its tokens, then the chat template's

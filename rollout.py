@@ -184,7 +184,7 @@ def rollout(policy, envs: list, *, n_turns: Optional[int] = None, n_episodes: Op
     max_context = max_context or policy.max_length
     out = Rollout([], [])
     episodes = {}
-    live = {}  # env index -> (episode id, conversation)
+    live = {}  # env index -> (episode id, conversation, its encoding without the last two turns or None)
     started = 0
 
     def start(i):
@@ -192,7 +192,7 @@ def rollout(policy, envs: list, *, n_turns: Optional[int] = None, n_episodes: Op
         if n_episodes is not None and started >= n_episodes:
             return
         obs = reset(envs[i], started)
-        live[i] = (started, [{"role": "user", "content": obs.text, "image": obs.image}])
+        live[i] = (started, [{"role": "user", "content": obs.text, "image": obs.image}], None)
         episodes[started] = Episode(started)
         started += 1
 
@@ -204,7 +204,7 @@ def rollout(policy, envs: list, *, n_turns: Optional[int] = None, n_episodes: Op
         order = sorted(live)
         if n_turns is not None:
             order = order[:n_turns - len(out.turns)]
-        prompts = [policy.encode(live[i][1]) for i in order]
+        prompts = [policy.encode(live[i][1], previous=live[i][2]) for i in order]  # a turn's tokens, not all
         fits = [p["input_ids"].shape[1] + max_new_tokens <= max_context for p in prompts]
         for i, ok in zip(order, fits):
             if not ok:
@@ -224,7 +224,7 @@ def rollout(policy, envs: list, *, n_turns: Optional[int] = None, n_episodes: Op
         samples = policy.generate(None, prompts=prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_p=top_p, top_k=top_k, greedy=greedy, cache=cache)
         for i, sample in zip(order, samples):
-            ep_id, conversation = live[i]
+            ep_id, conversation, _ = live[i]
             ep = episodes[ep_id]
             obs, reward, done, info = envs[i].step(sample.text)
             out.tokens += sample.prompt["input_ids"].shape[1] + len(sample.response_ids)
@@ -244,10 +244,11 @@ def rollout(policy, envs: list, *, n_turns: Optional[int] = None, n_episodes: Op
             elif obs.continues:
                 conversation += [{"role": "assistant", "content": sample.text},
                                  {"role": "user", "content": obs.text, "image": obs.image}]
+                live[i] = (ep_id, conversation, sample.prompt)
             else:
-                live[i] = (ep_id, [{"role": "user", "content": obs.text, "image": obs.image}])
+                live[i] = (ep_id, [{"role": "user", "content": obs.text, "image": obs.image}], None)
     bar.close()
-    out.bootstrap = {ep_id: policy.encode(conv) for ep_id, conv in live.values()}
+    out.bootstrap = {ep_id: policy.encode(conv, previous=before) for ep_id, conv, before in live.values()}
     out.cached_tokens = cache.reused if cache is not None else 0
     out.episodes = [episodes[k] for k in sorted(episodes)]
     return out

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import model as M
+from rollout import make_envs
 from launch import report, torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -216,6 +217,40 @@ def test_value_head_is_the_papers_scaled_to_the_model_and_old_widths_still_load(
     old = M.Policy(policy.model, policy.processor, False, value_width=512)   # the width before it was scaled
     old.save(str(tmp_path / "old"))
     assert M.load_policy(str(tmp_path / "old")).value_head.net[0].out_features == 512
+
+
+@pytest.mark.parametrize("name", ["tiny-text", "smollm2-135m"])
+def test_a_continued_conversation_encodes_to_the_ids_of_its_whole_encoding(name):
+    """Every built-in text model (SmolLM2's chat template) tokenizes only the turns a round adds, and gets the ids a
+    full re-encoding gets: after real prompts of both tasks and answers that try the seams (leading newlines, a
+    literal end-of-turn marker, unicode, an empty answer)."""
+    policy = M.load_policy(name)
+    assert policy.continues_exactly
+    answers = ['{"cards": ["K", "3"], "formula": "K * 3"}', "\n\n  {\"action\": \"forward()\"}", "", "trailing \n",
+               "ünïcödé 🙂 <|im_end|> literal <|im_start|>user", " 8/(3-8/3)"]
+    for task in ("gp-l", "virl-l"):
+        env = make_envs(task, "id", 1, seed=0)[0]
+        conversation = [{"role": "user", "content": env.reset().text}]
+        prompt = policy.encode(conversation)
+        done = False
+        for answer in answers:
+            feedback = "You failed. Try again." if done else env.step(answer)[0].text
+            done = done or env.done
+            conversation += [{"role": "assistant", "content": answer}, {"role": "user", "content": feedback}]
+            continued = policy.encode(conversation, previous=prompt)
+            assert continued["input_ids"].tolist() == policy.encode(conversation)["input_ids"].tolist(), answer
+            prompt = continued
+
+
+def test_a_template_that_renders_turns_by_their_place_is_encoded_whole():
+    policy = M.load_policy("tiny-text")  # its own tokenizer: the template is changed
+    policy.tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ loop.index }} {{ m['role'] }}\n"
+                                      "{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
+    assert not policy.continues_exactly
+    conversation = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": "c"}]
+    continued = policy.encode(conversation, previous=policy.encode(conversation[:1]))
+    assert torch.equal(continued["input_ids"], policy.encode(conversation)["input_ids"])
 
 
 def test_prefix_cache_matches_evicts_and_drops_what_a_longer_sequence_contains():

@@ -26,7 +26,7 @@ class ScriptedPolicy:
     def __init__(self, script, max_length=100_000):
         self.script, self.max_length, self.seen = script, max_length, []
 
-    def encode(self, conversation):
+    def encode(self, conversation, previous=None):
         chars = sum(len(t["content"]) for t in conversation)
         return {"input_ids": torch.zeros(1, chars // 4 + 1, dtype=torch.long), "conversation": list(conversation)}
 
