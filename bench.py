@@ -23,6 +23,11 @@ the JSON lines to a file too. Figures:
   for the model and, on a GPU, a random-weight model of Llama-3.2-1B's shape (built locally).
 - env: GeneralPoints reset + verify, V-IRL steps, and images rendered (GP-VL cards, V-IRL-VL 2x2 street-view
   grids), per CPU-second of one thread (time.process_time: a busy machine does not change it).
+- host: what a rollout round costs the host besides the model: the prefix cache's tensor operations per round at
+  SmolLM2-135M's key/value shape (on the meta device: shapes, no memory), batch 512 (quick: 64) against 16, and a
+  GP-L rollout's host milliseconds per round at batch 512 (quick: 16) with tiny-text, in CPU time of one thread,
+  outside the model (Hugging Face's generate and the forward passes) and bulk tensor work (`host_ms_per_round`):
+  what stays on the CPU when a GPU runs the rest.
 - memory: estimated GPU memory per rank of training with fp32 master weights and bf16 compute
   (`runs.training_memory`, its formula in the docstring): the model on one GPU, and the paper's 11B model
   on 8 GPUs under FSDP2 and, for contrast, on one.
@@ -85,7 +90,7 @@ LLAMA_11B_VISION_SHAPE = dict(
 # (label, model, ranks, micro-batch tokens T and response tokens R per rank) of the memory section: the README's
 # one-GPU PPO command (16 turns of up to 512 tokens with 128-token answers), and the paper's 11B model on
 # 8 GPUs with its official micro-batches: PPO 1 turn (up to 2048 tokens, 512-token answers), SFT 16 examples
-SECTIONS = "rollout, decode, train, env, memory"
+SECTIONS = "rollout, decode, train, env, host, memory"
 CHECK_SECTIONS = "rollout,decode,train"
 # default sizes by (mode, on a GPU): rollout batches, one-at-a-time episodes, decode batch, PPO epoch turns and
 # micro-batch. The check's GPU sizes are the targets' (batch 512, 256 turns); on CPU it runs small ones.
@@ -132,8 +137,8 @@ class BenchConfig:
     """decode section: also time the compiled engine (torch.compile; CUDA graphs on a GPU)"""
     max_new_tokens: int = 64
     """longest answer, the same in both rollouts"""
-    cache_tokens: int = 32768
-    """prefix cache of the batched rollout, in tokens; 0: off"""
+    cache_tokens: Optional[int] = None
+    """prefix cache of the batched rollout, in tokens; 0: off; default: sized from the batch"""
     temperature: float = 0.2
     """sampling temperature (the paper's)"""
     train_turns: int = 0
@@ -435,6 +440,138 @@ def bench_memory(cfg: BenchConfig, rows: list) -> None:
              **{k: round(x, 2) for k, x in est.items() if k != "total"})
 
 
+# ---- the host's work per round ----
+
+class OpCounter:
+    """Counts the aten operations dispatched inside its `with` block: on a GPU each is a kernel launch (or more)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Count(TorchDispatchMode):
+            def __torch_dispatch__(mode, func, types, args=(), kwargs=None):
+                self.ops += 1
+                return func(*args, **(kwargs or {}))
+        self.ops, self.mode = 0, Count()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def prefix_cache_round_ops(batch: int, shared: int = 256, own: int = 64, answer: int = 64, feedback: int = 32) -> int:
+    """Tensor operations of the prefix cache in one round at SmolLM2-135M's key/value shape (30 layers, 3 key/value
+    heads of 64), on the meta device: every row's previous prompt (`shared` instruction tokens, `own` of its own)
+    and answer are cached; serving the next prompts (previous + answer + feedback) and remembering the round."""
+    from types import SimpleNamespace
+    model = meta_model("smollm2-135m")
+    policy = SimpleNamespace(model=model, pad_id=0, device=torch.device("meta"))
+    layers, heads, dim = 30, 3, 64
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(10, 40_000, (shared,), generator=g)
+    first = [torch.cat([prefix, torch.randint(10, 40_000, (own + answer,), generator=g)]) for _ in range(batch)]
+    cache = M.PrefixCache(max_tokens=4 * batch * (shared + own + answer + feedback))
+    states = [(torch.empty(sum(map(len, first)), heads, dim, device="meta"),) * 2 for _ in range(layers)]
+    cache.store([], [x.numpy() for x in first], states)
+    prompts = [{"input_ids": torch.cat([x, torch.randint(10, 40_000, (feedback,), generator=g)])[None]}
+               for x in first]
+    matches = cache.match_all(M.prompt_ids(prompts))
+    with OpCounter() as count:
+        inputs = M.generation_inputs(policy, prompts, cache, matches, answer)
+    width = inputs["input_ids"].shape[1]
+    samples = [SimpleNamespace(prompt=p, response_ids=torch.randint(10, 40_000, (answer,), generator=g))
+               for p in prompts]
+    kv = SimpleNamespace(layers=[SimpleNamespace(keys=torch.empty(batch, heads, width + answer, dim, device="meta"),
+                                                 values=torch.empty(batch, heads, width + answer, dim, device="meta"))
+                                 for _ in range(layers)], get_seq_length=lambda: width + answer)
+    mask = M.cached_layout(prompts, matches, 0)[1]  # the attention mask as data (on the meta device it has none)
+    with OpCounter() as count2:
+        M.remember(cache, samples, matches, mask, kv)
+    return count.ops + count2.ops
+
+
+BULK = 1 << 16  # elements of a result from which an operation outside the model counts as bulk tensor work
+
+
+def host_ms_per_round(policy, batch: int, rounds: int, max_new_tokens: int) -> dict:
+    """What one round of a GP-L rollout at `batch` costs the host, in CPU time of one thread (time.process_time):
+    `model_ms`, Hugging Face's `generate` (forward passes, sampling and its per-step glue) and the forward passes
+    outside it (a shared prefix): device work on a GPU; `bulk_ms`, the other tensor operations with a result of
+    BULK elements or more (the prefix cache's copies, the key/value cache's allocation: on a GPU kernels, each
+    launched in microseconds), `bulk_ops` of them; `host_ms`, the rest: encoding, the prefix cache's bookkeeping,
+    the environments, the rollout's own, with `small_ops` tensor operations on small (CPU) tensors. The same
+    seeded rollout runs twice: plain, timed, and with every tensor operation counted (which costs time itself)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    spent = {"model": 0.0, "inside": False, "bulk": 0.0, "bulk_ops": 0, "small_ops": 0}
+
+    def timed(fn):
+        def run(*args, **kwargs):
+            if spent["inside"]:
+                return fn(*args, **kwargs)
+            spent["inside"], start = True, time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent["model"] += time.process_time() - start
+                spent["inside"] = False
+        return run
+
+    class Bulk(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if spent["inside"]:
+                return func(*args, **(kwargs or {}))
+            start = time.process_time()
+            out = func(*args, **(kwargs or {}))
+            if max((t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)), default=0) >= BULK:
+                spent["bulk"] += time.process_time() - start
+                spent["bulk_ops"] += 1
+            else:
+                spent["small_ops"] += 1
+            return out
+
+    def play(mode) -> float:
+        torch.manual_seed(0)
+        envs = make_envs("gp-l", "id", batch, seed=0)
+        start = time.process_time()
+        with mode:
+            rollout(policy, envs, n_turns=batch * rounds, max_new_tokens=max_new_tokens, temperature=1.0)
+        return time.process_time() - start
+    body, generate = policy.model.model, policy.model.generate
+    body.forward, policy.model.generate = timed(body.forward), timed(generate)
+    try:
+        total = play(contextlib.nullcontext())
+        model, spent["model"] = spent["model"], 0.0
+        play(Bulk())
+    finally:
+        del body.forward, policy.model.generate  # the class's own again
+    return {"host_ms": 1000 * (total - model - spent["bulk"]) / rounds, "bulk_ms": 1000 * spent["bulk"] / rounds,
+            "model_ms": 1000 * model / rounds, "bulk_ops": spent["bulk_ops"] / rounds,
+            "small_ops": spent["small_ops"] / rounds}
+
+
+def bench_host(cfg: BenchConfig, rows: list) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU time of one thread: what the host would spend beside a GPU
+    try:
+        large = 64 if cfg.quick else 512
+        small_ops, large_ops = prefix_cache_round_ops(16), prefix_cache_round_ops(large)
+        emit(rows, cfg.out, "host_prefix_cache_ops_16", small_ops, "aten ops/round")
+        emit(rows, cfg.out, f"host_prefix_cache_ops_{large}", large_ops, "aten ops/round")
+        emit(rows, cfg.out, f"host_prefix_cache_ops_{large}_vs_16", large_ops / small_ops, "x")
+        batch = 16 if cfg.quick else 512
+        if not cfg.quick:  # hands dealt as a long run has dealt them: the solver's cache is the steady state
+            gp = GeneralPointsEnv(PointsConfig(), seed=0)
+            for _ in range(20_000):
+                gp.reset()
+        cost = host_ms_per_round(M.load_policy("tiny-text"), batch, 2 if cfg.quick else 3, 8 if cfg.quick else 16)
+        emit(rows, cfg.out, f"host_rollout_ms_per_round_{batch}", cost.pop("host_ms"), "CPU-ms/round",
+             model="tiny-text", **{k: round(v, 1) for k, v in cost.items()})
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ---- environments ----
 
 def rate(fn, seconds: float) -> float:
@@ -673,6 +810,8 @@ def parts(cfg: BenchConfig, device, gpu: bool) -> list:
             first.append((f"train {label} MFU and peak memory", "needs a CUDA GPU"))
     if "env" in sections:
         first.append(("env", lambda rows: bench_env(cfg, rows)))
+    if "host" in sections:
+        first.append(("host", lambda rows: bench_host(cfg, rows)))
     if "memory" in sections:
         first.append(("memory", lambda rows: bench_memory(cfg, rows)))
     return first + later

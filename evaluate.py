@@ -79,8 +79,9 @@ class EvalConfig:
     """nucleus sampling mass, with --temperature"""
     verify_iter: int = 0
     """attempts per episode / position; 0: the task's (GP 5, V-IRL 2)"""
-    engine: bool = False
-    """generate with engine.py: a static cache and, on a GPU, a compiled decode step (text models)"""
+    engine: Optional[bool] = None
+    """generate with engine.py: a static cache and, on a GPU, a compiled decode step (text models); default: on a
+    GPU for a text model"""
     image_size: int = 0
     """VL tasks: image side in pixels (GP cards, each V-IRL view); 0: the default"""
     seed: int = 0
@@ -246,8 +247,8 @@ def play_checkpoint(entry: dict, state: dict, todo: list, cfg: EvalConfig, rank:
         for line in R.recipe_warnings(state, cfg.task, cfg.protocol, ckpt):
             print(f"warning: {line}")
     policy = M.load_policy(ckpt, device=device)
-    if cfg.engine:
-        import engine  # only with --engine: it loads the compiler's machinery
+    if M.engine_wanted(policy, cfg.engine):
+        import engine  # only then: it loads the compiler's machinery
         engine.attach(policy, compile=policy.device.type == "cuda")
     drawn, metrics, answers = sampling(policy, cfg), {}, []
     for s in todo:

@@ -9,7 +9,7 @@ round answers all of them; each environment steps on its answer. A feedback obse
 requested number of turns or episodes is reached.
 
 The environments come from `make_envs`, each task's module imported when a task asks for it (a GeneralPoints run
-never loads V-IRL and its street-view renderer); the policy is anything with `encode` and `generate`.
+never loads V-IRL and its street-view renderer); the policy is anything with `encode_all` and `generate`.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from env_points import PROTOCOLS, check_protocol  # noqa: F401 (the protocols, for the scripts)
-from model import PrefixCache
+from model import PrefixCache, prefix_cache_tokens
 
 # ---- the tasks ----
 
@@ -160,6 +160,7 @@ class Rollout:
     bootstrap: dict = field(default_factory=dict)   # episode id -> encoded next prompt of an unfinished episode
     tokens: int = 0                                 # prompt + generated tokens read or written by the policy
     cached_tokens: int = 0                          # of the prompt tokens, those served by the prefix cache
+    cache_size: int = 0                             # tokens the prefix cache could hold (0: none)
 
 
 # ---- the loop ----
@@ -167,7 +168,7 @@ class Rollout:
 def rollout(policy, envs: list, *, n_turns: Optional[int] = None, n_episodes: Optional[int] = None,
             reset: Optional[Callable] = None, max_new_tokens: int = 256, temperature: Optional[float] = None,
             top_p: float = 1.0, top_k: int = 0, greedy: bool = False, max_context: Optional[int] = None,
-            cache_tokens: int = 32768, progress: bool = False, desc: str = "rollout") -> Rollout:
+            cache_tokens: Optional[int] = None, progress: bool = False, desc: str = "rollout") -> Rollout:
     """Play episodes on `envs` in lockstep, one batched generate per round.
 
     Stops after `n_turns` answers (unfinished episodes keep their next prompt in `bootstrap`) or
@@ -176,11 +177,12 @@ def rollout(policy, envs: list, *, n_turns: Optional[int] = None, n_episodes: Op
     prompt plus `max_new_tokens` exceeds `max_context` (default: the model's limit) ends its episode
     as a failure with outcome "context_exceeded" and no turn. Prompt prefixes already read (the previous
     attempt, the task's instructions) are served from a `model.PrefixCache` of up to `cache_tokens`
-    tokens (0: off), valid for this call's weights only."""
+    tokens (None: sized from the first round's batch, `model.prefix_cache_tokens`; 0: off), valid for this call's
+    weights only."""
     if (n_turns is None) == (n_episodes is None):
         raise ValueError("rollout needs exactly one of n_turns or n_episodes")
     reset = reset or (lambda env, k: env.reset())
-    cache = PrefixCache(cache_tokens) if cache_tokens > 0 else None
+    cache = None  # made at the first round, when its batch is known
     max_context = max_context or policy.max_length
     out = Rollout([], [])
     episodes = {}
@@ -204,7 +206,7 @@ def rollout(policy, envs: list, *, n_turns: Optional[int] = None, n_episodes: Op
         order = sorted(live)
         if n_turns is not None:
             order = order[:n_turns - len(out.turns)]
-        prompts = [policy.encode(live[i][1], previous=live[i][2]) for i in order]  # a turn's tokens, not all
+        prompts = policy.encode_all([live[i][1] for i in order], [live[i][2] for i in order])  # a turn's tokens
         fits = [p["input_ids"].shape[1] + max_new_tokens <= max_context for p in prompts]
         for i, ok in zip(order, fits):
             if not ok:
@@ -221,6 +223,9 @@ def rollout(policy, envs: list, *, n_turns: Optional[int] = None, n_episodes: Op
         prompts = [p for p, ok in zip(prompts, fits) if ok]
         if not order:
             continue
+        if cache is None and cache_tokens != 0:
+            cache = PrefixCache(cache_tokens or prefix_cache_tokens(
+                policy, len(envs), max(p["input_ids"].shape[1] for p in prompts), max_new_tokens))
         samples = policy.generate(None, prompts=prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_p=top_p, top_k=top_k, greedy=greedy, cache=cache)
         for i, sample in zip(order, samples):
@@ -248,7 +253,9 @@ def rollout(policy, envs: list, *, n_turns: Optional[int] = None, n_episodes: Op
             else:
                 live[i] = (ep_id, [{"role": "user", "content": obs.text, "image": obs.image}], None)
     bar.close()
-    out.bootstrap = {ep_id: policy.encode(conv, previous=before) for ep_id, conv, before in live.values()}
-    out.cached_tokens = cache.reused if cache is not None else 0
+    unfinished = list(live.values())
+    out.bootstrap = dict(zip([ep_id for ep_id, _, _ in unfinished],
+                             policy.encode_all([c for _, c, _ in unfinished], [p for _, _, p in unfinished])))
+    out.cached_tokens, out.cache_size = (cache.reused, cache.max_tokens) if cache is not None else (0, 0)
     out.episodes = [episodes[k] for k in sorted(episodes)]
     return out

@@ -134,8 +134,9 @@ class PPOConfig:
     """top-k sampling, 0: off; default: the checkpoint's generation config (Llama-3.2-Vision: 50)"""
     max_new_tokens: int = 512
     """longest answer (the official 512)"""
-    engine: bool = False
-    """generate with engine.py: a static cache and, on a GPU, a compiled decode step (text models)"""
+    engine: Optional[bool] = None
+    """generate with engine.py: a static cache and, on a GPU, a compiled decode step (text models); default: on a
+    GPU for a text model"""
     verify_iter: int = 0
     """attempts per episode / position; 0: the task's (GP 5, V-IRL 2)"""
     image_size: int = 0
@@ -619,8 +620,8 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
         R.shard(policy)
         if reference is not None:
             R.shard(reference)
-    if cfg.engine:
-        import engine  # only with --engine: it loads the compiler's machinery
+    if M.engine_wanted(policy, cfg.engine):
+        import engine  # only then: it loads the compiler's machinery
         engine.attach(policy, compile=policy.device.type == "cuda")
     opt = build_optimizer(policy, cfg)
     if resume_from:

@@ -33,6 +33,8 @@ def test_quick_bench_emits_every_figure_with_its_unit(tmp_path):
                 "decode_engine_tokens_per_s": "tokens/s", "decode_engine_vs_plain": "x",
                 "decode_engine_warmup_s": "s", "rollout_engine_tokens_per_s": "tokens/s",
                 "rollout_engine_vs_raw_decode": "fraction",
+                "host_prefix_cache_ops_16": "aten ops/round", "host_prefix_cache_ops_64": "aten ops/round",
+                "host_prefix_cache_ops_64_vs_16": "x", "host_rollout_ms_per_round_16": "CPU-ms/round",
                 **{f"memory_{m}": "GiB per GPU (estimate)"
                    for m in ("tiny-text_1gpu_ppo", "llama-3.2-11b-vision_8gpu_ppo", "llama-3.2-11b-vision_8gpu_sft",
                              "llama-3.2-11b-vision_1gpu_ppo")}}

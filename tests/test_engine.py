@@ -82,6 +82,16 @@ def test_rollouts_through_the_engine_and_a_vlm_keeps_its_path():
     assert len(vlm.generate([[{"role": "user", "content": "hi"}]], max_new_tokens=4)) == 1
 
 
+def test_the_engine_is_the_default_on_a_gpu_for_text_models_only():
+    from types import SimpleNamespace
+    text, vlm = M.load_policy("tiny-text"), M.load_policy("tiny-vlm")
+    assert not M.engine_wanted(text, None)                   # on the CPU the plain path, unless asked
+    assert M.engine_wanted(text, True) and not M.engine_wanted(text, False) and not M.engine_wanted(vlm, True)
+    gpu = lambda is_vlm: SimpleNamespace(device=torch.device("cuda"), is_vlm=is_vlm)  # noqa: E731
+    assert M.engine_wanted(gpu(False), None) and not M.engine_wanted(gpu(True), None)
+    assert not M.engine_wanted(gpu(False), False)
+
+
 def test_ppo_and_evaluation_take_the_engine(tmp_path):
     import evaluate as EV
     import train_ppo as P

@@ -238,7 +238,9 @@ def test_a_continued_conversation_encodes_to_the_ids_of_its_whole_encoding(name)
             done = done or env.done
             conversation += [{"role": "assistant", "content": answer}, {"role": "user", "content": feedback}]
             continued = policy.encode(conversation, previous=prompt)
-            assert continued["input_ids"].tolist() == policy.encode(conversation)["input_ids"].tolist(), answer
+            whole = policy.tokenizer.apply_chat_template([{"role": t["role"], "content": t["content"]}
+                                                          for t in conversation], add_generation_prompt=True)
+            assert continued["input_ids"][0].tolist() == list(whole["input_ids"]), answer
             prompt = continued
 
 
@@ -267,21 +269,23 @@ def test_prefix_cache_matches_evicts_and_drops_what_a_longer_sequence_contains()
     assert cache.match([1, 2, 3, 9]) == (key, 3)             # two whole blocks found, the third token counted
     assert cache.match(a) == (key, 4)                        # the last prompt token is always computed
     assert cache.match([7, 1, 2]) == (None, 0)
-    longer = [1, 2, 3, 4, 5, 6, 7]                           # a's conversation goes on: a is dropped
-    cache.store([(key, 5)], [longer], states(longer))
+    longer = [1, 2, 3, 4, 5, 6, 7]                           # a's conversation goes on: a is dropped, its
+    cache.store([(key, 5)], [longer], states([6, 7]))        # slots now longer's, only 6 and 7 stored
     assert held(cache) == [longer] and cache.tokens == 7
-    other = [1, 2, 8, 8]                                     # shares 2 tokens with `longer`: both kept...
-    cache.store([(cache.match(other)[0], 2)], [other], states(other))
-    assert held(cache) == [longer, other]
-    cache.store([], [[5, 5, 5]], states([5, 5, 5]))          # ...until 14 tokens exceed 12: the oldest goes
-    assert held(cache) == [other, [5, 5, 5]] and cache.tokens == 7
+    other = [1, 2, 8, 8]                                     # shares 2 tokens with `longer`: both kept, the
+    cache.store([cache.match(other + [0])], [other], states([8, 8]))   # two held once
+    assert held(cache) == [longer, other] and cache.tokens == 9
+    cache.store([], [[5, 5, 5]], states([5, 5, 5]))          # 12 tokens: all fit
+    assert held(cache) == [longer, other, [5, 5, 5]] and cache.tokens == 12
+    cache.store([], [[6, 6]], states([6, 6]))                # 14 would not: the oldest goes, its 5 own slots
+    assert held(cache) == [other, [5, 5, 5], [6, 6]] and cache.tokens == 9   # freed, the 2 it shares kept
     assert cache.match(longer) == (next(iter(cache.entries)), 2)
     # what `gather` serves is what was stored: row 0 the first 3 of `other`, right-aligned; row 1 nothing
     (keys, values), = cache.gather([(cache.match([1, 2, 8, 8, 0])[0], 3), (None, 0)], 4, rows=3)
     assert keys.shape == (3, 2, 4, 4) and keys[0, 0, :, 0].tolist() == [0, 1, 2, 8]
     assert keys[1:].abs().sum() == 0 and torch.equal(values, -keys)
     cache.store([], [list(range(20))], states(range(20)))    # longer than the cache: not kept, nothing else lost
-    assert held(cache) == [other, [5, 5, 5]]
+    assert held(cache) == [other, [5, 5, 5], [6, 6]] and cache.tokens == 9
 
 
 def test_prefix_cache_work_per_round_does_not_grow_with_the_batch(text_policy):

@@ -30,6 +30,9 @@ class ScriptedPolicy:
         chars = sum(len(t["content"]) for t in conversation)
         return {"input_ids": torch.zeros(1, chars // 4 + 1, dtype=torch.long), "conversation": list(conversation)}
 
+    def encode_all(self, conversations, previous):
+        return [self.encode(c) for c in conversations]
+
     def generate(self, conversations, prompts, **kwargs):
         out = []
         for p in prompts:
@@ -135,3 +138,7 @@ def test_rollout_with_the_tiny_model_records_what_ppo_needs():
         assert (out["logprobs"][i, :len(t.response_ids)] - t.logprobs).abs().max() < 1e-4
         assert abs(out["values"][i].item() - t.value) < 1e-4
         assert t.reward in G.REWARDS.values()
+    # the prefix cache was sized from the batch: every row's first prompt and answer, twice over
+    first = max(t.prompt["input_ids"].shape[1] for t in r.turns[:3])
+    assert r.cache_size == max(1024, 2 * 3 * (first + 8)) and r.cached_tokens > 0
+    assert rollout(policy, gp_envs(3), n_turns=3, max_new_tokens=8, cache_tokens=0).cache_size == 0
