@@ -86,7 +86,14 @@ class Sampler:
 
 
 NO_SLOTS = np.zeros(0, dtype=np.int64)
+KNOWN_TEXTS = 4096  # user turns after an answer whose tokens a policy keeps (feedback repeats itself)
 MATCH_CANDIDATES = 32  # entries compared token by token past a prompt's longest run of cached whole blocks
+
+
+def pieces(flat: np.ndarray, lengths) -> list:
+    """`flat` cut into consecutive pieces of the given lengths (np.split, without its cost per piece)."""
+    ends = np.cumsum(lengths).tolist()
+    return [flat[end - n:end] for n, end in zip(np.asarray(lengths).tolist(), ends)]
 
 
 def common_length(a: np.ndarray, b: np.ndarray) -> int:
@@ -116,7 +123,7 @@ class PrefixCache:
 
     def __init__(self, max_tokens: int = 32768, block: int = 16):
         self.max_tokens, self.block = max_tokens, block
-        self.entries = {}          # key -> (ids (L,) int64, slots (L,) int64, prefix hashes), least recent first
+        self.entries = {}          # key -> (ids (L,) int64, slots (L,) int64, prefix hashes [int]), least recent first
         self.index = {}            # prefix hash -> {key: None} of the entries that start with that prefix
         self.keys = self.values = None   # per layer (1 + capacity, H, D), made at the first store
         self.refs = np.zeros(1, dtype=np.int64)   # per slot, the entries using it (slot 0, padding: none)
@@ -128,34 +135,48 @@ class PrefixCache:
         self.token_w = rng.integers(1, 2**63, size=block, dtype=np.uint64) | np.uint64(1)
         self.block_w = rng.integers(1, 2**63, size=1 << 16, dtype=np.uint64) | np.uint64(1)
 
-    def prefix_hashes(self, ids: np.ndarray) -> np.ndarray:
-        """Hash of ids[:block * (k + 1)] for every whole block k. (n // block,)"""
-        n = min(len(ids) // self.block, len(self.block_w))
-        blocks = ids[:n * self.block].astype(np.uint64).reshape(n, self.block)                 # (K, block)
-        return np.cumsum((blocks * self.token_w).sum(1, dtype=np.uint64) * self.block_w[:n], dtype=np.uint64)
+    def prefix_hashes(self, sequences: list) -> list:
+        """For each sequence, the hash of its first k whole blocks for every k >= 1, as Python ints, (len //
+        block,): the blocks of all sequences weighed at once, then one running sum, each sequence's start taken
+        off (uint64 arithmetic wraps, so the difference is its own sum)."""
+        b = self.block
+        counts = np.array([min(len(s) // b, len(self.block_w)) for s in sequences], dtype=np.int64)
+        if not counts.sum():
+            return [[] for _ in sequences]
+        blocks = np.concatenate([s[:k * b] for s, k in zip(sequences, counts.tolist())])
+        blocks = blocks.astype(np.uint64).reshape(-1, b)                                   # (sum of K, block)
+        starts = np.cumsum(counts) - counts
+        place = np.arange(len(blocks)) - np.repeat(starts, counts)                            # block k of its own
+        running = np.cumsum((blocks * self.token_w).sum(1, dtype=np.uint64) * self.block_w[place], dtype=np.uint64)
+        before = np.where(starts > 0, running[np.maximum(starts - 1, 0)], np.uint64(0))
+        return [h.tolist() for h in pieces(running - np.repeat(before, counts), counts)]
 
     def match(self, ids) -> tuple:
         """(entry key or None, m): the entry sharing the longest prefix with `ids`, m tokens long, at most
         len(ids) - 1 so that the last prompt token (whose state gives the value and first token) is always
         computed. Found by the longest run of whole blocks some entries share with `ids`; m is counted exactly."""
-        ids = np.asarray(ids, dtype=np.int64)
-        hashes = self.prefix_hashes(ids[:-1])
+        return self.match_all([ids])[0]
+
+    def match_all(self, queries: list) -> list:
+        """`match` of each of `queries`."""
+        queries = [np.asarray(q, dtype=np.int64) for q in queries]
+        hashes = self.prefix_hashes([q[:-1] for q in queries])
+        return [self._match(q, h) for q, h in zip(queries, hashes)]
+
+    def _match(self, ids: np.ndarray, hashes: list) -> tuple:
         lo, hi = 0, len(hashes)  # entries hold every prefix of theirs: present hashes are a prefix of `hashes`
         while lo < hi:
             mid = (lo + hi) // 2
-            lo, hi = (mid + 1, hi) if int(hashes[mid]) in self.index else (lo, mid)
+            lo, hi = (mid + 1, hi) if hashes[mid] in self.index else (lo, mid)
         if lo == 0:
             return None, 0
         n, start = len(ids) - 1, lo * self.block
         # of the entries holding those blocks (the latest few), the one that goes on furthest into the next block
-        key = max(itertools.islice(reversed(self.index[int(hashes[lo - 1])]), MATCH_CANDIDATES),
+        key = max(itertools.islice(reversed(self.index[hashes[lo - 1]]), MATCH_CANDIDATES),
                   key=lambda k: common_length(self.entries[k][0][start:start + self.block], ids[start:n]))
         held = self.entries[key][0]
         m = common_length(held, ids[:n])  # counted from the start: a hash collision only shortens it
         return (key, m) if m > 0 else (None, 0)
-
-    def match_all(self, queries: list) -> list:
-        return [self.match(q) for q in queries]
 
     def gather(self, matches: list, width: int, rows: Optional[int] = None):
         """Keys and values of each row's matched prefix, right-aligned in `width` columns, zero elsewhere:
@@ -197,12 +218,13 @@ class PrefixCache:
             for (k, v), pool_k, pool_v in zip(layers, self.keys, self.values):
                 pool_k.index_copy_(0, target, k[src] if first else k)
                 pool_v.index_copy_(0, target, v[src] if first else v)
-        for ids, own, part in zip(sequences[first:], shared[first:], np.split(slots, np.cumsum(new[first:])[:-1])):
-            ids = np.asarray(ids, dtype=np.int64)
-            key, hashes = self.next_key, self.prefix_hashes(ids)
+        kept = [np.asarray(ids, dtype=np.int64) for ids in sequences[first:]]
+        parts = pieces(slots, new[first:])
+        for ids, own, part, hashes in zip(kept, shared[first:], parts, self.prefix_hashes(kept)):
+            key = self.next_key
             self.next_key += 1
             self.entries[key] = (ids, np.concatenate([own, part]), hashes)
-            for h in hashes.tolist():
+            for h in hashes:
                 self.index.setdefault(h, {})[key] = None
 
     @property
@@ -212,7 +234,7 @@ class PrefixCache:
 
     def _drop(self, key) -> None:
         ids, slots, hashes = self.entries.pop(key)
-        for h in hashes.tolist():
+        for h in hashes:
             holders = self.index[h]
             del holders[key]
             if not holders:
@@ -283,7 +305,7 @@ def host_ids(rows: list) -> list:
     if not rows:
         return []
     flat = torch.cat(rows, -1).numpy().reshape(-1)                                          # (sum of L,)
-    return np.split(flat, np.cumsum([r.shape[-1] for r in rows])[:-1])
+    return pieces(flat, [r.shape[-1] for r in rows])
 
 
 def prompt_ids(prompts: list) -> list:
@@ -500,18 +522,25 @@ class Policy(nn.Module):
             return [self._encode_vlm(c) for c in conversations]
         parts = [self._continuation(p["input_ids"], c[-2:]) if p is not None and len(c) > 2
                  and self.continues_exactly else None for c, p in zip(conversations, previous)]
-        return self._tokenized([part or (NO_SLOTS, self._render(c)) for part, c in zip(parts, conversations)])
+        return self._tokenized([part or (NO_SLOTS, self._render(c), "") for part, c in zip(parts, conversations)])
 
     def _tokenized(self, parts: list) -> list:
-        """Encoded prompts from (ids (P',) kept as they are, the text whose tokens follow them): one call of the
-        tokenizer for all the texts, the tensors made in numpy (a torch operation per row costs microseconds)."""
+        """Encoded prompts from (ids (P',) kept as they are, a text whose tokens follow them, a text whose tokens
+        follow those, known from before where it was seen: the user turns after an answer, the same few feedback
+        messages over and over): one call of the tokenizer for all the new texts, the tensors made in numpy (a
+        torch operation per row costs microseconds)."""
+        known = self.__dict__.setdefault("known_ids_", {})
+        afters = {after for _, _, after in parts if after}
+        if len(known) + len(afters) > KNOWN_TEXTS:
+            known.clear()
+        unknown = [after for after in afters if after not in known]
+        texts = [text for _, text, _ in parts]
+        ids = self._tokenize(texts + unknown) if texts else []
+        known.update(zip(unknown, (np.asarray(x, dtype=np.int64) for x in ids[len(texts):])))
         out = []
-        texts = [text for _, text in parts]
-        if not texts:
-            return out
-        for (ids, _), new in zip(parts, self._tokenize(texts)):
-            ids = np.concatenate([ids, np.asarray(new, dtype=np.int64)])[None]                   # (1, P)
-            out.append({"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(np.ones_like(ids))})
+        for (kept, _, after), new in zip(parts, ids):
+            row = np.concatenate([kept, np.asarray(new, dtype=np.int64), known[after] if after else NO_SLOTS])[None]
+            out.append({"input_ids": torch.from_numpy(row), "attention_mask": torch.from_numpy(np.ones_like(row))})
         return out
 
     def _tokenize(self, texts: list) -> list:
@@ -542,15 +571,16 @@ class Policy(nn.Module):
     # both on a probe; the tests check the built-in models' template on the tasks' conversations.
 
     def _continuation(self, ids: torch.Tensor, turns: list) -> Optional[tuple]:
-        """(ids (P',) kept as they are, numpy, and the text whose tokens follow them) of a prompt `ids` (1, P)
-        continued by an answer and the user's next turn; None where the template does not allow it."""
+        """(ids (P',) kept as they are, numpy, the text whose tokens follow them, the text whose tokens follow
+        those) of a prompt `ids` (1, P) continued by an answer and the user's next turn; None where the template
+        does not allow it."""
         added = self._turns_text(turns)
         if added is None:
             return None
         host = ids.numpy()[0]
         # the last special token: a prompt ends with the generation prompt, so it is among the last few
         cut = next((j + 1 for j in range(len(host) - 1, -1, -1) if int(host[j]) in self.split_set), 0)
-        return host[:cut], self._text_of(tuple(host[cut:].tolist())) + added
+        return host[:cut], self._text_of(tuple(host[cut:].tolist())) + added[0], added[1]
 
     def _text_of(self, ids: tuple) -> str:
         """The text of the tokens after a prompt's last special token: the same few each time ("assistant\\n"),
@@ -563,10 +593,11 @@ class Policy(nn.Module):
             known[ids] = text
         return known[ids]
 
-    def _turns_text(self, turns: list) -> Optional[str]:
+    def _turns_text(self, turns: list) -> Optional[tuple]:
         """The text the chat template adds for an answer and the user's next turn after a prompt that ends in the
-        generation prompt: the template rendered once with markers in their place, the contents put there (None
-        for other turns)."""
+        generation prompt, as (the answer's, the user turn's) where the template opens the user's with a special
+        token (tokenization restarts there), else (all of it, ""): the template rendered once with markers in
+        their place, the contents put there. None for other turns."""
         if [t["role"] for t in turns] != ["assistant", "user"]:
             return None
         if not hasattr(self, "turn_pieces_"):
@@ -578,10 +609,13 @@ class Policy(nn.Module):
             pieces = text[len(before):].split("\x00")
             self.turn_pieces_ = ((pieces[0], *pieces[1].split("\x01")) if text.startswith(before) and len(pieces) == 2
                                  and pieces[1].count("\x01") == 1 else None)
+            self.turn_split_ = self.turn_pieces_ is not None and any(
+                self.turn_pieces_[1].startswith(token) for token in self.tokenizer.get_added_vocab())
         if self.turn_pieces_ is None:
             return None
         start, middle, end = self.turn_pieces_
-        return start + turns[0]["content"] + middle + turns[1]["content"] + end
+        answer, user = start + turns[0]["content"], middle + turns[1]["content"] + end
+        return (answer, user) if self.turn_split_ else (answer + user, "")
 
     @functools.cached_property
     def split_set(self) -> frozenset:
@@ -602,7 +636,7 @@ class Policy(nn.Module):
         whole = self.tokenizer.apply_chat_template([{"role": t["role"], "content": t["content"]} for t in first + turns],
                                                    add_generation_prompt=True, tokenize=True)
         whole = whole["input_ids"] if hasattr(whole, "keys") else whole
-        start = self._tokenized([(NO_SLOTS, self._render(first))])[0]["input_ids"][0]
+        start = self._tokenized([(NO_SLOTS, self._render(first), "")])[0]["input_ids"][0]
         part = self._continuation(start[None], turns)
         return part is not None and self._tokenized([part])[0]["input_ids"][0].tolist() == list(whole)
 

@@ -1,8 +1,9 @@
 """Street views for V-IRL-VL: the synthetic cities' renderer and the reader of real V-IRL panoramas.
 
 This file owns what the model sees at a position, and nothing of navigation:
-    render_view       one street view of a synthetic city, drawn in perspective with Pillow
+    render_view       one street view of a synthetic city, drawn in perspective with Pillow, once per process
     synthetic_views   the four views (front, right, back, left) at one spot of a synthetic city
+    VIEW_CACHE        the synthetic views drawn so far, the least recently used dropped first (256 MiB at most)
     signs_in_view     which landmarks a view shows, and where across it
     render_grid       the four views as the 2x2 grid [front, right / back, left] the model is shown
     load_pano_map, perspective_view, StreetViews   real Google Street View panoramas, cut at the same headings
@@ -13,6 +14,8 @@ env_virl.py: the cities' maps, routes, the rail, the prompt, the verifier and th
 """
 from __future__ import annotations
 
+import collections
+import functools
 import io
 import json
 import math
@@ -252,8 +255,8 @@ def _draw_sign(draw, size, style, box, font, lines, pad, line_h):
                   anchor="mm")
 
 
-def render_view(style: dict, signs: list, at_intersection: bool, size: int, seed: int):
-    """One size x size street view; signs are (name, x) with x in [-1, 1], x < 0 on the left facade."""
+def draw_view(style: dict, signs: list, at_intersection: bool, size: int, seed: int):
+    """One size x size street view, drawn: signs are (name, x) with x in [-1, 1], x < 0 on the left facade."""
     rng = random.Random(seed)
     img = Image.new("RGB", (size, size), style["sky"])
     draw, project = ImageDraw.Draw(img), _camera(size)
@@ -269,6 +272,54 @@ def render_view(style: dict, signs: list, at_intersection: bool, size: int, seed
     return img
 
 
+# ---- the view cache ----
+# A view is a pure function of (style, signs, crossing, size, seed), and a route's places come back (every reset,
+# every retry, every epoch), so each is drawn once and kept while there is room.
+
+class ViewCache:
+    """Pictures by key, dropping the least recently used once they hold more than max_bytes of pixels."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes, self.views = max_bytes, 0, collections.OrderedDict()
+
+    def get(self, key):
+        view = self.views.get(key)
+        if view is not None:
+            self.views.move_to_end(key)
+        return view
+
+    def put(self, key, view):
+        if key in self.views:
+            self.bytes -= _footprint(self.views.pop(key))
+        self.views[key] = view
+        self.bytes += _footprint(view)
+        while self.bytes > self.max_bytes:
+            self.bytes -= _footprint(self.views.popitem(last=False)[1])
+        return view
+
+
+def _footprint(view) -> int:
+    return 4 * view.width * view.height  # Pillow keeps an RGB pixel in 4 bytes
+
+
+VIEW_CACHE = ViewCache(256 << 20)  # 256 MiB: about 1,300 views at 224 px (a 1000-route run starts at ~4,000)
+
+
+def _frozen(value):
+    """A style's value as a hashable one, its lists as tuples: the cache finds an equal style, not the same dict."""
+    return tuple(map(_frozen, value)) if isinstance(value, (list, tuple)) else value
+
+
+def render_view(style: dict, signs: list, at_intersection: bool, size: int, seed: int):
+    """`draw_view`, from the view cache when it was drawn before: a copy, which the caller may draw on."""
+    key = (tuple(sorted((name, _frozen(value)) for name, value in style.items())), _frozen(signs),
+           bool(at_intersection), size, seed)
+    view = VIEW_CACHE.get(key)
+    if view is None:
+        view = VIEW_CACHE.put(key, draw_view(style, signs, at_intersection, size, seed))
+    return view.copy()
+
+
 # ---- vision: the 2x2 grid [front, right / back, left] ----
 # The views face the headings the prompt names: front, right (+90), back (+180), left (+270).
 # (The paper's code cut diagonal views at -135, -45, +45, +135 while promising these four: fixed here.)
@@ -281,15 +332,28 @@ def render_grid(views: list, size: int):
     grid = Image.new("RGB", (2 * size, 2 * size), WHITE)
     for i, view in enumerate(views):
         grid.paste(view, ((i % 2) * size, (i // 2) * size))
-    draw, line_w, font = ImageDraw.Draw(grid), max(1, size // 112), load_font(max(9, size // 20))
+    draw, line_w = ImageDraw.Draw(grid), max(1, size // 112)
     draw.rectangle([size - line_w, 0, size + line_w - 1, 2 * size], fill=WHITE)
     draw.rectangle([0, size - line_w, 2 * size, size + line_w - 1], fill=WHITE)
-    for i, label in enumerate(("front", "right", "back", "left")):  # bottom-left: ground, signs rarely reach it
-        x, y = (i % 2) * size + line_w + 2, (i // 2 + 1) * size - line_w - 2
-        box = draw.textbbox((x, y), label, font=font, anchor="ld")
-        draw.rectangle([box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2], fill=BLACK)
-        draw.text((x, y), label, font=font, fill=WHITE, anchor="ld")
+    for label, corner in _grid_labels(size):
+        grid.paste(label, corner)
     return grid
+
+
+@functools.lru_cache(maxsize=16)  # one per view size in use
+def _grid_labels(size: int) -> list:
+    """The tiles' labels, white on a black box at each tile's bottom-left (the ground: signs rarely reach it), as
+    (image, top-left corner): the text is drawn once per size, not once per grid."""
+    line_w, font = max(1, size // 112), load_font(max(9, size // 20))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    labels = []
+    for i, label in enumerate(("front", "right", "back", "left")):
+        x, y = (i % 2) * size + line_w + 2, (i // 2 + 1) * size - line_w - 2
+        left, top, right, bottom = measure.textbbox((x, y), label, font=font, anchor="ld")
+        box = Image.new("RGB", (right - left + 5, bottom - top + 5), BLACK)  # the text's box and 2 px around it
+        ImageDraw.Draw(box).text((x - left + 2, y - top + 2), label, font=font, fill=WHITE, anchor="ld")
+        labels.append((box, (left - 2, top - 2)))
+    return labels
 
 
 def signs_in_view(landmarks, view_heading: float) -> list:

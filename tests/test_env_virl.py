@@ -616,6 +616,79 @@ def test_rendering_is_deterministic_and_cities_differ():
     assert diff[48:].sum() > 5 * diff[:48].sum()
 
 
+@pytest.fixture
+def view_cache(monkeypatch):
+    """A fresh view cache for one test (64 MiB), so that no test sees another's views."""
+    cache = SV.ViewCache(64 << 20)
+    monkeypatch.setattr(SV, "VIEW_CACHE", cache)
+    return cache
+
+
+def test_a_cached_view_is_the_view_drawn_afresh(view_cache):
+    style, signs = SV.STYLES["london"], [("Maple Cafe", -0.4)]
+    first = SV.render_view(style, signs, True, 96, 7)
+    again = SV.render_view(style, signs, True, 96, 7)
+    assert len(view_cache.views) == 1  # the second call drew nothing
+    assert first.tobytes() == again.tobytes() == SV.draw_view(style, signs, True, 96, 7).tobytes()
+    assert SV.render_view(style, signs, True, 96, 8).tobytes() != first.tobytes()  # the seed is in the key
+    same_style = json.loads(json.dumps(style))  # equal, but a new dict with lists for tuples: keyed by value
+    assert SV.render_view(same_style, signs, True, 96, 7).tobytes() == first.tobytes()
+    assert len(view_cache.views) == 2
+
+
+def test_the_view_cache_is_bounded_and_drops_the_least_recently_used(monkeypatch):
+    from PIL import Image
+    assert SV.VIEW_CACHE.max_bytes <= 512 << 20  # the renderer's cache stays modest
+    view_bytes = 4 * 32 * 32  # Pillow's bytes for a 32 px RGB view
+    cache = SV.ViewCache(3 * view_bytes)
+    for key in "abc":
+        cache.put(key, Image.new("RGB", (32, 32)))
+    assert cache.get("a") is not None  # used: b is now the least recently used
+    cache.put("d", Image.new("RGB", (32, 32)))
+    assert list(cache.views) == ["c", "a", "d"] and cache.bytes == 3 * view_bytes
+    for key in "efgh":
+        cache.put(key, Image.new("RGB", (32, 32)))
+        assert len(cache.views) == 3 and cache.bytes <= cache.max_bytes
+    monkeypatch.setattr(SV, "VIEW_CACHE", SV.ViewCache(2 * 4 * 48 * 48))  # the renderer's: room for two
+    for seed in range(5):
+        SV.render_view(SV.STYLES["nyc"], [], False, 48, seed)
+    assert len(SV.VIEW_CACHE.views) == 2 and SV.VIEW_CACHE.bytes <= SV.VIEW_CACHE.max_bytes
+
+
+def test_drawing_on_a_returned_view_leaves_the_cache_alone(view_cache):
+    from PIL import ImageDraw
+    style = SV.STYLES["nyc"]
+    view = SV.render_view(style, [], False, 64, 3)
+    clean = view.tobytes()
+    ImageDraw.Draw(view).rectangle([0, 0, 63, 63], fill=(255, 0, 0))
+    assert SV.render_view(style, [], False, 64, 3).tobytes() == clean
+    views = SV.synthetic_views(style, [("Old Bank", 10.0)], 0.0, False, 64, "spot")
+    clean = [v.tobytes() for v in views]
+    for v in views:
+        v.paste((0, 255, 0), (0, 0, 64, 64))
+    assert [v.tobytes() for v in SV.synthetic_views(style, [("Old Bank", 10.0)], 0.0, False, 64, "spot")] == clean
+
+
+def test_grid_labels_are_the_text_drawn_in_place():
+    """render_grid pastes labels drawn once per size: the very pixels of drawing each label on the grid."""
+    from PIL import Image, ImageDraw
+    for size in (32, 96, 224):
+        views = [Image.new("RGB", (size, size), colour)
+                 for colour in ((200, 0, 0), (0, 200, 0), (0, 0, 200), (90, 90, 90))]
+        expected = Image.new("RGB", (2 * size, 2 * size), SV.WHITE)
+        for i, view in enumerate(views):
+            expected.paste(view, ((i % 2) * size, (i // 2) * size))
+        draw, line_w, font = ImageDraw.Draw(expected), max(1, size // 112), SV.load_font(max(9, size // 20))
+        draw.rectangle([size - line_w, 0, size + line_w - 1, 2 * size], fill=SV.WHITE)
+        draw.rectangle([0, size - line_w, 2 * size, size + line_w - 1], fill=SV.WHITE)
+        for i, label in enumerate(("front", "right", "back", "left")):
+            x, y = (i % 2) * size + line_w + 2, (i // 2 + 1) * size - line_w - 2
+            box = draw.textbbox((x, y), label, font=font, anchor="ld")
+            draw.rectangle([box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2], fill=SV.BLACK)
+            draw.text((x, y), label, font=font, fill=SV.WHITE, anchor="ld")
+        assert SV.render_grid(views, size).tobytes() == expected.tobytes()
+
+
 # ---- real street views ----
 
 def compass_panorama(width=720, height=360):

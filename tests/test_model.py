@@ -3,6 +3,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -263,6 +264,10 @@ def test_prefix_cache_matches_evicts_and_drops_what_a_longer_sequence_contains()
     def held(cache):
         return [ids.tolist() for ids, _, _ in cache.entries.values()]
     cache = M.PrefixCache(max_tokens=12, block=2)
+    runs = [np.arange(n) for n in (0, 5, 17, 40)]              # hashed together as each alone; a prefix alike
+    together = cache.prefix_hashes(runs)
+    assert together == [cache.prefix_hashes([r])[0] for r in runs] and [len(h) for h in together] == [0, 2, 8, 20]
+    assert together[1] == together[2][:2] and together[2][2] != cache.prefix_hashes([np.arange(1, 7)])[0][2]
     a = [1, 2, 3, 4, 5]
     cache.store([], [a], states(a))
     key = next(iter(cache.entries))
