@@ -115,6 +115,30 @@ def check_writable(path: str, what: str = "out", file: bool = False) -> None:
                          f"under {path_max}")
 
 
+IMAGE_FORMATS = ("PNG", "JPEG")  # what the project writes and reads; Pillow knows ~40 more (EPS runs Ghostscript)
+
+
+def open_image(path: str):
+    """An RGB image from a PNG or JPEG file, whatever its name says; ValueError naming the file and what it holds
+    otherwise. Pillow opens every format it knows by default, EPS by handing the file to an external Ghostscript."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path, formats=IMAGE_FORMATS) as img:
+            return img.convert("RGB")
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: it holds {image_kind(path)}; expected a PNG or JPEG image") from None
+
+
+def image_kind(path: str) -> str:
+    """What a file that is no PNG or JPEG holds, from its header alone (no decoding, no external program)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            return f"{img.format} data"
+    except Exception:
+        return "no image format Pillow knows"
+
+
 def main(cls, run, argv=None):
     """An entry script's main: its config from the command line, then `run(cfg)`; a ValueError from either
     (a bad value, a missing file, a refused run folder) stops with one line."""

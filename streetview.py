@@ -446,9 +446,12 @@ class StreetViews:
             try:
                 with open(meta) as f:
                     rotation = float(json.load(f)["rotation"])
-                self._last = (pano_id, (np.asarray(Image.open(image).convert("RGB")), rotation))
+                # JPEG (or PNG) only: Pillow would open any format it knows, EPS through an external Ghostscript
+                with Image.open(image, formats=("JPEG", "PNG")) as img:
+                    self._last = (pano_id, (np.asarray(img.convert("RGB")), rotation))
             except (OSError, KeyError, ValueError, TypeError) as e:
-                raise ValueError(f"street view {pano_id}: cannot read {image} or its rotation in {meta}: {e}") from None
+                raise ValueError(f"street view {pano_id}: cannot read {image} (a JPEG panorama) or its rotation in "
+                                 f"{meta}: {e}") from None
         return self._last[1]
 
     def views(self, point, heading: float, size: int) -> list:

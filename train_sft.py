@@ -183,7 +183,6 @@ def write_examples(path: str, examples: list) -> None:
 
 def read_examples(path: str) -> list:
     """Examples from a JSONL file as written by write_examples; ValueError naming the bad line."""
-    from PIL import Image
     base, out = os.path.dirname(os.path.abspath(path)), []
     expected = '{"messages": [{"role": "user" | "assistant" | "system", "content": str, "image": optional path}], ' \
                '"response": str}'
@@ -199,7 +198,7 @@ def read_examples(path: str) -> list:
                         and isinstance(t.get("content"), str) for t in messages):
                     raise TypeError("wrong types")
                 turns = [{"role": t["role"], "content": t["content"],
-                          "image": Image.open(os.path.join(base, t["image"])).convert("RGB")
+                          "image": R.open_image(os.path.join(base, t["image"]))
                           if t.get("image") else None}
                          for t in messages]
                 out.append({"messages": turns, "response": response})

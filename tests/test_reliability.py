@@ -370,3 +370,40 @@ def test_a_malformed_route_file_is_one_line_naming_the_file_and_the_field(tmp_pa
     with pytest.raises(ValueError, match=match) as e:
         V.NavigationEnv(V.VirlConfig(routes=str(path)))
     assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+# ---- untrusted files ----
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+
+
+def test_an_eps_file_named_as_an_image_is_refused_and_never_reaches_ghostscript(tmp_path, monkeypatch):
+    """Pillow hands EPS to Ghostscript (`gs -dSAFER ...`) when one is on PATH: an SFT image or a panorama named
+    .png / .jpg that holds EPS is refused, one line naming it, and a stand-in gs is never run."""
+    import PIL.EpsImagePlugin as eps
+    import streetview as SV
+    from PIL import Image
+    called, bin_dir = tmp_path / "gs_called", tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f'#!/bin/sh\necho "$@" >> {called}\n[ "$1" = --version ] && echo 10.0 && exit 0\nexit 1\n')
+    (bin_dir / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(eps, "gs_binary", None)  # Pillow looks for gs again: finds the stand-in
+    (tmp_path / "card.png").write_bytes(EPS)
+    (tmp_path / "data.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi",
+                                                                   "image": "card.png"}], "response": "x"}) + "\n")
+    with pytest.raises(ValueError, match="card.png: it holds EPS data; expected a PNG or JPEG image") as e:
+        S.read_examples(str(tmp_path / "data.jsonl"))
+    assert "\n" not in str(e.value)
+    views = tmp_path / "views"
+    views.mkdir()
+    (views / "p.jpg").write_bytes(EPS)
+    (views / "p.metadata.json").write_text(json.dumps({"rotation": 0.0}))
+    with open(tmp_path / "map.pkl", "wb") as f:
+        pickle.dump({(0.0, 0.0): "p"}, f)
+    with pytest.raises(ValueError, match="p.jpg"):
+        SV.StreetViews(str(views), str(tmp_path / "map.pkl"), lambda a, b: 0.0).pano("p")
+    assert not called.exists()
+    with pytest.raises(Exception):  # what the check prevents: opened as Pillow opens by default, the file runs gs
+        Image.open(tmp_path / "card.png").load()
+    assert called.exists()
