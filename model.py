@@ -633,8 +633,8 @@ class Policy(nn.Module):
                  {"role": "assistant", "content": "8 * 3"}, {"role": "user", "content": "Wrong. Try again."}]
         turns = [{"role": "assistant", "content": '\n{"formula": "8 / (3 - 8 / 3)"} '},
                  {"role": "user", "content": " You failed this trial. Try again.\n"}]
-        whole = self.tokenizer.apply_chat_template([{"role": t["role"], "content": t["content"]} for t in first + turns],
-                                                   add_generation_prompt=True, tokenize=True)
+        messages = [{"role": t["role"], "content": t["content"]} for t in first + turns]
+        whole = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         whole = whole["input_ids"] if hasattr(whole, "keys") else whole
         start = self._tokenized([(NO_SLOTS, self._render(first), "")])[0]["input_ids"][0]
         part = self._continuation(start[None], turns)

@@ -201,26 +201,6 @@ def recipe(args: list) -> dict:
     return {k: v for k, v in out.items() if k not in RUN_CONTROL}
 
 
-def recipe_changes(asked: dict, trained: dict) -> list:
-    """The fields where a run's recorded config (its trainer state's "config") differs from the recipe asked:
-    ["lr 0.001 (asked 0.0001)"]. Numbers compare as numbers, so 1e-4 and 0.0001 are one rate."""
-    changes = []
-    for name, value in asked.items():
-        have = trained.get(name)
-        if isinstance(have, bool) or value is True:
-            same = have == (value is True)
-        elif isinstance(have, (int, float)):
-            try:
-                same = float(value) == float(have)
-            except ValueError:
-                same = False
-        else:
-            same = str(have) == str(value)
-        if not same:
-            changes.append(f"{name.replace('_', '-')} {have} (asked {value})")
-    return changes
-
-
 def run_phase(name: str, args: list, run: str, steps: int, cfg: ReplicateConfig) -> None:
     """Run one training phase to `steps` under the study's protocol, resuming it when a checkpoint of it exists;
     skip it when done. A phase begun under another protocol stops the study: its results would mix the two; one
@@ -232,7 +212,7 @@ def run_phase(name: str, args: list, run: str, steps: int, cfg: ReplicateConfig)
         raise ValueError(f"phase {name}: {run} was trained under protocol {found}, this study runs {cfg.protocol}; "
                          "expected another --out (each protocol has its own study folder)")
     args = [*args, "--protocol", cfg.protocol]
-    changes = recipe_changes(recipe(args), state.get("config", {})) if last else []
+    changes = R.recipe_changes(recipe(args), state.get("config", {})) if last else []
     if changes and not cfg.restart_changed:
         raise ValueError(f"phase {name}: {run} was trained with another recipe: {'; '.join(changes)}; pass "
                          "--restart-changed to start such phases over, or another --out to keep both")

@@ -21,6 +21,7 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -358,6 +359,26 @@ def recipe_warnings(state: dict, task: str, protocol: str, where: str) -> list:
     return out
 
 
+def recipe_changes(asked: dict, trained: dict) -> list:
+    """The fields where a run's recorded config (its trainer state's "config") differs from the recipe asked:
+    ["lr 0.001 (asked 0.0001)"]. Numbers compare as numbers, so 1e-4 and 0.0001 are one rate."""
+    changes = []
+    for name, value in asked.items():
+        have = trained.get(name)
+        if isinstance(have, bool) or value is True:
+            same = have == (value is True)
+        elif isinstance(have, (int, float)):
+            try:
+                same = float(value) == float(have)
+            except ValueError:
+                same = False
+        else:
+            same = str(have) == str(value)
+        if not same:
+            changes.append(f"{name.replace('_', '-')} {have} (asked {value})")
+    return changes
+
+
 def remove_torn_saves(run: str) -> None:
     """Delete what killed saves left in a run folder: the hidden `.<name>.tmp-*` folders of saves that never
     finished and `.<name>.old-*` ones that a finished save had set aside."""
@@ -383,6 +404,55 @@ def prepare_run_folder(run: str, resume: bool, overwrite: bool) -> None:
             shutil.rmtree(os.path.join(run, d))
         if os.path.exists(os.path.join(run, "metrics.jsonl")):
             os.remove(os.path.join(run, "metrics.jsonl"))
+
+
+HELD = {}  # run folders this process holds: absolute path -> the open lock file (held until the process ends)
+
+
+def hold_run_folder(run: str) -> None:
+    """Hold `run` for this process, so that no second trainer writes into it at the same time: an advisory lock on
+    <run>/.lock, which the system releases however the process ends (a killed holder leaves no stale lock), naming
+    its holder inside. ValueError naming the holder when another process holds it. Rank 0 alone."""
+    import fcntl
+    path = os.path.abspath(run)
+    if rank() != 0 or path in HELD:
+        return
+    os.makedirs(path, exist_ok=True)
+    lock = open(os.path.join(path, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read(300).strip() or "another process"
+        lock.close()
+        raise ValueError(f"run folder {run!r} is in use by {holder}: wait for it to end or stop it, or use another "
+                         "--out") from None
+    except OSError as e:  # a filesystem without locks (some network mounts): go on unguarded, and say so
+        print(f"warning: run folder {run!r} cannot be locked ({e.strerror or e}): make sure no other trainer writes "
+              "into it")
+    lock.truncate(0)
+    lock.write(f"process {os.getpid()} ({' '.join(sys.argv)[:200]})")
+    lock.flush()
+    HELD[path] = lock
+
+
+def release_run_folder(run: str) -> None:
+    """Let go of a run folder this process holds (nothing when it holds none)."""
+    lock = HELD.pop(os.path.abspath(run), None)
+    if lock is not None:
+        lock.close()  # closing the file releases its lock
+
+
+def releases_run_folder(train):
+    """Decorates a trainer's train(cfg): the run folder that `start` held for it is let go when it returns or fails,
+    so that a later run in this process, or in another, may take it."""
+    @functools.wraps(train)
+    def run(cfg, *args, **kwargs):
+        try:
+            return train(cfg, *args, **kwargs)
+        finally:
+            release_run_folder(cfg.out)
+    return run
 
 
 def last_checkpoint(run: str):
@@ -430,14 +500,18 @@ def printer(rank: int):
     return print if rank == 0 else (lambda *a, **k: None)
 
 
-def start(model: str, out: str, resume: bool, overwrite: bool, task: str, protocol: str, print0) -> tuple:
+def start(model: str, out: str, resume: bool, overwrite: bool, task: str, protocol: str, print0,
+          recipe: typing.Optional[dict] = None, resume_changed: bool = False) -> tuple:
     """Where a training run starts: (init, resume_from, trainer state of what it loads). `model` is a checkpoint,
     a run folder (its last complete checkpoint) or a model name; `resume` takes the run folder's own last complete
-    checkpoint instead. The run folder is made ready (prepare_run_folder); a checkpoint trained on another task or
-    under another protocol is warned of."""
+    checkpoint instead. The run folder is held for this process (hold_run_folder) and made ready
+    (prepare_run_folder); a checkpoint trained on another task or under another protocol is warned of. A resume
+    whose `recipe` ({config field: value}) differs from the run's is refused, naming the fields, unless
+    `resume_changed` (--resume-changed): then it goes on, and says so."""
     init = model
     if os.path.isdir(init) and not os.path.exists(os.path.join(init, "config.json")):
         init = last_checkpoint(init) or init
+    hold_run_folder(out)
     prepare_run_folder(out, resume, overwrite)
     resume_from = last_checkpoint(out) if resume else None
     if resume and resume_from is None:
@@ -448,6 +522,12 @@ def start(model: str, out: str, resume: bool, overwrite: bool, task: str, protoc
         what = f"{', '.join(missing)} in its trainer_state.json" if missing else "its optimizer.pt"
         raise ValueError(f"--resume: {resume_from} lacks {what}, so the run cannot go on where it stopped; start a new "
                          f"run from its weights with --model {resume_from} and another --out (a fresh optimizer)")
+    changes = recipe_changes(recipe or {}, state.get("config") or {}) if resume_from and state.get("config") else []
+    if changes and not resume_changed:
+        raise ValueError(f"--resume: {resume_from} was trained with another recipe: {'; '.join(changes)}; resume it "
+                         "with the recipe it was trained with, or pass --resume-changed to go on with this one")
+    if changes:
+        print0(f"warning: --resume-changed: {resume_from} goes on with another recipe: {'; '.join(changes)}")
     for line in recipe_warnings(state, task, protocol, resume_from or init):
         print0(f"warning: {line}")
     return init, resume_from, state

@@ -59,6 +59,7 @@ from runs import check_writable, main, require
 # the official runs' cosine period (CosineAnnealingLR T_max, scripts/*_training/*.sh of the paper's code): GP 100,
 # V-IRL 20; in scheduler steps, of which the official runs took 8 per update (lr_at)
 LR_MAX_STEPS = {"gp": 100, "virl": 20}
+RECIPE = "task model algo lr turns envs minibatch micro_batch protocol seed"  # what --resume must find as it was
 
 # ---- config ----
 
@@ -149,6 +150,9 @@ class PPOConfig:
     """seconds after which the run saves a checkpoint and stops (0: none); --resume continues it"""
     resume: bool = False
     """continue from the run folder's last complete checkpoint"""
+    resume_changed: bool = False
+    """with --resume: go on though the recipe (RECIPE: task, model, rate, batch sizes, protocol, seed) differs from
+    the run's, which is refused otherwise; said in the log"""
     overwrite: bool = False
     """delete the checkpoints already in the run folder and start over"""
     seed: int = 0
@@ -586,6 +590,7 @@ def start_wandb(cfg: PPOConfig):
     return wandb.init(project=cfg.wandb, config=asdict(cfg), name=os.path.basename(cfg.out))
 
 
+@R.releases_run_folder
 def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
     """Run PPO. `env_factory(update, rank) -> envs` replaces the task's environments (tests use a toy one)."""
     rank, world, device = R.init_distributed(cfg.device)
@@ -597,7 +602,8 @@ def train(cfg: PPOConfig, env_factory: Optional[Callable] = None) -> dict:
     wandb_run = start_wandb(cfg) if cfg.wandb and rank == 0 else None
 
     # ---- start: fresh, or the last complete checkpoint ----
-    init, resume_from, state = R.start(cfg.model, cfg.out, cfg.resume, cfg.overwrite, cfg.task, cfg.protocol, print0)
+    init, resume_from, state = R.start(cfg.model, cfg.out, cfg.resume, cfg.overwrite, cfg.task, cfg.protocol, print0,
+                                       {name: getattr(cfg, name) for name in RECIPE.split()}, cfg.resume_changed)
     torch.manual_seed(cfg.seed)  # a fresh value head's initialization
     policy = M.load_policy(resume_from or init, device=device, temperature=cfg.temperature, precision=cfg.precision)
     reference = (M.load_policy(init, device=device, temperature=cfg.temperature, precision=cfg.precision).eval()

@@ -38,6 +38,8 @@ from runs import check_writable, main, require
 
 # ---- config ----
 
+RECIPE = "task model lr batch_size micro_batch protocol seed"  # what --resume must find as the run had it
+
 
 @dataclass
 class SFTConfig:
@@ -87,6 +89,9 @@ class SFTConfig:
     """seconds after which the run saves a checkpoint and stops (0: none); --resume continues it"""
     resume: bool = False
     """continue from the run folder's last complete checkpoint"""
+    resume_changed: bool = False
+    """with --resume: go on though the recipe (RECIPE: task, model, rate, batch sizes, protocol, seed) differs from
+    the run's, which is refused otherwise; said in the log"""
     overwrite: bool = False
     """delete the checkpoints already in the run folder and start over"""
     seed: int = 0
@@ -244,6 +249,7 @@ def lr_at(step: int, cfg: SFTConfig) -> float:
 
 # ---- main ----
 
+@R.releases_run_folder
 def train(cfg: SFTConfig) -> dict:
     if cfg.export_data:
         write_examples(cfg.export_data, generated_examples(cfg))
@@ -256,7 +262,8 @@ def train(cfg: SFTConfig) -> dict:
     print0 = R.printer(rank)
 
     # ---- start: fresh, or the last complete checkpoint ----
-    init, resume_from, state = R.start(cfg.model, cfg.out, cfg.resume, cfg.overwrite, cfg.task, cfg.protocol, print0)
+    init, resume_from, state = R.start(cfg.model, cfg.out, cfg.resume, cfg.overwrite, cfg.task, cfg.protocol, print0,
+                                       {name: getattr(cfg, name) for name in RECIPE.split()}, cfg.resume_changed)
     torch.manual_seed(cfg.seed)
     policy = M.load_policy(resume_from or init, device=device, precision=cfg.precision)
     n_params = policy.model.num_parameters()

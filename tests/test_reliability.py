@@ -55,7 +55,7 @@ def test_resume_refuses_an_optimizer_file_that_would_run_code(tmp_path):
     with open(tmp_path / "run" / "step-000002" / "optimizer.pt", "wb") as f:
         pickle.dump({"state": RunsCode()}, f)
     out = subprocess.run([sys.executable, "train_sft.py", "--model", "tiny-text", "--examples", "4", "--steps", "3",
-                          "--batch-size", "2", "--micro-batch", "2", "--save-every", "1", "--resume",
+                          "--batch-size", "2", "--micro-batch", "2", "--save-every", "1", "--resume", "--lr", "1e-3",
                           "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 2 and "is not a plain optimizer state and was not loaded" in out.stderr, out.stderr[-800:]
     assert "Traceback" not in out.stderr and out.stderr.count("error:") == 1 and not os.path.exists(MARKER)
@@ -72,7 +72,7 @@ def test_a_torn_save_is_ignored_by_evaluation_and_removed_by_the_next_run(tmp_pa
     assert [os.path.basename(c) for c in runs[0][2]] == ["step-000001", "step-000002"]
     assert R.last_checkpoint(str(tmp_path / "run")).endswith("step-000002")
     S.train(sft(tmp_path / "run", steps=3, resume=True))
-    assert sorted(os.listdir(tmp_path / "run")) == ["metrics.jsonl", "step-000001", "step-000002", "step-000003"]
+    assert sorted(os.listdir(tmp_path / "run")) == [".lock", "metrics.jsonl"] + [f"step-00000{k}" for k in (1, 2, 3)]
 
 
 # ---- 4. stored evaluation results accumulate ----
@@ -109,7 +109,7 @@ def test_a_new_run_into_a_used_run_folder_is_refused_unless_resumed_or_overwritt
     with pytest.raises(ValueError, match="already holds checkpoints"):
         P.train(P.PPOConfig(model="tiny-text", out=str(tmp_path / "run")))
     S.train(sft(tmp_path / "run", overwrite=True))            # explicit: the old steps and log go
-    assert sorted(os.listdir(tmp_path / "run")) == ["metrics.jsonl", "step-000001", "step-000002"]
+    assert sorted(os.listdir(tmp_path / "run")) == [".lock", "metrics.jsonl", "step-000001", "step-000002"]
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
@@ -244,7 +244,7 @@ def test_a_diverging_sft_run_saves_no_bad_weights_and_stops_with_one_line(tmp_pa
                        r"diverged, most likely from the learning rate \(1e\+30") as stop:
         S.train(sft(tmp_path / "run", steps=12, lr=1e30))
     assert "\n" not in str(stop.value) and str(stop.value).endswith(f"is {tmp_path / 'run' / 'step-000001'}")
-    assert sorted(os.listdir(tmp_path / "run")) == ["metrics.jsonl", "step-000001"]
+    assert sorted(os.listdir(tmp_path / "run")) == [".lock", "metrics.jsonl", "step-000001"]
     assert finite_weights(tmp_path / "run" / "step-000001")
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["skipped_steps"] for m in log] == [0, 1, 2, 3, 4, 5]
@@ -385,7 +385,8 @@ def test_an_eps_file_named_as_an_image_is_refused_and_never_reaches_ghostscript(
     from PIL import Image
     called, bin_dir = tmp_path / "gs_called", tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "gs").write_text(f'#!/bin/sh\necho "$@" >> {called}\n[ "$1" = --version ] && echo 10.0 && exit 0\nexit 1\n')
+    script = f'#!/bin/sh\necho "$@" >> {called}\n[ "$1" = --version ] && echo 10.0 && exit 0\nexit 1\n'
+    (bin_dir / "gs").write_text(script)
     (bin_dir / "gs").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(eps, "gs_binary", None)  # Pillow looks for gs again: finds the stand-in
@@ -407,3 +408,38 @@ def test_an_eps_file_named_as_an_image_is_refused_and_never_reaches_ghostscript(
     with pytest.raises(Exception):  # what the check prevents: opened as Pillow opens by default, the file runs gs
         Image.open(tmp_path / "card.png").load()
     assert called.exists()
+
+
+def test_a_run_folder_is_held_by_one_trainer_at_a_time(tmp_path):
+    """A second trainer into a folder that a live process holds stops with one line naming it; once the holder is
+    gone (killed: no clean-up ran) the folder is free again."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, runs; runs.hold_run_folder(sys.argv[1]); "
+                               "print('held', flush=True); time.sleep(600)", str(out)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=f"is in use by process {holder.pid} ") as e:
+            S.train(sft(out))
+        assert "\n" not in str(e.value) and not os.path.exists(out / "step-000001")
+    finally:
+        holder.kill()
+        holder.wait()
+    S.train(sft(out))  # the lock died with its holder
+    assert os.path.exists(out / "step-000002")
+
+
+def test_resume_refuses_another_recipe_unless_told_and_says_so(tmp_path, capsys):
+    """Resuming a GP-L run as V-IRL-L, or at another rate or batch size, would leave a folder of two recipes'
+    checkpoints: refused in one line naming the fields; --resume-changed goes on and says so."""
+    S.train(sft(tmp_path / "run"))
+    for change, named in ((dict(task="virl-l"), "task gp-l (asked virl-l)"), (dict(lr=1e-4), "lr 0.001 (asked 0.0001)"),
+                          (dict(batch_size=4, micro_batch=4), "batch-size 2 (asked 4); micro-batch 2 (asked 4)")):
+        with pytest.raises(ValueError, match="was trained with another recipe") as e:
+            S.train(sft(tmp_path / "run", steps=3, resume=True, **change))
+        assert named in str(e.value) and "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "run" / "step-000003")
+    S.train(sft(tmp_path / "run", steps=3, resume=True, lr=1e-3))      # 1e-3 written another way: the same
+    S.train(sft(tmp_path / "run", steps=4, resume=True, lr=1e-4, resume_changed=True))
+    assert "goes on with another recipe: lr 0.001 (asked 0.0001)" in capsys.readouterr().out
+    assert os.path.exists(tmp_path / "run" / "step-000004")
