@@ -341,6 +341,21 @@ def cosine_lr(step: int, peak: float, total: int, warmup: int = 0, floor: float 
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (min(1.0, progress) if hold else progress)))
 
 
+MAX_STEP = 10 ** 8  # steps or updates a run may have taken: beyond it a trainer state is damaged, not long
+
+
+def check_trainer_state(state: dict, path: str) -> None:
+    """ValueError naming the file and the field unless the counters a resume continues are what a trainer writes:
+    step and tokens whole numbers from 0 (step at most MAX_STEP), gflops a finite number from 0."""
+    for name, whole, limit in (("step", True, MAX_STEP), ("tokens", True, math.inf), ("gflops", False, math.inf)):
+        value = state[name]
+        kind = int if whole else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind) or not 0 <= value <= limit:
+            expected = f"a whole number from 0 to {limit:g}" if whole else "a finite number from 0"
+            raise ValueError(f"{path}: {name} is {str(value)[:40]}; expected {expected} (the file is damaged: start "
+                             "a new run from the checkpoint's weights with --model and another --out)")
+
+
 def trained_protocol(state: dict):
     """The protocol a checkpoint was trained under, from its trainer state ("project" before there were two);
     None for a base model, which has no state."""
@@ -456,12 +471,13 @@ def releases_run_folder(train):
 
 
 def last_checkpoint(run: str):
-    """The newest complete checkpoint folder of a run (complete: it has its trainer_state.json)."""
+    """The newest complete checkpoint folder of a run (complete: it has its trainer_state.json), by its name's step
+    (step-000012): a damaged trainer state is for the resume to name, not to reorder the checkpoints."""
     if not os.path.isdir(run):
         return None
-    done = [os.path.join(run, d) for d in os.listdir(run)
-            if d.startswith("step-") and read_trainer_state(os.path.join(run, d))]
-    return max(done, key=lambda d: read_trainer_state(d).get("step", -1), default=None)
+    done = [d for d in os.listdir(run) if d.startswith("step-") and d[5:].isdigit()
+            and read_trainer_state(os.path.join(run, d))]
+    return os.path.join(run, max(done, key=lambda d: int(d[5:]))) if done else None
 
 
 def drop_older_optimizer_states(run: str, newest: str) -> None:
@@ -487,10 +503,25 @@ def rewind_log(path: str, step: int) -> None:
     so that a resumed run's log holds every step once."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path, errors="replace") as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for k, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict):
+                raise ValueError(f"a {type(entry).__name__}")
+        except ValueError as e:
+            if k < len(lines):
+                raise ValueError(f"{path}:{k}: not a JSON object ({str(e)[:80]}); expected one line of metrics per "
+                                 "step (a line torn by a kill can only be the last: delete this one)") from None
+            print(f"warning: {path}:{k}: its last line is torn (a run killed while writing it): dropped")
+            continue
+        step_of = entry.get("step", 0)
+        if not isinstance(step_of, (int, float)) or step_of <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
     with open(path, "w") as f:
-        f.writelines(lines)
+        f.writelines(kept)
 
 
 # ---- a trainer's start, checkpoints and log (train_sft.py and train_ppo.py alike) ----
@@ -517,7 +548,9 @@ def start(model: str, out: str, resume: bool, overwrite: bool, task: str, protoc
     if resume and resume_from is None:
         raise ValueError(f"--resume: no complete checkpoint in {out!r}")
     state = read_trainer_state(resume_from or init)
-    missing = [k for k in ("step", "gflops", "tokens") if not isinstance(state.get(k), (int, float))]
+    missing = [k for k in ("step", "gflops", "tokens") if k not in state]
+    if resume_from and not missing:
+        check_trainer_state(state, os.path.join(resume_from, "trainer_state.json"))
     if resume_from and (missing or not os.path.exists(os.path.join(resume_from, "optimizer.pt"))):
         what = f"{', '.join(missing)} in its trainer_state.json" if missing else "its optimizer.pt"
         raise ValueError(f"--resume: {resume_from} lacks {what}, so the run cannot go on where it stopped; start a new "
@@ -666,11 +699,32 @@ def read_optimizer_file(path: str) -> dict:
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
+def check_optimizer_state(saved: dict, opt, path: str) -> None:
+    """ValueError naming the file and the first parameter whose saved state does not fit this model (another
+    model's optimizer.pt with as many tensors loads, and fails at the first step)."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    state = saved.get("state") if isinstance(saved, dict) else None
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(state, dict) or not isinstance(groups, list):
+        raise ValueError(f"{path!r}: not an optimizer state (no state and param_groups); expected what a trainer saves")
+    ids = [i for group in groups if isinstance(group, dict) for i in group.get("params", [])]
+    if len(ids) != len(params):
+        raise ValueError(f"{path!r}: the optimizer state of {len(ids)} parameters; this model has {len(params)} (a "
+                         "checkpoint of another model?)")
+    for k, (i, p) in enumerate(zip(ids, params)):
+        for name, value in (state.get(i) or {}).items():
+            if torch.is_tensor(value) and value.dim() and value.shape != p.shape:
+                raise ValueError(f"{path!r}: parameter {k}'s {name} has shape {tuple(value.shape)}; this model's is "
+                                 f"{tuple(p.shape)} (a checkpoint of another model?)")
+
+
 def load_optimizer_state(policy, opt, checkpoint: str) -> None:
     """Restore the optimizer state saved in a checkpoint's optimizer.pt (read on rank 0 and broadcast under FSDP)."""
     path = os.path.join(checkpoint, "optimizer.pt")
     if not fsdp_modules(policy):
-        opt.load_state_dict(read_optimizer_file(path))
+        saved = read_optimizer_file(path)
+        check_optimizer_state(saved, opt, path)
+        opt.load_state_dict(saved)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     state = read_optimizer_file(path) if rank() == 0 else {}

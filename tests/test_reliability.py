@@ -443,3 +443,59 @@ def test_resume_refuses_another_recipe_unless_told_and_says_so(tmp_path, capsys)
     S.train(sft(tmp_path / "run", steps=4, resume=True, lr=1e-4, resume_changed=True))
     assert "goes on with another recipe: lr 0.001 (asked 0.0001)" in capsys.readouterr().out
     assert os.path.exists(tmp_path / "run" / "step-000004")
+
+
+def damage_state(run, **fields):
+    path = run / "step-000002" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    path.write_text(json.dumps({**state, **fields}))
+
+
+@pytest.mark.parametrize("field,value,named", [("step", "ten", "step is ten"), ("step", -1, "step is -1"),
+                                               ("step", 10 ** 9, "step is 1000000000"), ("step", 2.5, "step is 2.5"),
+                                               ("gflops", float("nan"), "gflops is nan"),
+                                               ("tokens", [1], "tokens is [1]")])
+def test_resume_from_a_damaged_trainer_state_is_one_line_naming_the_field(tmp_path, field, value, named):
+    S.train(sft(tmp_path / "run"))
+    damage_state(tmp_path / "run", **{field: value})
+    with pytest.raises(ValueError, match="trainer_state.json: " + named.replace("[", r"\[").replace("]", r"\]")) as e:
+        S.train(sft(tmp_path / "run", steps=3, resume=True))
+    assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "run" / "step-000003")
+
+
+def test_a_damaged_rng_state_is_a_warning_and_the_run_goes_on(tmp_path, capsys):
+    S.train(sft(tmp_path / "run"))
+    damage_state(tmp_path / "run", rng="abc")
+    S.train(sft(tmp_path / "run", steps=3, resume=True))
+    assert "holds no usable RNG state (malformed)" in capsys.readouterr().out
+    assert os.path.exists(tmp_path / "run" / "step-000003")
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_a_torn_line_before_it_is_one_line(tmp_path, capsys):
+    S.train(sft(tmp_path / "run"))
+    log = tmp_path / "run" / "metrics.jsonl"
+    whole = log.read_text()
+    log.write_text(whole + '{"step": 3, "loss": 1.2')  # a kill while the next line was written
+    S.train(sft(tmp_path / "run", steps=3, resume=True))
+    assert "its last line is torn" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text(lines[0] + '{"step": 2, "lo\n' + "".join(lines[2:]))
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON object") as e:
+        S.train(sft(tmp_path / "run", steps=4, resume=True))
+    assert "\n" not in str(e.value)
+
+
+def test_an_optimizer_state_of_another_model_is_refused_naming_the_parameter(tmp_path):
+    S.train(sft(tmp_path / "run"))
+    path = tmp_path / "run" / "step-000002" / "optimizer.pt"
+    saved = torch.load(path, weights_only=True)
+    first = min(saved["state"])
+    for name, value in saved["state"][first].items():  # as many tensors, one of another shape
+        if value.dim():
+            saved["state"][first][name] = value.flatten()[:-1]
+    torch.save(saved, path)
+    with pytest.raises(ValueError, match=f"parameter {first}'s exp_avg has shape .* this model's is") as e:
+        S.train(sft(tmp_path / "run", steps=3, resume=True))
+    assert "\n" not in str(e.value)
