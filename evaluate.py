@@ -206,7 +206,11 @@ def sampling(policy, cfg: EvalConfig) -> dict:
     calls generate with max_new_tokens alone, so the checkpoint's generation config decides (greedy for
     SmolLM2's; temperature 0.6, top-p 0.9, top-k 50 for Llama-3.2-Vision-Instruct's)."""
     if cfg.temperature is not None:
-        return {"temperature": cfg.temperature or 1.0, "top_p": cfg.top_p, "top_k": 0, "greedy": cfg.temperature == 0}
+        greedy = cfg.temperature < M.MIN_TEMPERATURE
+        if 0 < cfg.temperature < M.MIN_TEMPERATURE and R.rank() == 0:
+            print(f"note: --temperature {cfg.temperature:g} is below {M.MIN_TEMPERATURE} (the tempered distribution "
+                  "overflows or is rounding noise there): sampling greedily, as --temperature 0 does")
+        return {"temperature": 1.0 if greedy else cfg.temperature, "top_p": cfg.top_p, "top_k": 0, "greedy": greedy}
     return policy.checkpoint_sampling()
 
 

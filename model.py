@@ -41,6 +41,10 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 # processor outputs with one entry per token (padded with the sequence); everything else is per image
 PER_TOKEN_KEYS = ("input_ids", "attention_mask", "cross_attention_mask", "token_type_ids", "mm_token_type_ids")
 SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}  # Hugging Face's, for a config that names none
+# The lowest sampling temperature: log softmax(logits / T) scales a fp32 logit's rounding error (about 1e-6 of it)
+# by 1 / T, and far below this the tempered distribution overflows to NaN (T = 1e-45) or its log-probabilities,
+# PPO's ratios among them, are rounding noise. Lower ones sample greedily (evaluation) or are refused (training).
+MIN_TEMPERATURE = 1e-3
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 
 
@@ -812,15 +816,20 @@ class Policy(nn.Module):
                  "top_p": gen.top_p or SAMPLING_DEFAULTS["top_p"],
                  "top_k": SAMPLING_DEFAULTS["top_k"] if gen.top_k is None else gen.top_k}
         print0 = printer(rank())
+        where = f"{getattr(self.model, 'name_or_path', 'the checkpoint')}/generation_config.json"
+        t = drawn["temperature"]
+        if isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < MIN_TEMPERATURE:
+            print0(f"warning: {where}: temperature={t!r} is below {MIN_TEMPERATURE} (the tempered distribution "
+                   "overflows or is rounding noise there): sampling greedily")
+            return {"greedy": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
         valid = {"temperature": lambda v: v > 0 and math.isfinite(v), "top_p": lambda v: 0 < v <= 1,
                  "top_k": lambda v: v >= 0 and v == int(v)}
         for name, ok in valid.items():  # a hand-edited or foreign config: Hugging Face's default, said out loud
             value = drawn[name]
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value):
                 drawn[name] = SAMPLING_DEFAULTS[name]
-                print0(f"warning: {getattr(self.model, 'name_or_path', 'the checkpoint')}/generation_config.json: "
-                      f"{name}={value!r} is out of range; sampling with Hugging Face's default "
-                      f"{SAMPLING_DEFAULTS[name]} instead")
+                print0(f"warning: {where}: {name}={value!r} is out of range; sampling with Hugging Face's default "
+                       f"{SAMPLING_DEFAULTS[name]} instead")
         return drawn
 
     # ---- saving ----

@@ -91,20 +91,23 @@ def require(cfg, names: str, test, expected: str) -> None:
 
 
 def check_writable(path: str, what: str = "out", file: bool = False) -> None:
-    """ValueError unless `path` is, or can be made, a folder we may write in (`file`: a file we may write); creates
-    nothing."""
+    """ValueError unless `path` is, or can be made, a folder we may write in (`file`: a file we may write); leaves
+    nothing behind (the nearest existing folder is tried with a folder made and removed)."""
     if file and os.path.isdir(path):
         raise ValueError(f"{what}={path!r} is a folder: expected a file")
     if not file and os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{what}={path!r} is a file: expected a folder (existing or to create)")
     full = parent = os.path.abspath(path)
     while not os.path.exists(parent):
+        if os.path.islink(parent):  # a link to nothing: makedirs would fail on it after the model has loaded
+            raise ValueError(f"{what}={path!r}: {parent!r} is a symbolic link to {os.readlink(parent)!r}, which does "
+                             "not exist; expected a folder (existing or to create) or a link to one")
         parent = os.path.dirname(parent)
     if file and parent == full:  # the file exists: its folder is what must take the write
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise ValueError(f"{what}={path!r} lies under the file {parent!r}: expected a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not os.access(parent, os.W_OK | os.X_OK) or not can_create_in(parent):
         raise ValueError(f"{what}={path!r}: {parent!r} is not writable")
     longest, path_max = os.pathconf(parent, "PC_NAME_MAX"), os.pathconf(parent, "PC_PATH_MAX")
     too_long = [n for n in os.path.relpath(full, parent).split(os.sep) if len(n.encode()) > longest]
@@ -138,6 +141,17 @@ def image_kind(path: str) -> str:
             return f"{img.format} data"
     except Exception:
         return "no image format Pillow knows"
+
+
+def can_create_in(folder: str) -> bool:
+    """Whether a folder can be made in `folder`, tried and undone: permissions alone pass root anywhere, /proc too."""
+    probe = os.path.join(folder, f".write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        os.mkdir(probe)
+    except OSError:
+        return False
+    os.rmdir(probe)
+    return True
 
 
 def main(cls, run, argv=None):

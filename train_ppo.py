@@ -178,7 +178,9 @@ class PPOConfig:
                 lambda v: v >= 1, "a positive integer")
         require(self, "lr_max_steps verify_iter image_size top_k", lambda v: v >= 0,
                 "0 (the default) or a positive integer")
-        require(self, "lr adam_eps clip temperature grad_clip", lambda v: v > 0, "a positive number")
+        require(self, "lr adam_eps clip grad_clip", lambda v: v > 0, "a positive number")
+        require(self, "temperature", lambda v: v >= M.MIN_TEMPERATURE, f"at least {M.MIN_TEMPERATURE} (below it the "
+                "tempered log-probabilities PPO compares overflow or are rounding noise)")
         require(self, "value_lr end_lr value_clip vf_coef ent_coef kl_coef pre_action_coef time_limit",
                 lambda v: v >= 0, "0 or a positive number")
         require(self, "gamma lam", lambda v: 0 <= v <= 1, "a value between 0 and 1")

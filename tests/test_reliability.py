@@ -321,6 +321,14 @@ def test_an_out_the_filesystem_cannot_name_is_one_line(tmp_path, capsys):
     assert "is 300 bytes" in one_line_error(S.SFTConfig, ["--export-data", long], capsys)
     deep = str(tmp_path / "/".join(["y" * 200] * 25))                  # every name fits, the whole path does not
     assert "this system takes paths under" in one_line_error(P.PPOConfig, ["--out", deep], capsys)
+    dangling = tmp_path / "link"
+    dangling.symlink_to(tmp_path / "gone")
+    import vision_pretrain as VP
+    for cls in (S.SFTConfig, P.PPOConfig, EV.EvalConfig, RE.ReplicateConfig, VP.VisionConfig):
+        assert "is a symbolic link to" in one_line_error(cls, ["--out", str(dangling / "run")], capsys)
+        if os.path.isdir("/proc/self"):  # root may write anywhere by its permissions, yet not here
+            assert "is not writable" in one_line_error(cls, ["--out", "/proc/self/run"], capsys)
+    assert "is a symbolic link to" in one_line_error(B.BenchConfig, ["--out", str(dangling)], capsys)
 
 
 def test_replicate_refuses_a_phase_trained_under_another_recipe_unless_told_to_start_it_over(tmp_path, capsys):
@@ -499,3 +507,16 @@ def test_an_optimizer_state_of_another_model_is_refused_naming_the_parameter(tmp
     with pytest.raises(ValueError, match=f"parameter {first}'s exp_avg has shape .* this model's is") as e:
         S.train(sft(tmp_path / "run", steps=3, resume=True))
     assert "\n" not in str(e.value)
+
+
+def test_temperatures_that_underflow_are_refused_for_training_and_greedy_for_evaluation(tmp_path, capsys):
+    """At --temperature 1e-45 logits / T overflow: evaluation sampled one constant token (NaN probabilities) and PPO
+    skipped every minibatch, both without a word."""
+    assert "temperature=1e-45: expected at least 0.001" in one_line_error(P.PPOConfig, ["--temperature", "1e-45"],
+                                                                         capsys)
+    policy = M.load_policy("tiny-text")
+    drawn = EV.sampling(policy, EV.EvalConfig(model="tiny-text", temperature=1e-45, out=str(tmp_path / "e")))
+    assert drawn["greedy"] and "sampling greedily" in capsys.readouterr().out
+    assert not EV.sampling(policy, EV.EvalConfig(model="tiny-text", temperature=0.5, out=str(tmp_path / "e")))["greedy"]
+    policy.model.generation_config.do_sample, policy.model.generation_config.temperature = True, 1e-45
+    assert policy.checkpoint_sampling()["greedy"] and "below 0.001" in capsys.readouterr().out
