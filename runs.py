@@ -55,11 +55,22 @@ def field_docs(cls) -> dict:
             and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)}
 
 
+def optional_value(tp):
+    """A flag's converter for an Optional field: "none" is None, anything else `tp`'s, named as `tp` is, so that
+    argparse's error says "invalid float value: 'abc'"."""
+    def convert(text: str):
+        return None if text.lower() == "none" else tp(text)
+    convert.__name__ = tp.__name__
+    return convert
+
+
 def parse_config(cls, argv=None, description: str = None):
     """An instance of dataclass `cls` with defaults overridden by command-line flags."""
     hints, docs = typing.get_type_hints(cls), field_docs(cls)
     summary = (cls.__doc__ or "").strip().splitlines()
     parser = argparse.ArgumentParser(description=description or (summary[0] if summary else None))
+    # argparse's own errors (a value of the wrong type, an unknown flag) as one line, not a usage block
+    parser.error = lambda message: fail(f"{message} ({parser.prog} --help lists the flags and their values)")
     for f in dataclasses.fields(cls):
         tp, optional = _kind(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
@@ -68,7 +79,7 @@ def parse_config(cls, argv=None, description: str = None):
         if tp is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=doc)
         else:
-            convert = (lambda s, t=tp: None if s.lower() == "none" else t(s)) if optional else tp
+            convert = optional_value(tp) if optional else tp
             parser.add_argument(flag, dest=f.name, type=convert, default=default,
                                 help=f"{doc} (default: {default})".strip())
     args = parser.parse_args(argv)

@@ -520,3 +520,14 @@ def test_temperatures_that_underflow_are_refused_for_training_and_greedy_for_eva
     assert not EV.sampling(policy, EV.EvalConfig(model="tiny-text", temperature=0.5, out=str(tmp_path / "e")))["greedy"]
     policy.model.generation_config.do_sample, policy.model.generation_config.temperature = True, 1e-45
     assert policy.checkpoint_sampling()["greedy"] and "below 0.001" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,said", [(["--steps", "x"], "argument --steps: invalid int value: 'x'"),
+                                       (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+                                       (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+                                       (["--steps"], "argument --steps: expected one argument")])
+def test_argparse_errors_are_one_line_naming_the_flag_and_the_value(argv, said, capsys):
+    """argparse printed a usage block of 20 lines before its message, and named an Optional flag's type
+    `<lambda>`."""
+    err = one_line_error(S.SFTConfig, argv, capsys)
+    assert said in err and "--help lists the flags" in err
