@@ -753,6 +753,8 @@ def load_optimizer_state(policy, opt, checkpoint: str) -> None:
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     state = read_optimizer_file(path) if rank() == 0 else {}
+    if rank() == 0:  # a sharded parameter's shape is the whole one's: the same check
+        check_optimizer_state(state, opt, path)
     set_optimizer_state_dict(policy, opt, optim_state_dict=state,
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
