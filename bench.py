@@ -467,7 +467,7 @@ def prefix_cache_round_ops(batch: int, shared: int = 256, own: int = 64, answer:
     from types import SimpleNamespace
     model = meta_model("smollm2-135m")
     policy = SimpleNamespace(model=model, pad_id=0, device=torch.device("meta"))
-    layers, heads, dim = 30, 3, 64
+    layers, heads, dim = M.kv_shape(model.config)
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(10, 40_000, (shared,), generator=g)
     first = [torch.cat([prefix, torch.randint(10, 40_000, (own + answer,), generator=g)]) for _ in range(batch)]

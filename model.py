@@ -279,16 +279,21 @@ class PrefixCache:
         return self.n_free >= need
 
 
+def kv_shape(config) -> tuple:
+    """(layers, key/value heads, head dimension) of a text model's config: what its cache keeps per token."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers, heads, head_dim
+
+
 def prefix_cache_tokens(policy, rows: int, prompt_tokens: int, max_new_tokens: int) -> int:
     """A rollout's prefix cache size by default: every row's conversation twice over (its prompt and answer, and as
     much again for what later attempts add), on a GPU at most a quarter of its free memory."""
     tokens = 2 * rows * (prompt_tokens + max_new_tokens)
     if getattr(policy, "device", torch.device("cpu")).type == "cuda":
-        cfg = policy._text_config()
-        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        layers, heads, head_dim = kv_shape(policy._text_config())
         size = (policy.compute_dtype or next(policy.model.parameters()).dtype).itemsize
-        per_token = 2 * cfg.num_hidden_layers * heads * head_dim * size           # keys and values, every layer
+        per_token = 2 * layers * heads * head_dim * size                           # keys and values, every layer
         tokens = min(tokens, torch.cuda.mem_get_info(policy.device)[0] // 4 // per_token)
     return max(1024, int(tokens))
 
@@ -341,9 +346,9 @@ def match_prefixes(policy, prompts: list, cache: PrefixCache) -> list:
 def cached_layout(prompts: list, matches: list, pad_id: int) -> tuple:
     """Input ids and attention mask (B, Lc + Lr) of prompts whose first m tokens are served from the cache: each
     row's cached prefix right-aligned in the first Lc columns (Lc the longest m), the rest of its prompt
-    right-aligned after them. Example, pad ., cached c, computed x, prompts of 4 and 5 tokens with m = 2 and 3:
+    right-aligned after them. Example, pad ., cached c, computed x, prompts of 4 and 6 tokens with m = 2 and 3:
         input_ids       . c c | . x x      attention_mask  0 1 1 | 0 1 1
-                        c c c | . x x                      1 1 1 | 0 1 1   (row 2: 3 cached + 2 new)
+                        c c c | x x x                      1 1 1 | 1 1 1   (row 2: 3 cached + 3 new)
     Hugging Face numbers positions by the mask's running count, so every token keeps its position."""
     ids = prompt_ids(prompts)
     past = max((m for _, m in matches), default=0)
@@ -610,9 +615,9 @@ class Policy(nn.Module):
             text = self.tokenizer.apply_chat_template(probe + [{"role": "assistant", "content": "\x00"},
                                                                {"role": "user", "content": "\x01"}],
                                                       add_generation_prompt=True, tokenize=False)
-            pieces = text[len(before):].split("\x00")
-            self.turn_pieces_ = ((pieces[0], *pieces[1].split("\x01")) if text.startswith(before) and len(pieces) == 2
-                                 and pieces[1].count("\x01") == 1 else None)
+            around = text[len(before):].split("\x00")  # (before the answer, the rest)
+            self.turn_pieces_ = ((around[0], *around[1].split("\x01")) if text.startswith(before) and len(around) == 2
+                                 and around[1].count("\x01") == 1 else None)
             self.turn_split_ = self.turn_pieces_ is not None and any(
                 self.turn_pieces_[1].startswith(token) for token in self.tokenizer.get_added_vocab())
         if self.turn_pieces_ is None:

@@ -745,16 +745,15 @@ def check_optimizer_state(saved: dict, opt, path: str) -> None:
 
 def load_optimizer_state(policy, opt, checkpoint: str) -> None:
     """Restore the optimizer state saved in a checkpoint's optimizer.pt (read on rank 0 and broadcast under FSDP)."""
-    path = os.path.join(checkpoint, "optimizer.pt")
-    if not fsdp_modules(policy):
-        saved = read_optimizer_file(path)
-        check_optimizer_state(saved, opt, path)
-        opt.load_state_dict(saved)
+    path, sharded = os.path.join(checkpoint, "optimizer.pt"), bool(fsdp_modules(policy))
+    state = {}
+    if rank() == 0 or not sharded:  # a sharded parameter's shape is the whole one's: the same check
+        state = read_optimizer_file(path)
+        check_optimizer_state(state, opt, path)
+    if not sharded:
+        opt.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    state = read_optimizer_file(path) if rank() == 0 else {}
-    if rank() == 0:  # a sharded parameter's shape is the whole one's: the same check
-        check_optimizer_state(state, opt, path)
     set_optimizer_state_dict(policy, opt, optim_state_dict=state,
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 

@@ -151,8 +151,8 @@ class PPOConfig:
     resume: bool = False
     """continue from the run folder's last complete checkpoint"""
     resume_changed: bool = False
-    """with --resume: go on though the recipe (RECIPE: task, model, rate, batch sizes, protocol, seed) differs from
-    the run's, which is refused otherwise; said in the log"""
+    """with --resume: go on though the recipe (the fields RECIPE names: task, model, rate, batch sizes, protocol,
+    seed, ...) differs from the run's, which is refused otherwise; said in the log"""
     overwrite: bool = False
     """delete the checkpoints already in the run folder and start over"""
     seed: int = 0

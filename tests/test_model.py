@@ -296,17 +296,10 @@ def test_prefix_cache_matches_evicts_and_drops_what_a_longer_sequence_contains()
 def test_prefix_cache_work_per_round_does_not_grow_with_the_batch(text_policy):
     """Serving and remembering a round is a fixed number of tensor operations per layer: batch 24 issues no more
     than batch 3 (a loop over rows would issue eight times as many)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        ops = 0  # over every use of the mode
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.ops += 1
-            return func(*args, **(kwargs or {}))
+    from bench import OpCounter
 
     def ops_of_a_round(batch):
-        Count.ops, cache = 0, M.PrefixCache()
+        cache = M.PrefixCache()
         first = convs(batch)
         answers = text_policy.generate(first, max_new_tokens=6, greedy=True, cache=cache)
         prompts = [text_policy.encode(c + [{"role": "assistant", "content": s.text},
@@ -315,15 +308,14 @@ def test_prefix_cache_work_per_round_does_not_grow_with_the_batch(text_policy):
         with torch.no_grad():
             matches = M.match_prefixes(text_policy, prompts, cache)
             assert all(m > 0 for _, m in matches)                # every prompt continues a cached one
-            with Count():
+            with OpCounter() as gather:
                 batch = M.generation_inputs(text_policy, prompts, cache, matches, 6)
-            gather_ops = Count.ops
             samples = text_policy.generate(None, prompts=prompts, max_new_tokens=6, greedy=True)
             for layer in batch["cache"].layers:  # as if decoded: the prompt and 6 tokens written
                 layer.cumulative_length.fill_(batch["input_ids"].shape[1] + 6)
-            with Count():
+            with OpCounter() as remember:
                 M.remember(cache, samples, matches, batch["attention_mask"], batch["cache"])
-        return {"gather": gather_ops, "remember": Count.ops - gather_ops}
+        return {"gather": gather.ops, "remember": remember.ops}
     small, large = ops_of_a_round(3), ops_of_a_round(24)
     assert large["gather"] <= small["gather"] + 4 and large["remember"] <= small["remember"] + 4, (small, large)
 
