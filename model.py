@@ -90,7 +90,7 @@ class Sampler:
 
 
 NO_SLOTS = np.zeros(0, dtype=np.int64)
-KNOWN_TEXTS = 4096  # user turns after an answer whose tokens a policy keeps (feedback repeats itself)
+KNOWN_PIECES = 16384  # texts whose tokens a policy keeps: a task's instruction lines, feedback messages
 MATCH_CANDIDATES = 32  # entries compared token by token past a prompt's longest run of cached whole blocks
 
 
@@ -105,6 +105,24 @@ def common_length(a: np.ndarray, b: np.ndarray) -> int:
     n = min(len(a), len(b))
     differ = np.flatnonzero(a[:n] != b[:n])
     return int(differ[0]) if len(differ) else n
+
+
+def line_pieces(text: str) -> list:
+    """A text cut after each newline with no whitespace on either side: where a byte-level BPE tokenizer's
+    pre-tokenizer (GPT-2's regex) ends a word and begins the next, so that no token spans the cut and the pieces'
+    ids, joined, are the text's (`Policy.splits_at_lines`). "a\\nb\\n\\nc" -> ["a\\n", "b\\n\\nc"]"""
+    if "\n" not in text:
+        return [text]
+    lines = text.split("\n")
+    out, piece = [], lines[0]
+    for line in lines[1:]:
+        if piece and line and not piece[-1].isspace() and not line[0].isspace():
+            out.append(piece + "\n")
+            piece = line
+        else:
+            piece += "\n" + line
+    out.append(piece)
+    return out
 
 
 class PrefixCache:
@@ -535,35 +553,81 @@ class Policy(nn.Module):
 
     def _tokenized(self, parts: list) -> list:
         """Encoded prompts from (ids (P',) kept as they are, a text whose tokens follow them, a text whose tokens
-        follow those, known from before where it was seen: the user turns after an answer, the same few feedback
-        messages over and over): one call of the tokenizer for all the new texts, the tensors made in numpy (a
-        torch operation per row costs microseconds)."""
-        known = self.__dict__.setdefault("known_ids_", {})
-        afters = {after for _, _, after in parts if after}
-        if len(known) + len(afters) > KNOWN_TEXTS:
-            known.clear()
-        unknown = [after for after in afters if after not in known]
-        texts = [text for _, text, _ in parts]
-        ids = self._tokenize(texts + unknown) if texts else []
-        known.update(zip(unknown, (np.asarray(x, dtype=np.int64) for x in ids[len(texts):])))
+        follow those: the user turn after an answer, which starts at a special token), the tensors made in numpy
+        (a torch operation per row costs microseconds)."""
+        ids = self._tokenize([text for _, text, _ in parts] + [after for _, _, after in parts])
         out = []
-        for (kept, _, after), new in zip(parts, ids):
-            row = np.concatenate([kept, np.asarray(new, dtype=np.int64), known[after] if after else NO_SLOTS])[None]
+        for (kept, _, _), new, after in zip(parts, ids, ids[len(parts):]):
+            row = np.concatenate([kept, new, after])[None]                                     # (1, P)
             out.append({"input_ids": torch.from_numpy(row), "attention_mask": torch.from_numpy(np.ones_like(row))})
         return out
 
     def _tokenize(self, texts: list) -> list:
-        """The token ids of each text, special tokens written in it read as such, none added: the tokenizer's own
-        batch encoding (Rust, without the offsets Hugging Face's call also computes) where it has one."""
+        """The token ids of each text as numpy (L,), special tokens written in it read as such, none added. Texts
+        are cut into pieces that tokenize apart (`line_pieces`, where `splits_at_lines`), and a piece seen before
+        is not tokenized again: a task's prompts repeat its instruction lines and feedback repeats itself, so a
+        round tokenizes little more than what the model wrote and the new deals, in one call of the tokenizer."""
+        known = self.__dict__.setdefault("known_ids_", {})
+        cut = [line_pieces(text) if self.splits_at_lines else [text] for text in texts]
+        unknown = list({piece: None for pieces in cut for piece in pieces if piece not in known})
+        if len(known) + len(unknown) > KNOWN_PIECES:
+            known.clear()
+            unknown = list({piece: None for pieces in cut for piece in pieces})
+        known.update(zip(unknown, (np.asarray(x, dtype=np.int64) for x in self._tokenize_whole(unknown))))
+        return [np.concatenate([known[piece] for piece in pieces]) for pieces in cut]
+
+    def _tokenize_whole(self, texts: list) -> list:
+        """`_tokenize` without the pieces: the tokenizer's own batch encoding (Rust, without the offsets Hugging
+        Face's call also computes) where it has one."""
+        if not texts:
+            return []
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is None or not hasattr(backend, "encode_batch_fast"):
             return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
 
+    @functools.cached_property
+    def splits_at_lines(self) -> bool:
+        """Whether the cut of `line_pieces` keeps every text's ids: a byte-level BPE tokenizer with GPT-2's
+        pre-tokenizing regex (SmolLM2's, GPT-2's), nothing that normalizes text or strips whitespace around special
+        tokens, no special token holding a newline; then checked on a probe. (Python's isspace holds for every
+        character the regex's \\s matches, and more: a cut is never made beside a space the regex would join.)"""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or not hasattr(backend, "get_added_tokens_decoder"):
+            return False
+        pre, bpe = backend.pre_tokenizer, backend.model
+        if (type(pre).__name__ != "ByteLevel" or pre.add_prefix_space or not pre.use_regex
+                or backend.normalizer is not None or type(bpe).__name__ != "BPE" or bpe.dropout):
+            return False
+        if any(t.lstrip or t.rstrip or "\n" in t.content for t in backend.get_added_tokens_decoder().values()):
+            return False
+        probe = ("Cards: [\"J\", \"10\"].\nAn A counts as 1.\n{\"x\": 1}\n12\n34\n's\n're\nünï 🙂\n.\n,x\n"
+                 "a \nb\n c\n\nd\n<|im_end|>\n<|im_start|>user\ne\u00a0\nf\n\u2003g")
+        whole = self._tokenize_whole([probe])[0]
+        parts = self._tokenize_whole(line_pieces(probe))
+        return [i for part in parts for i in part] == list(whole) and len(parts) > 8
+
     def _render(self, conversation: list) -> str:
-        """A text model's prompt as the chat template writes it, ending in the generation prompt."""
+        """A text model's prompt as the chat template writes it, ending in the generation prompt. A conversation's
+        first prompt, one user turn, is the template's text around that turn's content (`first_turn_text`)."""
+        if len(conversation) == 1 and conversation[0]["role"] == "user" and self.first_turn_text is not None:
+            before, after = self.first_turn_text
+            return before + conversation[0]["content"] + after
         messages = [{"role": t["role"], "content": t["content"]} for t in conversation]
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    @functools.cached_property
+    def first_turn_text(self) -> Optional[tuple]:
+        """(before, after): what the chat template writes around the content of a prompt of one user turn, rendered
+        once with a marker; None for a template that edits contents (trims them, say), which a probe shows."""
+        def render(content):
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                                      add_generation_prompt=True, tokenize=False)
+        around = render("\x00").split("\x00")
+        probe = "\n Make 24 from the cards 3, 3, 8, 8.\nAnswer in JSON. \n"
+        if len(around) != 2 or render(probe) != around[0] + probe + around[1]:
+            return None
+        return around[0], around[1]
 
     def _encode_vlm(self, conversation: list) -> dict:
         images = [turn["image"] for turn in conversation if turn.get("image") is not None]
@@ -803,11 +867,18 @@ class Policy(nn.Module):
         stop = np.isin(new, self.stop_ids)                                                    # (B, R)
         finished = stop.any(1)                                                                # (B,)
         lengths = np.where(finished, stop.argmax(1) + 1, new.shape[1]).tolist()               # (B,)
-        texts = self.tokenizer.batch_decode([new[i, :n].tolist() for i, n in enumerate(lengths)],
-                                            skip_special_tokens=True)
+        texts = self._decode_all([new[i, :n].tolist() for i, n in enumerate(lengths)])
         return [Sample(prompt, torch.from_numpy(new[i, :n].copy()), torch.from_numpy(logprobs[i, :n].copy()),
                        values[i], text, bool(finished[i]))
                 for i, (prompt, n, text) in enumerate(zip(prompts, lengths, texts))]
+
+    def _decode_all(self, rows: list) -> list:
+        """The text of each row of token ids, special tokens left out: Hugging Face's batch_decode, in one call of
+        the Rust tokenizer where that is all it would do (no clean-up of spaces)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or self.tokenizer.clean_up_tokenization_spaces:
+            return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        return backend.decode_batch(rows, skip_special_tokens=True)
 
     def checkpoint_sampling(self) -> dict:
         """How Hugging Face's generate samples with this checkpoint's generation config and no arguments: greedy

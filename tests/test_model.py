@@ -256,6 +256,74 @@ def test_a_template_that_renders_turns_by_their_place_is_encoded_whole():
     assert torch.equal(continued["input_ids"], policy.encode(conversation)["input_ids"])
 
 
+def seam_texts(seed: int, n: int) -> list:
+    """Texts that try line_pieces' cuts: lines of letters, digits, punctuation, unicode and special-token text,
+    joined by newlines with and without whitespace (spaces, tabs, no-break and em spaces, carriage returns) around."""
+    import random
+    rng = random.Random(seed)
+    words = ["Cards", "[\"J\",", "10", "'s", "'re", "ünï", "🙂", ".", ",x", "{\"a\": 1}", "<|im_end|>",
+             "<|im_start|>", "user", "", "24", "Ġ", "\u0085", "x\u200b", "日本"]
+    spaces = ["", " ", "  ", "\t", "\u00a0", "\u2003", "\r", "\n"]
+    return ["".join(rng.choice(spaces) + rng.choice(words) + rng.choice(spaces) + rng.choice(["\n", "\n\n", " "])
+                    for _ in range(rng.randint(1, 12))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("name", ["tiny-text", "smollm2-135m"])
+def test_texts_tokenized_in_cached_pieces_get_the_ids_of_whole_tokenization(name):
+    """SmolLM2's tokenizer splits at lines (`splits_at_lines`): its prompts' instruction lines are tokenized once
+    and kept, and every text, pieces joined, has the ids it has tokenized whole: the tasks' first prompts and
+    continued turns, and 400 texts that try the cuts (whitespace beside newlines, unicode spaces, special tokens)."""
+    policy = M.load_policy(name)
+    assert policy.splits_at_lines
+    texts = seam_texts(0, 400)
+    for task in ("gp-l", "virl-l"):
+        env = make_envs(task, "id", 1, seed=0)[0]
+        texts += [policy._render([{"role": "user", "content": env.reset().text}]) for _ in range(5)]
+    policy.__dict__.pop("known_ids_", None)
+    first = policy._tokenize(texts)
+    again = policy._tokenize(texts[::-1])[::-1]  # every piece known now
+    whole = policy._tokenize_whole(texts)
+    for text, a, b, w in zip(texts, first, again, whole):
+        assert a.tolist() == b.tolist() == list(w), repr(text)
+    assert len(M.line_pieces(texts[-1])) > 10  # V-IRL's prompt: many lines, each kept apart
+    assert M.line_pieces("a\nb\n\nc d\n e \nf") == ["a\n", "b\n\nc d\n e \nf"]
+
+
+def test_a_tokenizer_that_may_join_lines_tokenizes_texts_whole():
+    """A tokenizer whose pre-tokenizer adds a space in front of every text would give a cut-off piece a token the
+    whole text lacks: it is not cut, and its ids stay those of whole tokenization."""
+    from tokenizers import pre_tokenizers
+    policy = M.load_policy("tiny-text")  # its own tokenizer: the pre-tokenizer is changed
+    policy.tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    assert not policy.splits_at_lines
+    texts = seam_texts(1, 50)
+    whole = policy._tokenize_whole(texts)
+    assert [x.tolist() for x in policy._tokenize(texts)] == [list(w) for w in whole]
+    text = "An A counts as 1.\nYour cards: [\"J\"]."
+    cut = [i for piece in M.line_pieces(text) for i in policy._tokenize_whole([piece])[0]]
+    assert cut != list(policy._tokenize_whole([text])[0])  # cut, the ids would differ: the check keeps them right
+
+
+def test_a_first_prompt_is_the_template_around_its_content_and_decoding_is_hugging_faces(text_policy):
+    """A conversation's first prompt is the chat template's text around the user's content, rendered once: the
+    same text as the template renders, for both tasks and contents with whitespace at their ends; a template that
+    trims contents is rendered each time. Answers decode as Hugging Face's batch_decode does."""
+    assert text_policy.first_turn_text is not None
+    contents = [make_envs(task, "id", 1, seed=0)[0].reset().text for task in ("gp-l", "virl-l")]
+    for content in contents + ["\n  padded both ends \n", "", "<|im_end|> literal"]:
+        turn = [{"role": "user", "content": content}]
+        assert text_policy._render(turn) == text_policy.tokenizer.apply_chat_template(
+            turn, add_generation_prompt=True, tokenize=False)
+    policy = M.load_policy("tiny-text")
+    policy.tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}"
+                                      "<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
+    assert policy.first_turn_text is None
+    assert policy._render([{"role": "user", "content": " a "}]).startswith("<|im_start|>user\na<|im_end|>")
+    rows = [[int(i) for i in torch.randint(0, len(text_policy.tokenizer), (n,))] for n in (0, 1, 16, 40)]
+    rows.append([text_policy.end_of_turn_id] + text_policy.tokenizer.encode(" x\n y", add_special_tokens=False))
+    assert text_policy._decode_all(rows) == text_policy.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
 def test_prefix_cache_matches_evicts_and_drops_what_a_longer_sequence_contains():
     def states(*seqs):  # each token's key and value: its own id, so that a slot's content says whose it is
         ids = torch.cat([torch.as_tensor(s, dtype=torch.float32) for s in seqs])
