@@ -500,8 +500,9 @@ def host_ms_per_round(policy, batch: int, rounds: int, max_new_tokens: int) -> d
     outside it (a shared prefix): device work on a GPU; `bulk_ms`, the other tensor operations with a result of
     BULK elements or more (the prefix cache's copies, the key/value cache's allocation: on a GPU kernels, each
     launched in microseconds), `bulk_ops` of them; `host_ms`, the rest: encoding, the prefix cache's bookkeeping,
-    the environments, the rollout's own, with `small_ops` tensor operations on small (CPU) tensors. The same
-    seeded rollout runs twice: plain, timed, and with every tensor operation counted (which costs time itself)."""
+    the environments, the rollout's own, with `small_ops` tensor operations on small (CPU) tensors. After one
+    warm-up round on other deals, the same seeded rollout runs twice: plain, timed, and with every tensor operation
+    counted (which costs time itself)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
     spent = {"model": 0.0, "inside": False, "bulk": 0.0, "bulk_ops": 0, "small_ops": 0}
