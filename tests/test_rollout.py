@@ -142,3 +142,30 @@ def test_rollout_with_the_tiny_model_records_what_ppo_needs():
     first = max(t.prompt["input_ids"].shape[1] for t in r.turns[:3])
     assert r.cache_size == max(1024, 2 * 3 * (first + 8)) and r.cached_tokens > 0
     assert rollout(policy, gp_envs(3), n_turns=3, max_new_tokens=8, cache_tokens=0).cache_size == 0
+
+
+@pytest.mark.parametrize("task", ["gp-l", "virl-l"])
+def test_every_prompt_of_a_tiny_model_rollout_is_its_conversations_whole_encoding(task):
+    """Rounds of random answers (newlines, spaces and unicode where the tokenizer's pieces are cut) encoded a turn
+    at a time, lines looked up from earlier rounds: each turn's prompt holds the ids the chat template and the
+    tokenizer give the whole conversation, rebuilt from the episode's answers (a failed attempt continues it)."""
+    policy = M.load_policy("tiny-text")
+    torch.manual_seed(0)
+    r = rollout(policy, make_envs(task, "id", 6, seed=3), n_turns=6 * 8, max_new_tokens=24, temperature=1.0)
+    by_episode = {}
+    for turn in r.turns:
+        by_episode.setdefault(turn.episode, []).append(turn)
+    checked = 0
+    for ep in r.episodes:
+        conversation = []
+        for k, (turn, answer) in enumerate(zip(by_episode.get(ep.id, []), ep.answers)):
+            if k and ep.answers[k - 1]["outcome"] != "correct":
+                conversation += [{"role": "assistant", "content": ep.answers[k - 1]["response"]}]
+            else:
+                conversation = []
+            conversation += [{"role": "user", "content": answer["observation"]}]
+            whole = policy.tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
+            assert turn.prompt["input_ids"][0].tolist() == list(whole["input_ids"]), (ep.id, k)
+            checked += len(conversation) > 1
+    assert checked >= 6
+    assert any("\n" in a["response"] for ep in r.episodes for a in ep.answers)  # the cuts were tried
