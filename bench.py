@@ -540,7 +540,8 @@ def host_ms_per_round(policy, batch: int, rounds: int, max_new_tokens: int) -> d
             rollout(policy, envs, n_turns=batch * rounds, max_new_tokens=max_new_tokens, temperature=1.0)
         return time.process_time() - start
     # one round first, on other deals, as a long run has played them: its tokenizer has seen the task's lines
-    rollout(policy, make_envs("gp-l", "id", batch, seed=10**6), n_turns=batch, max_new_tokens=max_new_tokens)
+    rollout(policy, make_envs("gp-l", "id", batch, seed=10**6), n_turns=batch, max_new_tokens=max_new_tokens,
+            temperature=1.0)
     body, generate = policy.model.model, policy.model.generate
     body.forward, policy.model.generate = timed(body.forward), timed(generate)
     try:

@@ -90,7 +90,7 @@ class Sampler:
 
 
 NO_SLOTS = np.zeros(0, dtype=np.int64)
-KNOWN_PIECES = 16384  # texts whose tokens a policy keeps: a task's instruction lines, feedback messages
+KNOWN_PIECES = 16384  # lines and feedback turns whose tokens a policy keeps (forgotten all at once when full)
 MATCH_CANDIDATES = 32  # entries compared token by token past a prompt's longest run of cached whole blocks
 
 
@@ -555,44 +555,56 @@ class Policy(nn.Module):
         """Encoded prompts from (ids (P',) kept as they are, a text whose tokens follow them, a text whose tokens
         follow those: the user turn after an answer, which starts at a special token), the tensors made in numpy
         (a torch operation per row costs microseconds)."""
-        ids = self._tokenize([text for _, text, _ in parts] + [after for _, _, after in parts])
+        ids = self._tokenize([text for _, text, _ in parts])
+        afters = self._tokenize([after for _, _, after in parts], repeats=True)
         out = []
-        for (kept, _, _), new, after in zip(parts, ids, ids[len(parts):]):
+        for (kept, _, _), new, after in zip(parts, ids, afters):
             row = np.concatenate([kept, new, after])[None]                                     # (1, P)
             out.append({"input_ids": torch.from_numpy(row), "attention_mask": torch.from_numpy(np.ones_like(row))})
         return out
 
-    def _tokenize(self, texts: list) -> list:
-        """The token ids of each text as numpy (L,), special tokens written in it read as such, none added. Texts
-        are cut into pieces that tokenize apart (`line_pieces`, where `splits_at_lines`), and a piece seen before
-        is not tokenized again: a task's prompts repeat its instruction lines and feedback repeats itself, so a
-        round tokenizes little more than what the model wrote and the new deals, in one call of the tokenizer."""
+    def _tokenize(self, texts: list, repeats: bool = False) -> list:
+        """The token ids of each text as numpy (L,), special tokens written in it read as such, none added, what
+        came before looked up instead of tokenized again (`known_ids_`). Where the tokenizer allows it
+        (`splits_at_lines`) texts are cut into lines (`line_pieces`) and every whole line is kept: a task's prompts
+        repeat their instruction lines, and a round then tokenizes little more than the model's answers and the new
+        deals. `repeats`: the texts themselves come back (the user turns after answers, a few feedback messages)
+        and are kept whole. The rest goes in one call of the tokenizer."""
         known = self.__dict__.setdefault("known_ids_", {})
-        cut = [line_pieces(text) if self.splits_at_lines else [text] for text in texts]
+        lines = self.splits_at_lines and not repeats
+        cut = [line_pieces(text) if lines else [text] for text in texts]
         unknown = list({piece: None for pieces in cut for piece in pieces if piece not in known})
-        if len(known) + len(unknown) > KNOWN_PIECES:
+        new = dict(zip(unknown, (np.asarray(x, dtype=np.int64) for x in self._tokenize_whole(unknown))))
+        out = [np.concatenate([new[piece] if piece in new else known[piece] for piece in pieces]) for pieces in cut]
+        # an answer's last line is seldom seen again: only lines that end are kept
+        kept = {piece: ids for piece, ids in new.items() if repeats or piece.endswith("\n")}
+        if len(known) + len(kept) > KNOWN_PIECES:
             known.clear()
-            unknown = list({piece: None for pieces in cut for piece in pieces})
-        known.update(zip(unknown, (np.asarray(x, dtype=np.int64) for x in self._tokenize_whole(unknown))))
-        return [np.concatenate([known[piece] for piece in pieces]) for pieces in cut]
+        if len(kept) <= KNOWN_PIECES:
+            known.update(kept)
+        return out
 
     def _tokenize_whole(self, texts: list) -> list:
         """`_tokenize` without the pieces: the tokenizer's own batch encoding (Rust, without the offsets Hugging
         Face's call also computes) where it has one."""
         if not texts:
             return []
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is None or not hasattr(backend, "encode_batch_fast"):
+        if self.backend is None or not hasattr(self.backend, "encode_batch_fast"):
             return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+    @property
+    def backend(self):
+        """The tokenizer's Rust tokenizer (the `tokenizers` library's), None for a tokenizer without one."""
+        return getattr(self.tokenizer, "backend_tokenizer", None)
 
     @functools.cached_property
     def splits_at_lines(self) -> bool:
         """Whether the cut of `line_pieces` keeps every text's ids: a byte-level BPE tokenizer with GPT-2's
-        pre-tokenizing regex (SmolLM2's, GPT-2's), nothing that normalizes text or strips whitespace around special
-        tokens, no special token holding a newline; then checked on a probe. (Python's isspace holds for every
+        pre-tokenizing regex (SmolLM2's, GPT-2's), nothing that normalizes text, no added token that strips the
+        whitespace beside it or holds a newline; then checked on a probe. (Python's isspace holds for every
         character the regex's \\s matches, and more: a cut is never made beside a space the regex would join.)"""
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        backend = self.backend
         if backend is None or not hasattr(backend, "get_added_tokens_decoder"):
             return False
         pre, bpe = backend.pre_tokenizer, backend.model
@@ -604,8 +616,7 @@ class Policy(nn.Module):
         probe = ("Cards: [\"J\", \"10\"].\nAn A counts as 1.\n{\"x\": 1}\n12\n34\n's\n're\nünï 🙂\n.\n,x\n"
                  "a \nb\n c\n\nd\n<|im_end|>\n<|im_start|>user\ne\u00a0\nf\n\u2003g")
         whole = self._tokenize_whole([probe])[0]
-        parts = self._tokenize_whole(line_pieces(probe))
-        return [i for part in parts for i in part] == list(whole) and len(parts) > 8
+        return [i for piece in self._tokenize_whole(line_pieces(probe)) for i in piece] == list(whole)
 
     def _render(self, conversation: list) -> str:
         """A text model's prompt as the chat template writes it, ending in the generation prompt. A conversation's
@@ -619,12 +630,13 @@ class Policy(nn.Module):
     @functools.cached_property
     def first_turn_text(self) -> Optional[tuple]:
         """(before, after): what the chat template writes around the content of a prompt of one user turn, rendered
-        once with a marker; None for a template that edits contents (trims them, say), which a probe shows."""
+        once with a marker; None for a template that edits contents in a way a probe shows (trims them, escapes
+        quotes or markup, expands tabs). A template that writes the date keeps the date of this first render."""
         def render(content):
             return self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
                                                       add_generation_prompt=True, tokenize=False)
         around = render("\x00").split("\x00")
-        probe = "\n Make 24 from the cards 3, 3, 8, 8.\nAnswer in JSON. \n"
+        probe = "\n Make 24 from the cards 3, 3, 8, 8.\n\tAnswer in \"JSON\" <&> 'x'. \n"
         if len(around) != 2 or render(probe) != around[0] + probe + around[1]:
             return None
         return around[0], around[1]
@@ -874,11 +886,14 @@ class Policy(nn.Module):
 
     def _decode_all(self, rows: list) -> list:
         """The text of each row of token ids, special tokens left out: Hugging Face's batch_decode, in one call of
-        the Rust tokenizer where that is all it would do (no clean-up of spaces)."""
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is None or self.tokenizer.clean_up_tokenization_spaces:
+        the Rust tokenizer where that is all it would do (no clean-up of spaces, no decoding of its own)."""
+        from transformers import PreTrainedTokenizerFast
+        own = type(self.tokenizer)
+        if (self.backend is None or self.tokenizer.clean_up_tokenization_spaces
+                or any(getattr(own, name, None) is not getattr(PreTrainedTokenizerFast, name)
+                       for name in ("batch_decode", "decode", "_decode"))):
             return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
-        return backend.decode_batch(rows, skip_special_tokens=True)
+        return self.backend.decode_batch(rows, skip_special_tokens=True)
 
     def checkpoint_sampling(self) -> dict:
         """How Hugging Face's generate samples with this checkpoint's generation config and no arguments: greedy

@@ -281,7 +281,8 @@ def test_texts_tokenized_in_cached_pieces_get_the_ids_of_whole_tokenization(name
         texts += [policy._render([{"role": "user", "content": env.reset().text}]) for _ in range(5)]
     policy.__dict__.pop("known_ids_", None)
     first = policy._tokenize(texts)
-    again = policy._tokenize(texts[::-1])[::-1]  # every piece known now
+    again = policy._tokenize(texts[::-1])[::-1]  # the lines that end known now
+    assert len(policy.known_ids_) > 100
     whole = policy._tokenize_whole(texts)
     for text, a, b, w in zip(texts, first, again, whole):
         assert a.tolist() == b.tolist() == list(w), repr(text)
@@ -318,6 +319,10 @@ def test_a_first_prompt_is_the_template_around_its_content_and_decoding_is_huggi
     policy.tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}"
                                       "<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
     assert policy.first_turn_text is None
+    tabs = M.load_policy("tiny-text")
+    tabs.tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                                    "{{ m['content'] | replace('\\t', '    ') }}<|im_end|>\n{% endfor %}")
+    assert tabs.first_turn_text is None
     assert policy._render([{"role": "user", "content": " a "}]).startswith("<|im_start|>user\na<|im_end|>")
     rows = [[int(i) for i in torch.randint(0, len(text_policy.tokenizer), (n,))] for n in (0, 1, 16, 40)]
     rows.append([text_policy.end_of_turn_id] + text_policy.tokenizer.encode(" x\n y", add_special_tokens=False))
