@@ -104,8 +104,8 @@ def load_font(px: int):
 
 
 def _mix(a, b, t):
-    """The colour a fraction t of the way from colour a to colour b."""
-    return tuple(round(x + (y - x) * t) for x, y in zip(a, b))
+    """The colour a fraction t of the way from RGB colour a to RGB colour b (written out: a grid mixes ~900)."""
+    return round(a[0] + (b[0] - a[0]) * t), round(a[1] + (b[1] - a[1]) * t), round(a[2] + (b[2] - a[2]) * t)
 
 
 def _frange(start, stop, step):
@@ -194,14 +194,13 @@ def _building(draw, project, side, segment, style, rng):
     draw.polygon([project(facade_x, 0, z0), project(far_x, 0, z0), project(far_x, height, z0),
                   project(facade_x, height, z0)], fill=_mix(colour, BLACK, 0.25))
     draw.polygon([project(facade_x, y, z) for y, z in _rect(0, height, z0, z1)], fill=colour)
-    dark = _mix(colour, BLACK, 0.35)
+    dark, blurred = _mix(colour, BLACK, 0.35), _mix(window, colour, 0.5)
     for points, kind in _marks(style["pattern"], z0, z1, height):
         xy = [project(facade_x, y, z) for y, z in points]
         if kind == "line":
             draw.line(xy, fill=dark)
         else:  # window jitter: some panes catch more light than others
-            draw.polygon(xy, fill=_mix(window, colour, 0.5) if kind == "far"
-                         else _mix(window, WHITE, 0.3 * rng.random()))
+            draw.polygon(xy, fill=blurred if kind == "far" else _mix(window, WHITE, 0.3 * rng.random()))
     # the corner edge: neighbours of the same colour would otherwise read as one building
     draw.line([project(facade_x, 0, z0), project(facade_x, height, z0)], fill=dark)
 
