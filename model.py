@@ -541,7 +541,7 @@ class Policy(nn.Module):
 
     def encode_all(self, conversations: list, previous: Optional[list] = None) -> list:
         """`encode` of many conversations (`previous`: each one's, or None): a text model's new text is tokenized
-        in one call for all of them."""
+        for all of them together (`_tokenized`)."""
         previous = previous or [None] * len(conversations)
         if any(t.get("image") is not None for c in conversations for t in c) and not self.is_vlm:
             raise ValueError("this conversation has images but the model is text-only: use a vision-language model")
@@ -624,7 +624,11 @@ class Policy(nn.Module):
         if len(conversation) == 1 and conversation[0]["role"] == "user" and self.first_turn_text is not None:
             before, after = self.first_turn_text
             return before + conversation[0]["content"] + after
-        messages = [{"role": t["role"], "content": t["content"]} for t in conversation]
+        return self._template_text(conversation)
+
+    def _template_text(self, turns: list) -> str:
+        """The chat template's text of turns ({"role", "content"}), ending in the generation prompt."""
+        messages = [{"role": t["role"], "content": t["content"]} for t in turns]
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     @functools.cached_property
@@ -633,8 +637,7 @@ class Policy(nn.Module):
         once with a marker; None for a template that edits contents in a way a probe shows (trims them, escapes
         quotes or markup, expands tabs). A template that writes the date keeps the date of this first render."""
         def render(content):
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
-                                                      add_generation_prompt=True, tokenize=False)
+            return self._template_text([{"role": "user", "content": content}])
         around = render("\x00").split("\x00")
         probe = "\n Make 24 from the cards 3, 3, 8, 8.\n\tAnswer in \"JSON\" <&> 'x'. \n"
         if len(around) != 2 or render(probe) != around[0] + probe + around[1]:
@@ -687,10 +690,9 @@ class Policy(nn.Module):
             return None
         if not hasattr(self, "turn_pieces_"):
             probe = [{"role": "user", "content": "x"}]
-            before = self.tokenizer.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
-            text = self.tokenizer.apply_chat_template(probe + [{"role": "assistant", "content": "\x00"},
-                                                               {"role": "user", "content": "\x01"}],
-                                                      add_generation_prompt=True, tokenize=False)
+            before = self._template_text(probe)
+            text = self._template_text(probe + [{"role": "assistant", "content": "\x00"},
+                                                {"role": "user", "content": "\x01"}])
             around = text[len(before):].split("\x00")  # (before the answer, the rest)
             self.turn_pieces_ = ((around[0], *around[1].split("\x01")) if text.startswith(before) and len(around) == 2
                                  and around[1].count("\x01") == 1 else None)
