@@ -624,6 +624,41 @@ def view_cache(monkeypatch):
     return cache
 
 
+def test_a_building_drawn_through_pillows_core_is_the_one_imagedraw_draws():
+    """_building hands its marks to Pillow's drawing core with the projection and colour mixing written out: the
+    very pixels of ImageDraw drawing each mark, the projection and `_mix` called, for every facade pattern."""
+    from PIL import Image, ImageDraw
+
+    def plain(draw, camera, side, segment, style, rng):
+        z0, z1, height, colour = segment
+        project, fog = SV._projection(camera), min(0.6, z0 / SV.FAR)
+        colour, window = SV._mix(colour, style["sky"], fog), SV._mix(style["window"], style["sky"], fog)
+        facade_x, far_x = side * SV.WALK_W, side * (SV.WALK_W + SV.BLOCK_D)
+        draw.polygon([project(facade_x, 0, z0), project(far_x, 0, z0), project(far_x, height, z0),
+                      project(facade_x, height, z0)], fill=SV._mix(colour, SV.BLACK, 0.25))
+        draw.polygon([project(facade_x, y, z) for y, z in SV._rect(0, height, z0, z1)], fill=colour)
+        dark, blurred = SV._mix(colour, SV.BLACK, 0.35), SV._mix(window, colour, 0.5)
+        for points, kind in SV._marks(style["pattern"], z0, z1, height):
+            xy = [project(facade_x, y, z) for y, z in points]
+            if kind == "line":
+                draw.line(xy, fill=dark)
+            else:
+                draw.polygon(xy, fill=blurred if kind == "far" else SV._mix(window, SV.WHITE, 0.3 * rng.random()))
+        draw.line([project(facade_x, 0, z0), project(facade_x, height, z0)], fill=dark)
+
+    patterns = {style["pattern"]: style for style in SV.STYLES.values()}
+    assert set(patterns) == {"grid", "brick", "bands", "arches", "glass"}
+    for (pattern, style), size, side in zip(sorted(patterns.items()) * 2, (224, 96) * 5, (-1, 1) * 5):
+        images = []
+        for draw_building in (SV._building, plain):
+            image, rng = Image.new("RGB", (size, size), style["sky"]), random.Random(5)
+            draw = ImageDraw.Draw(image)
+            for segment in SV._blocks(random.Random(size), style, size == 96):  # near and far, by a crossing
+                draw_building(draw, SV._camera(size), side, segment, style, rng)
+            images.append(image.tobytes())
+        assert images[0] == images[1], (pattern, size, side)
+
+
 def test_a_cached_view_is_the_view_drawn_afresh(view_cache):
     style, signs = SV.STYLES["london"], [("Maple Cafe", -0.4)]
     first = SV.render_view(style, signs, True, 96, 7)
