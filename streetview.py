@@ -197,13 +197,13 @@ def _building(draw, camera, side, segment, style, rng):
     fog = min(0.6, z0 / FAR)  # atmospheric haze: conveys depth and calms the clutter at the vanishing point
     colour, window = _mix(colour, style["sky"], fog), _mix(style["window"], style["sky"], fog)
     facade_x, far_x = side * WALK_W, side * (WALK_W + BLOCK_D)
-    # end wall facing the camera: seen above shorter buildings in front and across the cross street
-    draw.polygon([project(facade_x, 0, z0), project(far_x, 0, z0), project(far_x, height, z0),
-                  project(facade_x, height, z0)], fill=_mix(colour, BLACK, 0.25))
-    draw.polygon([project(facade_x, y, z) for y, z in _rect(0, height, z0, z1)], fill=colour)
-    # The marks, ~200 a view, go to Pillow's drawing core itself: ImageDraw's per-call colour parsing and the
-    # projection's call cost more than the pixels. The same arithmetic as `project` and `_mix`: the same pixels.
+    # A building's ~15 polygons go to Pillow's drawing core itself (ImageDraw.polygon parses the colour on each
+    # call), its marks projected inline: the same arithmetic as `project` and `_mix`, so the same pixels.
     core, (focal, cx, cy), fx = draw.draw, camera, camera[0] * facade_x
+    # end wall facing the camera: seen above shorter buildings in front and across the cross street
+    core.draw_polygon([project(facade_x, 0, z0), project(far_x, 0, z0), project(far_x, height, z0),
+                       project(facade_x, height, z0)], core.draw_ink(_mix(colour, BLACK, 0.25)), 1)
+    core.draw_polygon([project(facade_x, y, z) for y, z in _rect(0, height, z0, z1)], core.draw_ink(colour), 1)
     dark, blurred = core.draw_ink(_mix(colour, BLACK, 0.35)), core.draw_ink(_mix(window, colour, 0.5))
     (w0, w1, w2), (d0, d1, d2) = window, (WHITE[0] - window[0], WHITE[1] - window[1], WHITE[2] - window[2])
     for points, kind in _marks(style["pattern"], z0, z1, height):
