@@ -13,6 +13,8 @@ never loads V-IRL and its street-view renderer); the policy is anything with `en
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import random
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
@@ -165,6 +167,23 @@ class Rollout:
 
 # ---- the loop ----
 
+@contextlib.contextmanager
+def older_objects_frozen():
+    """Python's full garbage collections skip the objects that existed before (`gc.freeze`), and count them again
+    after (`gc.unfreeze`: cyclic garbage among them is then collected as before). A process that holds torch,
+    transformers and a model tracks about 370,000 objects: walking them all took 165-212 ms, every 15 rounds or so
+    of a batch-512 rollout, the GPU idle meanwhile. A process that froze objects itself is left as it is."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@older_objects_frozen()
 def rollout(policy, envs: list, *, n_turns: Optional[int] = None, n_episodes: Optional[int] = None,
             reset: Optional[Callable] = None, max_new_tokens: int = 256, temperature: Optional[float] = None,
             top_p: float = 1.0, top_k: int = 0, greedy: bool = False, max_context: Optional[int] = None,

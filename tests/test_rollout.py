@@ -1,4 +1,5 @@
 """rollout.py with a scripted fake policy (exact turns, rewards, done flags), and with the tiny model."""
+import gc
 import json
 import re
 
@@ -95,6 +96,24 @@ def test_turn_budget_stops_exactly_and_keeps_bootstrap_prompts():
     unfinished = [e for e in r.episodes if not e.finished]
     assert unfinished and set(r.bootstrap) == {e.id for e in unfinished}
     assert all(isinstance(p["input_ids"], torch.Tensor) for p in r.bootstrap.values())
+
+
+def test_a_rollout_freezes_older_objects_for_its_duration_only():
+    frozen_while_playing = []
+
+    def wrong(conversation):
+        frozen_while_playing.append(gc.get_freeze_count())
+        return WRONG
+    assert gc.get_freeze_count() == 0
+    rollout(ScriptedPolicy(wrong), gp_envs(2), n_turns=4)
+    assert len(frozen_while_playing) == 4 and min(frozen_while_playing) > 0  # full collections skip them
+    assert gc.get_freeze_count() == 0  # counted again after, their cyclic garbage collected as before
+    gc.freeze()  # a process that froze objects itself keeps them frozen
+    try:
+        rollout(ScriptedPolicy(wrong), gp_envs(2), n_turns=2)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
 
 
 def test_context_overflow_ends_the_episode_not_the_run():
